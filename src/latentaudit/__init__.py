@@ -1,0 +1,38 @@
+"""latentaudit: find the SAE latents that cause a language model's bad completions.
+
+The public API is re-exported lazily so ``import latentaudit`` (and ``latentaudit --help``)
+does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "SAE": "latentaudit.saes.sae",
+    "SAEInfo": "latentaudit.saes.sae",
+    "load_sae": "latentaudit.saes",
+    "load_model": "latentaudit.models.load",
+    "LoadedModel": "latentaudit.models.load",
+    "load_behaviour": "latentaudit.data.behaviour",
+    "attribute": "latentaudit.attribute",
+    "AttributionConfig": "latentaudit.attribute",
+    "AttributionResult": "latentaudit.attribute",
+    "LatentAuditError": "latentaudit.errors",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    try:
+        module = _EXPORTS[name]
+    except KeyError:
+        raise AttributeError(f"module 'latentaudit' has no attribute '{name}'") from None
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

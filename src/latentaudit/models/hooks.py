@@ -1,0 +1,134 @@
+"""The one hook mechanism: plain torch forward hooks on a Hugging Face model's decoder layers.
+
+Hook point ``resid_post`` of layer L (0-indexed) is the output of decoder layer L, i.e. Hugging
+Face ``hidden_states[L + 1]`` and SAELens ``blocks.L.hook_resid_post``. Decoder layers are found
+generically as the ``ModuleList`` whose length is ``num_hidden_layers``; :data:`LAYER_PATHS` lists
+the architectures where that search needs help. Every context manager here removes exactly the
+handles it registered, in ``finally``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from latentaudit.errors import LatentAuditError
+
+# model_type -> dotted path of the decoder-layer ModuleList, where the generic search is
+# ambiguous or fails (several lists of that length, or layers nested in a wrapper).
+LAYER_PATHS: dict[str, str] = {
+    "gpt2": "transformer.h",
+    "gpt_neox": "gpt_neox.layers",
+    "gptj": "transformer.h",
+    "bloom": "transformer.h",
+    "falcon": "transformer.h",
+    "opt": "model.decoder.layers",
+    "mpt": "transformer.blocks",
+}
+
+ResidFn = Callable[[Tensor], Tensor | None]
+
+
+class StopForward(Exception):
+    """Raised inside a hook to end a forward pass early (nothing above the layer runs)."""
+
+
+def num_layers(model: nn.Module) -> int:
+    """Number of decoder layers from the model's (text) config."""
+    cfg = model.config
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    for name in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(getattr(cfg, name, None), int):
+            return getattr(cfg, name)
+    raise LatentAuditError(f"Cannot tell how many layers {type(model).__name__} has from its config.")
+
+
+def layer_list(model: nn.Module) -> nn.ModuleList:
+    """The decoder-layer ``ModuleList`` (table first, then the generic length search)."""
+    model_type = getattr(model.config, "model_type", "")
+    if model_type in LAYER_PATHS:
+        with contextlib.suppress(AttributeError):
+            return model.get_submodule(LAYER_PATHS[model_type])
+    n = num_layers(model)
+    found = [(name, m) for name, m in model.named_modules()
+             if isinstance(m, nn.ModuleList) and len(m) == n]
+    if not found:
+        raise LatentAuditError(
+            f"Found no list of {n} decoder layers in {type(model).__name__}; add its model_type "
+            f"'{model_type}' to latentaudit.models.hooks.LAYER_PATHS.")
+    return min(found, key=lambda nm: nm[0].count("."))[1]  # outermost wins
+
+
+def layer_module(model: nn.Module, layer: int) -> nn.Module:
+    """Decoder layer ``layer`` (0-indexed), with a clear error when out of range."""
+    layers = layer_list(model)
+    if not 0 <= layer < len(layers):
+        raise LatentAuditError(
+            f"--layer {layer} is out of range: the model has layers 0..{len(layers) - 1}.")
+    return layers[layer]
+
+
+def _resid_hook(fn: ResidFn) -> Callable:
+    """Wrap ``fn(hidden) -> new hidden | None`` as a forward hook on a decoder layer."""
+
+    def hook(module: nn.Module, args: tuple, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        new = fn(hidden)
+        if new is None:
+            return None
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    return hook
+
+
+@contextlib.contextmanager
+def resid_hooks(model: nn.Module, fns: dict[int, ResidFn]) -> Iterator[None]:
+    """Run ``fns[L](hidden)`` on the output of each decoder layer L; a returned tensor replaces it."""
+    handles = []
+    try:
+        for layer, fn in fns.items():
+            handles.append(layer_module(model, layer).register_forward_hook(_resid_hook(fn)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def capture_resid(model: nn.Module, layers: Sequence[int], *, stop_after: bool = False,
+                  grad_from: int | None = None) -> Iterator[dict[int, Tensor]]:
+    """Capture resid_post of ``layers`` into the yielded dict (filled during the forward).
+
+    ``stop_after``: raise :class:`StopForward` after the highest layer (use with
+    :func:`run_until`). ``grad_from``: at that layer, replace the output by a detached leaf that
+    requires grad, so a backward pass stops there and its gradient is available.
+    """
+    store: dict[int, Tensor] = {}
+    top = max(layers)
+
+    def make(layer: int) -> ResidFn:
+        def fn(hidden: Tensor) -> Tensor | None:
+            out = None
+            if layer == grad_from:
+                hidden = out = hidden.detach().requires_grad_(True)
+            store[layer] = hidden
+            if stop_after and layer == top:
+                raise StopForward
+            return out
+        return fn
+
+    with resid_hooks(model, {layer: make(layer) for layer in sorted(set(layers))}):
+        yield store
+
+
+def run_until(model: nn.Module, layers: Sequence[int], **inputs) -> dict[int, Tensor]:
+    """Forward only up to the highest of ``layers`` and return their resid_post activations."""
+    with capture_resid(model, layers, stop_after=True) as store, torch.no_grad():
+        try:
+            model(**inputs, use_cache=False)
+        except StopForward:
+            pass
+    return dict(store)

@@ -1,0 +1,117 @@
+"""Load any Hugging Face causal LM (local path, hub id, or embedded short name) for latentaudit.
+
+Parameters are frozen (``requires_grad=False``): attribution differentiates with respect to
+activations only. Hub ids are used only when a network is available; embedded short names
+(:mod:`latentaudit.models.embedded`) resolve to a local dequantized cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from latentaudit.errors import LatentAuditError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+          "float64": torch.float64}
+
+
+@dataclass
+class LoadedModel:
+    """A frozen causal LM with its tokenizer."""
+
+    model: nn.Module
+    """The Hugging Face causal LM, in eval mode, parameters frozen."""
+    tokenizer: object
+    """Its tokenizer (padding side set to left)."""
+    name: str
+    """What the user asked for (short name, path or hub id)."""
+    path: str
+    """Where the weights were read from."""
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def d_model(self) -> int:
+        cfg = self.model.config
+        cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        return int(getattr(cfg, "hidden_size", None) or cfg.n_embd)
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """Map 'fp32' / 'bf16' / ... to a torch dtype, with a clear error for anything else."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[dtype.lower()]
+    except KeyError:
+        raise LatentAuditError(
+            f"--dtype '{dtype}' is not one of {', '.join(sorted(DTYPES))}.") from None
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """'auto' (or None) picks CUDA when available; otherwise the named device."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise LatentAuditError(f"--device {device} was requested but CUDA is not available.")
+    return torch.device(device)
+
+
+def resolve_model_path(name: str) -> str:
+    """An embedded short name becomes its local cache folder; paths and hub ids pass through."""
+    from latentaudit.models import embedded
+
+    if name in embedded.EMBEDDED:
+        return str(embedded.embedded_path(name))
+    if os.path.exists(name):
+        return name
+    if name.startswith((".", "/", "~")) or os.sep in name.rstrip(os.sep) and name.count("/") > 1:
+        raise LatentAuditError(f"--model {name}: no such file or folder.")
+    return name  # a hub id
+
+
+def load_model(name: str, device: str | None = "auto", dtype: str | torch.dtype = "float32",
+               attn_implementation: str | None = None) -> LoadedModel:
+    """Load a causal LM and its tokenizer, frozen, in eval mode, on ``device`` in ``dtype``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(name)
+    torch_dtype = parse_dtype(dtype)
+    dev = resolve_device(device)
+    offline = not Path(path).exists()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        kwargs = {"dtype": torch_dtype}
+        if attn_implementation:
+            kwargs["attn_implementation"] = attn_implementation
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as err:
+        hint = (" It is not a local folder, and the hub could not be reached or has no such "
+                "model; pass a local path or an embedded name (`latentaudit models list`)."
+                if offline else "")
+        raise LatentAuditError(f"Could not load model '{name}': {err}.{hint}") from err
+    return prepare(model, tokenizer, name=name, path=path, device=dev)
+
+
+def prepare(model: nn.Module, tokenizer, *, name: str, path: str = "",
+            device: torch.device | str | None = None) -> LoadedModel:
+    """Freeze and place an already-built model; set the tokenizer up for left padding."""
+    if device is not None:
+        model = model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    if getattr(tokenizer, "pad_token_id", None) is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, path=path or name)
