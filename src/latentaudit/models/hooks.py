@@ -43,7 +43,8 @@ def num_layers(model: nn.Module) -> int:
     for name in ("num_hidden_layers", "n_layer", "num_layers"):
         if isinstance(getattr(cfg, name, None), int):
             return getattr(cfg, name)
-    raise LatentAuditError(f"Cannot tell how many layers {type(model).__name__} has from its config.")
+    raise LatentAuditError(
+        f"Cannot tell how many layers {type(model).__name__} has from its config.")
 
 
 def layer_list(model: nn.Module) -> nn.ModuleList:
@@ -86,7 +87,7 @@ def _resid_hook(fn: ResidFn) -> Callable:
 
 @contextlib.contextmanager
 def resid_hooks(model: nn.Module, fns: dict[int, ResidFn]) -> Iterator[None]:
-    """Run ``fns[L](hidden)`` on the output of each decoder layer L; a returned tensor replaces it."""
+    """Run ``fns[L](hidden)`` on decoder layer L's output; a returned tensor replaces it."""
     handles = []
     try:
         for layer, fn in fns.items():

@@ -201,7 +201,8 @@ def _check_shape(where: str, name: str, t: Tensor, shape: tuple[int | None, ...]
                  ) -> tuple[int, ...]:
     if not isinstance(t, Tensor):
         raise ShapeMismatchError(f"{where}: '{name}' is not a tensor.")
-    ok = t.dim() == len(shape) and all(s is None or s == n for s, n in zip(shape, t.shape))
+    ok = t.dim() == len(shape) and all(
+        s is None or s == n for s, n in zip(shape, t.shape, strict=False))
     if not ok:
         want = "[" + ", ".join("?" if s is None else str(s) for s in shape) + "]"
         raise ShapeMismatchError(
