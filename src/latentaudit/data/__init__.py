@@ -1,0 +1,1 @@
+"""Data: behaviour datasets (labelled completions) and the reference text corpus."""
