@@ -1,0 +1,68 @@
+"""Pure tensor functions of attribution (see the package docstring for the algorithm)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+
+class Moments(NamedTuple):
+    """Weighted gradient–activation moments of one batch at one layer."""
+
+    M_raw: Float[Tensor, "d_model d_model"]
+    """Σ w_b g_t a_tᵀ over selected positions."""
+    g_sum: Float[Tensor, " d_model"]
+    """Σ w_b g_t over selected positions."""
+
+
+def batch_moments(grads: Float[Tensor, "batch pos d_model"],
+                  acts: Float[Tensor, "batch pos d_model"],
+                  weights: Float[Tensor, " batch"], mask: Bool[Tensor, "batch pos"]) -> Moments:
+    """Moments Σ_b w_b Σ_{t in mask} g_t a_tᵀ and Σ_b w_b Σ_t g_t (one matmul)."""
+    sel = mask.reshape(-1).nonzero().squeeze(1)  # (N,)
+    D = grads.shape[-1]
+    w = weights[:, None].expand(mask.shape).reshape(-1)[sel]  # (N,)
+    g = grads.reshape(-1, D)[sel].float() * w[:, None].float()  # (N, D)
+    a = acts.reshape(-1, D)[sel].float()  # (N, D)
+    return Moments(g.T @ a, g.sum(0))
+
+
+def center(M_raw: Float[Tensor, "d_model d_model"], g_sum: Float[Tensor, " d_model"],
+           a_bar: Float[Tensor, " d_model"]) -> Float[Tensor, "d_model d_model"]:
+    """M = M_raw − s āᵀ, i.e. Σ w g (a − ā)ᵀ."""
+    return M_raw - torch.outer(g_sum, a_bar.to(M_raw))
+
+
+def deltas_from_moments(M: Float[Tensor, "d_model d_model"],
+                        directions: Float[Tensor, "d_sae d_model"],
+                        chunk: int = 65536) -> Float[Tensor, " d_sae"]:
+    """δ_i = −d_iᵀ M d_i for every direction, in chunks of rows."""
+    M = M.to(directions.device, torch.float32)
+    out = torch.empty(directions.shape[0], dtype=torch.float32, device=directions.device)
+    for start in range(0, directions.shape[0], chunk):
+        d = directions[start:start + chunk].float()  # (n, D)
+        out[start:start + chunk] = -((d @ M) * d).sum(1)
+    return out
+
+
+def token_deltas(grads: Float[Tensor, "pos d_model"], acts: Float[Tensor, "pos d_model"],
+                 a_bar: Float[Tensor, " d_model"], directions: Float[Tensor, "d_sae d_model"]
+                 ) -> Float[Tensor, "pos d_sae"]:
+    """The per-token route: δ_{i,t} = −(g_t·d_i)((a_t − ā)·d_i) (reference; costs T·d_sae·D)."""
+    G = grads.float() @ directions.T.float()  # (T, S)
+    A = (acts.float() - a_bar.float()) @ directions.T.float()  # (T, S)
+    return -G * A
+
+
+def completion_losses(logits: Float[Tensor, "batch k vocab"], targets: Tensor,
+                      target_mask: Bool[Tensor, "batch k"]) -> Float[Tensor, " batch"]:
+    """Mean cross-entropy of each row's completion tokens (positions where target_mask)."""
+    ce = torch.nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+    ce = ce.view(targets.shape) * target_mask  # (B, k)
+    return ce.sum(1) / target_mask.sum(1).clamp_min(1)
+
+
