@@ -1,0 +1,84 @@
+"""``latentaudit sample``: sample on-policy completions of a prompt set from a model."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import functools
+import importlib.util
+import re
+
+NAME = "sample"
+HELP = "Sample N completions per prompt from a model (resumable JSONL with token ids)."
+DESCRIPTION = (
+    "Sample N completions per prompt from the model under study into a JSONL file (prompt and "
+    "completion token ids included) with <stem>.manifest.json beside it. Rerunning the same "
+    "command after an interruption continues where it stopped; --n may grow on a rerun, the "
+    "other sampling parameters may not change.")
+
+_ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
+
+
+def unescape(text: str) -> str:
+    r"""Turn the escapes \n, \t and \\ typed on a command line into the characters."""
+    return re.sub(r"\\([nt\\])", lambda m: _ESCAPES[m.group(1)], text)
+
+
+@functools.lru_cache(maxsize=1)
+def _field_docs() -> dict[str, str]:
+    """SampleConfig's field docstrings, read from its source so --help does not import torch."""
+    spec = importlib.util.find_spec("latentaudit.sample")
+    with open(spec.origin, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    docs = {}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == "SampleConfig":
+            for stmt, nxt in zip(node.body, node.body[1:], strict=False):
+                if (isinstance(stmt, ast.AnnAssign) and isinstance(nxt, ast.Expr)
+                        and isinstance(nxt.value, ast.Constant)):
+                    docs[stmt.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    doc = _field_docs()
+    p.add_argument("--model", required=True,
+                   help="Model: embedded short name, local folder or hub id.")
+    p.add_argument("--prompts", required=True,
+                   help="Prompts: a JSONL file (prompt_id, prompt as text or chat messages, "
+                        "optional system, meta; other fields go into meta), a .txt file with one "
+                        "prompt per line, or a built-in suite name.")
+    p.add_argument("--out", required=True, help="Output JSONL file of completions.")
+    p.add_argument("--n", type=int, default=1, help=doc.get("n"))
+    p.add_argument("--system", default=None, help=doc.get("system"))
+    p.add_argument("--temperature", type=float, default=1.0, help=doc.get("temperature"))
+    p.add_argument("--top-p", type=float, default=1.0, help=doc.get("top_p"))
+    p.add_argument("--max-new-tokens", type=int, default=200, help=doc.get("max_new_tokens"))
+    p.add_argument("--stop", nargs="+", action="extend", default=[], metavar="STR",
+                   help=f"{doc.get('stop')} Escapes \\n and \\t are understood.")
+    p.add_argument("--seed", type=int, default=0, help=doc.get("seed"))
+    p.add_argument("--batch-size", type=int, default=8, help=doc.get("batch_size"))
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto.")
+    p.add_argument("--dtype", default="float32", help="Model dtype: float32, bfloat16, float16.")
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from latentaudit.models.load import load_model
+    from latentaudit.sample import SampleConfig, sample_completions
+
+    cfg = SampleConfig(n=args.n, temperature=args.temperature, top_p=args.top_p,
+                       max_new_tokens=args.max_new_tokens,
+                       stop=tuple(unescape(s) for s in args.stop), seed=args.seed,
+                       batch_size=args.batch_size, system=args.system)
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    out = sample_completions(model, args.prompts, cfg, args.out)
+    counts: dict[str, int] = {}
+    with open(out, encoding="utf-8") as f:
+        for line in f:
+            reason = json.loads(line)["finish_reason"]
+            counts[reason] = counts.get(reason, 0) + 1
+    summary = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+    print(f"{sum(counts.values())} completions in {out} (finish: {summary})")
+    return 0
