@@ -9,6 +9,11 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 
+def _wide(x: Tensor) -> Tensor:
+    """float32 at least (half precision is widened; float64 stays float64)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 class Moments(NamedTuple):
     """Weighted gradient–activation moments of one batch at one layer."""
 
@@ -25,8 +30,8 @@ def batch_moments(grads: Float[Tensor, "batch pos d_model"],
     sel = mask.reshape(-1).nonzero().squeeze(1)  # (N,)
     D = grads.shape[-1]
     w = weights[:, None].expand(mask.shape).reshape(-1)[sel]  # (N,)
-    g = grads.reshape(-1, D)[sel].float() * w[:, None].float()  # (N, D)
-    a = acts.reshape(-1, D)[sel].float()  # (N, D)
+    g = _wide(grads.reshape(-1, D)[sel]) * w[:, None].to(_wide(grads).dtype)  # (N, D)
+    a = _wide(acts.reshape(-1, D)[sel]).to(g.dtype)  # (N, D)
     return Moments(g.T @ a, g.sum(0))
 
 
@@ -52,8 +57,9 @@ def token_deltas(grads: Float[Tensor, "pos d_model"], acts: Float[Tensor, "pos d
                  a_bar: Float[Tensor, " d_model"], directions: Float[Tensor, "d_sae d_model"]
                  ) -> Float[Tensor, "pos d_sae"]:
     """The per-token route: δ_{i,t} = −(g_t·d_i)((a_t − ā)·d_i) (reference; costs T·d_sae·D)."""
-    G = grads.float() @ directions.T.float()  # (T, S)
-    A = (acts.float() - a_bar.float()) @ directions.T.float()  # (T, S)
+    dirs = _wide(directions)
+    G = _wide(grads).to(dirs.dtype) @ dirs.T  # (T, S)
+    A = (_wide(acts) - _wide(a_bar)).to(dirs.dtype) @ dirs.T  # (T, S)
     return -G * A
 
 

@@ -75,10 +75,10 @@ class SAEInfo:
 class SAE(nn.Module):
     """A sparse autoencoder in latentaudit's canonical layout (see the module docstring)."""
 
-    def __init__(self, W_enc: Float[Tensor, "d_model d_sae"], b_enc: Float[Tensor, "d_sae"],
-                 W_dec: Float[Tensor, "d_sae d_model"], b_dec: Float[Tensor, "d_model"],
-                 info: SAEInfo | None = None, threshold: Float[Tensor, "d_sae"] | None = None,
-                 mean_activation: Float[Tensor, "d_model"] | None = None) -> None:
+    def __init__(self, W_enc: Float[Tensor, "d_model d_sae"], b_enc: Float[Tensor, " d_sae"],
+                 W_dec: Float[Tensor, "d_sae d_model"], b_dec: Float[Tensor, " d_model"],
+                 info: SAEInfo | None = None, threshold: Float[Tensor, " d_sae"] | None = None,
+                 mean_activation: Float[Tensor, " d_model"] | None = None) -> None:
         super().__init__()
         self.info = info or SAEInfo()
         where = self.info.source_path or "SAE"
