@@ -67,7 +67,7 @@ def _info(args: argparse.Namespace) -> int:
         return 0
     shown = {**summary, "mean_activation": "yes" if summary["mean_activation"] else "no"}
     for key, value in shown.items():
-        print(f"{key + ':':<16}{'-' if value is None else value}")
+        print(f"{key + ':':<17}{'-' if value is None else value}")
     return 0
 
 
