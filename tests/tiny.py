@@ -37,14 +37,14 @@ def tiny_config(arch: str = "llama", *, layers: int = 2, d_model: int = 32, voca
     common = dict(vocab_size=vocab, bos_token_id=256, eos_token_id=257, pad_token_id=258)
     if arch == "gpt2":
         return AutoConfig.for_model("gpt2", n_layer=layers, n_embd=d_model, n_head=4,
-                                    n_positions=256, **common)
+                                    n_positions=1024, **common)
     if arch == "gpt_neox":
         return AutoConfig.for_model("gpt_neox", num_hidden_layers=layers, hidden_size=d_model,
                                     num_attention_heads=4, intermediate_size=2 * d_model,
-                                    max_position_embeddings=256, **common)
+                                    max_position_embeddings=1024, **common)
     return AutoConfig.for_model(arch, num_hidden_layers=layers, hidden_size=d_model,
                                 num_attention_heads=4, num_key_value_heads=2,
-                                intermediate_size=2 * d_model, max_position_embeddings=256,
+                                intermediate_size=2 * d_model, max_position_embeddings=1024,
                                 tie_word_embeddings=False, **common)
 
 

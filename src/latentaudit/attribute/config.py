@@ -30,6 +30,9 @@ class AttributionConfig:
     """Pairs within a prompt: all (every positive×negative) or matched (one-to-one)."""
     top_k: int = 100
     """Latents written to ranking.jsonl (per layer)."""
+    delta_activation: bool = True
+    """Also compute the Δ-activation baseline (one SAE encoder pass over completion tokens; the
+    only SAE-side cost that grows with d_sae during the pass)."""
     checkpoint_every: int = 20
     """Batches between resumable checkpoints of the accumulators (0 = never)."""
 
@@ -52,8 +55,8 @@ class LayerAttribution:
     layer: int
     delta_attribution: Float[Tensor, " d_sae"]
     """−d_iᵀ M d_i: mean over pairs of δ_i(C+) − δ_i(C−); positive supports the behaviour."""
-    delta_activation: Float[Tensor, " d_sae"]
-    """Mean latent activation on positive minus negative completion tokens."""
+    delta_activation: Float[Tensor, " d_sae"] | None
+    """Mean latent activation on positive minus negative completion tokens (None if skipped)."""
     moment_matrix: Float[Tensor, "d_model d_model"]
     """M = mean over pairs of (M_{C+} − M_{C−}), with ā subtracted."""
     a_bar: Float[Tensor, " d_model"]

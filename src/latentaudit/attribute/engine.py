@@ -53,10 +53,10 @@ def encode_completions(tokenizer, data: list[Completion], max_len: int | None
         p = c.prompt_token_ids or prompt_ids(tokenizer, c.prompt)
         q = c.completion_token_ids or completion_ids(tokenizer, c.completion)
         if not q:
-            raise LatentAuditError(f"line {c.line}: the completion has no tokens.")
+            raise LatentAuditError(f"{c.where}: the completion has no tokens.")
         if max_len and len(p) + len(q) > max_len:
             raise LatentAuditError(
-                f"line {c.line}: prompt + completion is {len(p) + len(q)} tokens, more than the "
+                f"{c.where}: prompt + completion is {len(p) + len(q)} tokens, more than the "
                 f"model's {max_len} positions; shorten it.")
         out.append((p, q))
     return out
@@ -166,7 +166,8 @@ def attribute(model, saes, data, cfg: AttributionConfig | None = None, *, layers
         losses[idx] = batch_losses.double().cpu()
         mask = batch.attention_mask.bool() if cfg.positions == "all" else batch.completion_mask
         for L, (a, g) in per_layer.items():
-            _accumulate(acc[L], saes[L], a, g, w, mask, batch, positive)
+            _accumulate(acc[L], saes[L] if cfg.delta_activation else None, a, g, w, mask, batch,
+                        positive)
         bar.update(1)
         if checkpoint and cfg.checkpoint_every and (
                 (b + 1) % cfg.checkpoint_every == 0 or time.monotonic() - last_save > 300):
@@ -188,10 +189,11 @@ def _accumulate(acc: Accumulators, sae, a: Tensor, g: Tensor, w: Tensor, mask: T
     acc.a_sum += a[valid].double().sum(0)
     comp = batch.completion_mask  # (B, T)
     side = positive[:, None].expand_as(comp)[comp]  # (N,)
-    with torch.no_grad():
-        pos, neg = _latent_sums(sae, a[comp], side)
-    acc.f_pos += pos
-    acc.f_neg += neg
+    if sae is not None:
+        with torch.no_grad():
+            pos, neg = _latent_sums(sae, a[comp], side)
+        acc.f_pos += pos
+        acc.f_neg += neg
     acc.counts += torch.tensor([valid.sum().item(), side.sum().item(), (~side).sum().item()],
                                dtype=torch.float64, device=acc.counts.device)
 
@@ -221,7 +223,8 @@ def _finish(saes, acc, cfg, pairing, data, used, seqs, losses) -> AttributionRes
         n_pos, n_neg = a.counts[1].clamp_min(1), a.counts[2].clamp_min(1)
         out[L] = LayerAttribution(
             layer=L, delta_attribution=deltas_from_moments(M, dirs).cpu(),
-            delta_activation=(a.f_pos / n_pos - a.f_neg / n_neg).float().cpu(),
+            delta_activation=((a.f_pos / n_pos - a.f_neg / n_neg).float().cpu()
+                              if cfg.delta_activation else None),
             moment_matrix=M.float().cpu(), a_bar=a_bar.float().cpu(), abar_source=source)
     first = acc[next(iter(saes))]
     prompts = {data[i].prompt_id for p in pairing.pairs for i in p}

@@ -42,17 +42,19 @@ def ranking_rows(result: AttributionResult, saes: dict, model, top_k: int) -> li
     W_U = unembedding(model.model)
     for L, la in result.layers.items():
         top = la.top(top_k)
-        act_rank = torch.empty_like(la.delta_activation, dtype=torch.long)
-        act_rank[la.delta_activation.argsort(descending=True)] = torch.arange(
-            la.delta_activation.numel())
+        act = la.delta_activation
+        act_rank = None
+        if act is not None:
+            act_rank = torch.empty_like(act, dtype=torch.long)
+            act_rank[act.argsort(descending=True)] = torch.arange(act.numel())
         dirs = saes[L].decoder_directions()[top]  # (k, D)
         lens = logit_lens(dirs.to(W_U.device), W_U, k=10)
         for rank, (latent, ids) in enumerate(zip(top, lens.token_ids.tolist(), strict=True), 1):
             rows.append({
                 "layer": L, "latent": latent, "rank": rank,
                 "delta_attribution": float(la.delta_attribution[latent]),
-                "delta_activation": float(la.delta_activation[latent]),
-                "delta_activation_rank": int(act_rank[latent]) + 1,
+                "delta_activation": None if act is None else float(act[latent]),
+                "delta_activation_rank": None if act is None else int(act_rank[latent]) + 1,
                 "logit_lens_top_tokens": token_strings(model.tokenizer, ids),
             })
     return rows
@@ -101,7 +103,8 @@ def write_run(out: str | Path, result: AttributionResult, saes: dict, model,
     tensors = {}
     for L, la in result.layers.items():
         for name in ("delta_attribution", "delta_activation", "moment_matrix", "a_bar"):
-            tensors[tensor_name(name, L, several)] = getattr(la, name).float()
+            if getattr(la, name) is not None:
+                tensors[tensor_name(name, L, several)] = getattr(la, name).float()
     save_safetensors(out / TENSORS_FILE, tensors, metadata={"schema_version": str(SCHEMA_VERSION)})
     rows = ranking_rows(result, saes, model, cfg.top_k)
     write_jsonl(out / RANKING_FILE, rows)

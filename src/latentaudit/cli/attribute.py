@@ -34,6 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Positions summed per completion: all, or the completion only.")
     p.add_argument("--pairing", default="all", choices=["all", "matched"],
                    help="Pairs within a prompt: every positive×negative, or one-to-one.")
+    p.add_argument("--no-delta-activation", action="store_true",
+                   help="Skip the Δ-activation baseline (saves one SAE encoder pass).")
     p.add_argument("--top-k", type=int, default=100, help="Latents written to ranking.jsonl.")
     p.add_argument("--show", type=int, default=10, help="Latents printed in the summary table.")
 
@@ -72,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
     from latentaudit.models.load import load_model
 
     cfg = AttributionConfig(batch_size=args.batch_size, abar=args.abar, positions=args.positions,
-                            pairing=args.pairing, top_k=args.top_k)
+                            pairing=args.pairing, top_k=args.top_k,
+                            delta_activation=not args.no_delta_activation)
     out = Path(args.out)
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     saes = _load_saes(args, model)
@@ -91,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{'rank':>4} {'latent':>7} {'Δ-attr':>11} {'Δ-act':>9} {'act rank':>8}  logit lens")
         for row in [r for r in rows if r["layer"] == L][: args.show]:
             toks = " ".join(repr(t) for t in row["logit_lens_top_tokens"][:5])
+            act = "-" if row["delta_activation"] is None else f"{row['delta_activation']:.3f}"
             print(f"{row['rank']:>4} {row['latent']:>7} {row['delta_attribution']:>11.3e} "
-                  f"{row['delta_activation']:>9.3f} {row['delta_activation_rank']:>8}  {toks}")
+                  f"{act:>9} {row['delta_activation_rank'] or '-':>8}  {toks}")
     print(f"\nwrote {out}/attribution.safetensors, ranking.jsonl, manifest.json")
     return 0

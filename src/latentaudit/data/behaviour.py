@@ -49,6 +49,13 @@ class Completion:
     completion_token_ids: list[int] | None = None
     line: int = 0
     """1-based line in the source file (0 when built in code)."""
+    source: str = ""
+    """The file it was read from ('' when built in code)."""
+
+    @property
+    def where(self) -> str:
+        """'file:line' for error messages."""
+        return f"{self.source or 'completion'}:{self.line}"
 
     @property
     def positive(self) -> bool:
@@ -154,7 +161,7 @@ def load_behaviour(path: str | Path) -> list[Completion]:
             comp, problems = parse_row(row, where)
             errs.extend(problems)
             if comp is not None:
-                comp.line = n
+                comp.line, comp.source = n, str(path)
                 rows.append(comp)
     if errs:
         shown = errs[:20] + ([f"... and {len(errs) - 20} more"] if len(errs) > 20 else [])
