@@ -335,6 +335,9 @@ def test_bad_json(saelens_dir):
     (saelens_dir / "cfg.json").write_text('{"d_in": 16,\n "d_sae": }')
     with pytest.raises(LatentAuditError, match=r"cfg\.json: invalid JSON at line 2"):
         load_sae(saelens_dir)
+    (saelens_dir / "cfg.json").write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(LatentAuditError, match=r"cfg\.json is not UTF-8"):
+        load_sae(saelens_dir)
 
 
 def test_missing_tensor(saelens_dir, w):

@@ -155,7 +155,10 @@ def _read_cfg(folder: Path) -> dict[str, Any]:
     file = folder / CONFIG_FILE
     if not file.is_file():
         raise LatentAuditError(f"{file} is missing: an SAE folder needs its config file.")
-    cfg = load_config(folder)
+    try:
+        cfg = load_config(folder)
+    except UnicodeDecodeError as err:
+        raise LatentAuditError(f"{file} is not UTF-8 text ({err.reason}): re-save it.") from err
     if not isinstance(cfg, dict):
         raise LatentAuditError(f"{file}: expected a JSON object, got {type(cfg).__name__}.")
     return cfg
