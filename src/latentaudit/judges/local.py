@@ -1,0 +1,133 @@
+"""The rubrics run by a local Hugging Face model, scored from next-token probabilities.
+
+For each completion and rubric question:
+
+1. The rendered template becomes one user turn through the model's chat template (raw text
+   followed by ``\\nAnswer:`` when it has none; candidates then start with a space).
+2. The candidate answers are the question's numbers and labels, each tokenized on its own into
+   a token sequence c = (c_1..c_k). Multi-token candidates are scored exactly by walking the
+   trie of candidate prefixes: one batched forward pass gives the next-token distribution
+   after every prefix, and
+
+       p(c) = Π_j p(c_j | prompt, c_<j) · (1 − Σ_{t ∈ ext(c)} p(t | prompt, c))
+
+   where ext(c) are the tokens that extend c into a longer candidate (e.g. "1" → "10"). The
+   second factor is the probability that the answer stops at c; continuations outside the
+   candidate set count as stopping.
+3. The rubric's distribution rule turns p into an answer (probability-weighted score when the
+   numeric mass reaches ``min_mass``, else the most likely label; see ``rubrics``).
+
+Batches are left-padded with position ids from the attention mask, so padding does not change
+a row's probabilities.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from latentaudit.judges.base import JudgeItem, Verdict
+from latentaudit.judges.rubrics import Question, Rubric
+from latentaudit.models.load import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+class LocalJudge:
+    """Grades by a rubric with a local causal LM's next-token probabilities."""
+
+    def __init__(self, model: LoadedModel | str, rubric: Rubric, *, device: str = "auto",
+                 dtype: str = "float32", batch_size: int = 16):
+        if isinstance(model, str):
+            from latentaudit.models.load import load_model
+
+            model = load_model(model, device=device, dtype=dtype)
+        self.lm, self.rubric, self.batch_size = model, rubric, batch_size
+        self.id = f"local:{model.name}"
+        tok = model.tokenizer
+        self._chat = bool(getattr(tok, "chat_template", None))
+        prefix = "" if self._chat else " "
+        self._cands = {q.name: {c: _ids(tok(prefix + c, add_special_tokens=False))
+                                for c in q.candidates()} for q in rubric.questions}
+
+    def grade(self, items: Sequence[JudgeItem]) -> list[Verdict]:
+        verdicts = []
+        for item in items:
+            v = Verdict()
+            for q in self.rubric.questions:
+                probs = self.candidate_probs(item, q)
+                answer = q.from_probs(probs, self.rubric.min_mass)
+                if answer is None:
+                    v.error = (f"{v.error}; " if v.error else "") + (
+                        f"{q.name}: no answer holds probability ≥ {self.rubric.min_mass} "
+                        f"(candidates hold {sum(probs.values()):.3f} in all)")
+                else:
+                    v.answers[q.name] = answer
+            verdicts.append(v)
+        return verdicts
+
+    def prompt_ids(self, text: str) -> list[int]:
+        tok = self.lm.tokenizer
+        if self._chat:
+            return _ids(tok.apply_chat_template([{"role": "user", "content": text}],
+                                                add_generation_prompt=True, tokenize=True))
+        return _ids(tok(text + "\nAnswer:", add_special_tokens=True))
+
+    def candidate_probs(self, item: JudgeItem, q: Question) -> dict[str, float]:
+        """p(candidate answer) for every candidate of ``q`` (see the module docstring)."""
+        text = self.rubric.render(q, item.prompt_text, item.completion, item.fact)
+        prompt = self.prompt_ids(text)
+        cands = self._cands[q.name]
+        prefixes = sorted({tuple(ids[:k]) for ids in cands.values() for k in range(len(ids))})
+        logp = {}
+        for start in range(0, len(prefixes), self.batch_size):
+            part = prefixes[start:start + self.batch_size]
+            out = next_token_logprobs(self.lm.model, [prompt + list(p) for p in part],
+                                      self._pad_id())  # (B, V)
+            logp.update(zip(part, out.float().cpu(), strict=True))
+        ext: dict[tuple, set[int]] = {}
+        for ids in cands.values():
+            for k in range(len(ids)):
+                ext.setdefault(tuple(ids[:k]), set()).add(ids[k])
+        probs = {}
+        for cand, ids in cands.items():
+            lp = sum(float(logp[tuple(ids[:k])][ids[k]]) for k in range(len(ids)))
+            cont = ext.get(tuple(ids), set())
+            stop = 1.0 - sum(math.exp(float(logp[tuple(ids)][t])) for t in cont) if cont else 1.0
+            probs[cand] = math.exp(lp) * max(stop, 0.0)
+        return probs
+
+    def _pad_id(self) -> int:
+        tok = self.lm.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        return int(pad or 0)
+
+
+def _ids(encoded) -> list[int]:
+    if isinstance(encoded, dict) or hasattr(encoded, "input_ids"):
+        encoded = encoded["input_ids"]
+    if encoded and isinstance(encoded[0], list):
+        encoded = encoded[0]
+    return [int(t) for t in encoded]
+
+
+@torch.no_grad()
+def next_token_logprobs(model: torch.nn.Module, seqs: list[list[int]],
+                        pad_id: int) -> Float[Tensor, "batch vocab"]:
+    """log p(next token | sequence) for each sequence, batched with left padding."""
+    device = next(model.parameters()).device
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)  # (B, T)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.tensor(s)
+        mask[i, width - len(s):] = 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                position_ids=pos.to(device), use_cache=False)
+    return torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (B, V)

@@ -1,0 +1,122 @@
+"""Rule judge: regular expressions and keyword lists per rubric question, from a JSON file.
+
+Rules file format (each shipped rubric names its own in ``rule_judge``)::
+
+    {"rubric": "false-belief",
+     "questions": {
+        "validation": {"rules": [{"answer": "CORRECTS", "patterns": ["\\\\bmyth\\\\b"],
+                                  "keywords": ["not true"]}, ...],
+                       "default": "EVADES"},
+        "coherent": {"rules": [{"answer": 0, "patterns": ["^\\\\s*$"]}], "default": 100}}}
+
+For each question the rules are tried in order against the completion; the first rule with a
+pattern (regex, case-insensitive, searched anywhere) or keyword (case-insensitive substring) that
+matches gives the answer, else ``default``. An answer is a number of the question's scale or one
+of its labels. Every question of the rubric must be covered. Transparent and fast; crude.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from latentaudit.errors import LatentAuditError
+from latentaudit.judges.base import JudgeItem, Verdict
+from latentaudit.judges.rubrics import Answer, Question, Rubric
+
+
+class RuleJudge:
+    """Grades by regular expressions and keywords."""
+
+    def __init__(self, rubric: Rubric, rules_path: str | Path | None = None):
+        path = Path(rules_path) if rules_path else rubric.rule_judge
+        if path is None:
+            raise LatentAuditError(f"rubric '{rubric.name}' names no rules file: pass "
+                                   "--judge rules:PATH.")
+        if not path.is_file():
+            raise LatentAuditError(f"--judge rules:{path}: no such file.")
+        raw = path.read_bytes()
+        self.rubric = rubric
+        self.id = f"rules:{path.name}#{hashlib.sha256(raw).hexdigest()[:12]}"
+        self.rules = load_rules(path, rubric)
+
+    def grade(self, items: Sequence[JudgeItem]) -> list[Verdict]:
+        return [Verdict(answers={q.name: self._answer(q, it.completion)
+                                 for q in self.rubric.questions}) for it in items]
+
+    def _answer(self, q: Question, text: str) -> Answer:
+        spec = self.rules[q.name]
+        for i, rule in enumerate(spec["rules"]):
+            hit = next((p.pattern for p in rule["patterns"] if p.search(text)), None)
+            low = text.lower()
+            hit = hit or next((k for k in rule["keywords"] if k.lower() in low), None)
+            if hit is not None:
+                return _as_answer(q, rule["answer"], f"rule {i}: matched {hit!r}")
+        return _as_answer(q, spec["default"], "default")
+
+
+def _as_answer(q: Question, value: Any, why: str) -> Answer:
+    if isinstance(value, str):
+        label = value.upper()
+        score = (1.0 if label == q.score_label else 0.0) if q.score_label else None
+        return Answer(score=score, label=label, raw=why)
+    return Answer(score=float(value), raw=why)
+
+
+def load_rules(path: Path, rubric: Rubric) -> dict[str, dict[str, Any]]:
+    """Read and validate a rules file against the rubric's questions; compile its patterns."""
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise LatentAuditError(f"{path}:{err.lineno}: not valid JSON ({err.msg}).") from None
+    qs = spec.get("questions") if isinstance(spec, dict) else None
+    if not isinstance(qs, dict):
+        raise LatentAuditError(f"{path}: expected an object with 'questions': {{name: rules}}.")
+    out = {}
+    for q in rubric.questions:
+        if q.name not in qs:
+            raise LatentAuditError(f"{path}: no rules for question '{q.name}' of rubric "
+                                   f"'{rubric.name}'.")
+        out[q.name] = _question_rules(qs[q.name], q, f"{path}: questions.{q.name}")
+    return out
+
+
+def _question_rules(spec: Any, q: Question, where: str) -> dict[str, Any]:
+    if not isinstance(spec, dict) or not isinstance(spec.get("rules", []), list):
+        raise LatentAuditError(f"{where} must be an object with a list 'rules' and a 'default'.")
+    _check_answer(spec.get("default"), q, f"{where}.default")
+    rules = []
+    for i, rule in enumerate(spec.get("rules", [])):
+        at = f"{where}.rules[{i}]"
+        if not isinstance(rule, dict):
+            raise LatentAuditError(f"{at} must be an object with 'answer' and 'patterns' or "
+                                   "'keywords'.")
+        _check_answer(rule.get("answer"), q, f"{at}.answer")
+        pats, words = rule.get("patterns", []), rule.get("keywords", [])
+        if not (isinstance(pats, list) and isinstance(words, list) and (pats or words)
+                and all(isinstance(x, str) for x in pats + words)):
+            raise LatentAuditError(f"{at} needs a non-empty list of strings in 'patterns' or "
+                                   "'keywords'.")
+        compiled = []
+        for p in pats:
+            try:
+                compiled.append(re.compile(p, re.I | re.M))
+            except re.error as err:
+                raise LatentAuditError(f"{at}: pattern {p!r} is not a valid regex ({err}).") \
+                    from None
+        rules.append({"answer": rule["answer"], "patterns": compiled, "keywords": words})
+    return {"rules": rules, "default": spec["default"]}
+
+
+def _check_answer(value: Any, q: Question, where: str) -> None:
+    if isinstance(value, str) and value.upper() in q.labels:
+        return
+    if (q.scale and not isinstance(value, bool) and isinstance(value, (int, float))
+            and q.scale[0] <= value <= q.scale[1]):
+        return
+    allowed = ([f"a number in {q.scale[0]}..{q.scale[1]}"] if q.scale else []) + list(q.labels)
+    raise LatentAuditError(f"{where} is {value!r}; it must be {' or '.join(allowed)}.")

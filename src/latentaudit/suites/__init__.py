@@ -1,0 +1,121 @@
+"""Built-in behaviour suites (prompts to sample from) and the prompts-file loader.
+
+Format (JSONL, one prompt per line)::
+
+    {"prompt_id": "fb-001-...",     # required, unique
+     "prompt": "...",               # required: a string (or a list of chat messages)
+     "system": "...",               # optional system prompt
+     "fact": "...",                 # optional: the correct fact, for the false-belief judge
+     "meta": {"topic": "health"}}   # optional object, carried through sampling and judging
+
+``fact`` and any other top-level field are moved into ``meta`` (where the sampler carries them
+into ``completions.jsonl`` and the judge reads ``meta.fact``).
+
+Shipped suites:
+- ``false-belief``: a user confidently states a common misconception and asks for help or
+  agreement; ``fact`` holds the correct fact. Topics: health, animals, food, science, history,
+  geography, language, technology and programming.
+- ``broad-misalignment``: open-ended questions that invite a model to reveal its values
+  (wishes, power, money, relationships, society, AIs and humans).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from latentaudit.errors import LatentAuditError
+
+FIELDS = ("prompt_id", "prompt", "system", "meta")
+
+
+@dataclass
+class SuitePrompt:
+    """One prompt of a suite."""
+
+    prompt_id: str
+    prompt: str | list[dict[str, str]]
+    system: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    """Extra data (``fact``, ``topic``, ...), carried into the completions."""
+
+    @property
+    def fact(self) -> str | None:
+        return self.meta.get("fact")
+
+
+def suites_dir() -> Path:
+    return Path(str(resources.files("latentaudit") / "suites"))
+
+
+def list_suites() -> list[str]:
+    """Names of the shipped suites."""
+    return sorted(p.stem for p in suites_dir().glob("*.jsonl"))
+
+
+def load_prompts(name_or_path: str | Path) -> list[SuitePrompt]:
+    """A shipped suite by name, or a user's JSONL prompts file; validated, ids unique."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = suites_dir() / f"{name_or_path}.jsonl"
+        if not path.is_file():
+            raise LatentAuditError(
+                f"{name_or_path}: no such prompts file and no built-in suite of that name; "
+                f"built-in suites are {', '.join(list_suites())}.")
+    prompts, errs, seen = [], [], {}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                errs.append(f"{where}: not valid JSON ({err.msg} at column {err.colno})")
+                continue
+            p, problems = _parse(row, where)
+            errs.extend(problems)
+            if p is None:
+                continue
+            if p.prompt_id in seen:
+                errs.append(f"{where}: prompt_id {p.prompt_id!r} repeats line {seen[p.prompt_id]}")
+                continue
+            seen[p.prompt_id] = n
+            prompts.append(p)
+    if errs:
+        shown = errs[:20] + ([f"... and {len(errs) - 20} more"] if len(errs) > 20 else [])
+        raise LatentAuditError(f"{path} has {len(errs)} problem(s); fix them and rerun:\n  "
+                               + "\n  ".join(shown))
+    if not prompts:
+        raise LatentAuditError(f"{path}: the file holds no prompts.")
+    return prompts
+
+
+def _parse(row: Any, where: str) -> tuple[SuitePrompt | None, list[str]]:
+    if not isinstance(row, dict):
+        return None, [f"{where}: expected a JSON object"]
+    errs = []
+    pid, prompt, system = row.get("prompt_id"), row.get("prompt"), row.get("system")
+    if not isinstance(pid, str) or not pid.strip():
+        errs.append(f"{where}: field 'prompt_id' is required and must be a non-empty string")
+    messages_ok = isinstance(prompt, list) and prompt and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str)
+        and isinstance(m.get("content"), str) for m in prompt)
+    if not ((isinstance(prompt, str) and prompt.strip()) or messages_ok):
+        errs.append(f"{where}: field 'prompt' is required: a non-empty string (or a list of "
+                    "{'role', 'content'} chat messages)")
+    if system is not None and not isinstance(system, str):
+        errs.append(f"{where}: field 'system' must be a string")
+    meta = row.get("meta", {})
+    if not isinstance(meta, dict):
+        errs.append(f"{where}: field 'meta' must be an object")
+    fact = row.get("fact", (meta or {}).get("fact") if isinstance(meta, dict) else None)
+    if fact is not None and (not isinstance(fact, str) or not fact.strip()):
+        errs.append(f"{where}: field 'fact' must be a non-empty string")
+    if errs:
+        return None, errs
+    extra = {k: v for k, v in row.items() if k not in FIELDS}
+    return SuitePrompt(prompt_id=pid, prompt=prompt, system=system, meta={**meta, **extra}), []
