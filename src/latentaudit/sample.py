@@ -272,6 +272,8 @@ def generate(loaded: LoadedModel, prompts: list[list[int]], seeds: list[int],
 
     Hooks registered on the model (e.g. steering) stay active throughout.
     """
+    if not prompts:
+        return []
     model, tok, dev = loaded.model, loaded.tokenizer, loaded.device
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     eos = eos_token_ids(loaded)
@@ -399,13 +401,12 @@ def sample_completions(model: LoadedModel, prompts: str | os.PathLike | list,
     items = read_prompts(prompts)
     source = "list" if isinstance(prompts, (list, tuple)) else str(prompts)
     manifest, mpath = _manifest(model, items, cfg, source), manifest_path(out)
-    done: set[tuple[str, int]] = set()
-    if out.exists():
+    done = _load_done(out) if out.exists() else set()
+    if done:
         if not mpath.is_file():
-            raise LatentAuditError(f"{out} exists but its manifest {mpath.name} does not; move "
-                                   "it away or choose another --out.")
+            raise LatentAuditError(f"{out} holds completions but its manifest {mpath.name} is "
+                                   "missing; move the file away or choose another --out.")
         _check_manifest(json.loads(mpath.read_text(encoding="utf-8")), manifest, mpath)
-        done = _load_done(out)
     write_json(mpath, manifest)
     todo = [(p, i) for p in items for i in range(cfg.n) if (p.prompt_id, i) not in done]
     if done:
@@ -416,7 +417,10 @@ def sample_completions(model: LoadedModel, prompts: str | os.PathLike | list,
             progress(total=len(todo), desc="sample", unit="completion") as bar:
         for k in range(0, len(todo), cfg.batch_size):
             batch = todo[k:k + cfg.batch_size]
-            ids = [encoded.setdefault(p.prompt_id, _encode(model, p, cfg)) for p, _ in batch]
+            for p, _ in batch:
+                if p.prompt_id not in encoded:
+                    encoded[p.prompt_id] = _encode(model, p, cfg)
+            ids = [encoded[p.prompt_id] for p, _ in batch]
             seeds = [sample_seed(cfg.seed, p.prompt_id, i) for p, i in batch]
             gens = generate(model, ids, seeds, cfg)
             f.write("".join(json.dumps(_row(model, p, i, pid, g, cfg), ensure_ascii=False) + "\n"
