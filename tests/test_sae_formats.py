@@ -261,8 +261,6 @@ def test_openai_topk_is_layer_normalised(tmp_path, w):
     assert (sae.info.activation, sae.info.k, sae.info.input_norm) == ("topk", K, "layer_norm")
 
 
-@pytest.mark.xfail(strict=True, reason="SAE._normalise divides by the biased std; "
-                   "openai/sparse_autoencoder's LN uses torch.std (unbiased)")
 def test_openai_topk_layer_norm_matches_the_library(tmp_path, w, x):
     torch.save(openai_state_dict(w, "TopK"), tmp_path / "ae.pt")
     sae = load_sae(tmp_path / "ae.pt")

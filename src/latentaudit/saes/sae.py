@@ -114,10 +114,12 @@ class SAE(nn.Module):
     def _normalise(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
         if self.info.input_norm == "none":
             return x, None, None
+        # As OpenAI's sparse_autoencoder: centre, divide by (unbiased std + 1e-5); the
+        # reconstruction is scaled back by the std without the epsilon.
         mu = x.mean(dim=-1, keepdim=True)
         x = x - mu
-        std = x.norm(dim=-1, keepdim=True) / x.shape[-1] ** 0.5 + 1e-5
-        return x / std, mu, std
+        std = x.std(dim=-1, keepdim=True)
+        return x / (std + 1e-5), mu, std
 
     def pre_activation(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_sae"]:
         """Encoder pre-activation: (x' - b_dec·s) @ W_enc + b_enc."""
