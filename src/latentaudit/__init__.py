@@ -21,6 +21,9 @@ _EXPORTS = {
     "AttributionConfig": "latentaudit.attribute",
     "AttributionResult": "latentaudit.attribute",
     "LatentAuditError": "latentaudit.errors",
+    "fetch_corpus": "latentaudit.data.corpus",
+    "load_corpus": "latentaudit.data.corpus",
+    "iter_documents": "latentaudit.data.corpus",
 }
 
 __all__ = ["__version__", *_EXPORTS]
