@@ -1,0 +1,135 @@
+"""The judge stage: completions.jsonl in, judged.jsonl out (resumable through the cache).
+
+1. Read ``completions.jsonl`` (rows with ``prompt``, ``completion``, optional ``prompt_id``,
+   ``sample_index``, ``meta`` with ``fact``, token ids, ...); every problem is reported with
+   file:line. A rubric whose template uses ``{fact}`` needs ``meta.fact`` on every row.
+2. Grade every row with the judge through the cache (:func:`~latentaudit.judges.base.grade_all`).
+3. Write ``judged.jsonl``: each input row unchanged plus ``judge``, ``rubric``,
+   ``rubric_source`` (the rubric file, for edited rubrics), ``rubric_hash``, ``answers``,
+   ``error``, ``judge_outcome`` (a human's direct label, else null), and the rubric's
+   ``outcome`` / ``why`` (``latentaudit pair`` recomputes them, so thresholds can be changed
+   without judging again).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from latentaudit._io import write_jsonl
+from latentaudit.errors import LatentAuditError
+from latentaudit.judges.base import Judge, JudgeCache, JudgeItem, JudgeRun, grade_all
+from latentaudit.judges.rubrics import Rubric, shipped_dir
+
+JUDGE_FIELDS = ("judge", "rubric", "rubric_source", "rubric_hash", "answers", "error",
+                "judge_outcome", "outcome", "why")
+
+
+def read_completions(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a completions JSONL file, validated; each gets ``_line`` (its 1-based line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise LatentAuditError(f"--completions {path}: no such file.")
+    rows, errs = [], []
+    with open(path, encoding="utf-8") as f:
+        for n, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as err:
+                errs.append(f"{where}: not valid JSON ({err.msg} at column {err.colno})")
+                continue
+            problems = _check_row(row, where)
+            errs.extend(problems)
+            if not problems:
+                rows.append({**row, "_line": n})
+    if errs:
+        shown = errs[:20] + ([f"... and {len(errs) - 20} more"] if len(errs) > 20 else [])
+        raise LatentAuditError(f"{path} has {len(errs)} problem(s); fix them and rerun:\n  "
+                               + "\n  ".join(shown))
+    if not rows:
+        raise LatentAuditError(f"{path}: the file holds no completions.")
+    return rows
+
+
+def _check_row(row: Any, where: str) -> list[str]:
+    if not isinstance(row, dict):
+        return [f"{where}: expected a JSON object"]
+    errs = []
+    prompt = row.get("prompt")
+    ok = isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str)
+        and isinstance(m.get("content"), str) for m in prompt))
+    if not ok:
+        errs.append(f"{where}: field 'prompt' must be a string or a list of chat messages")
+    if not isinstance(row.get("completion"), str):
+        errs.append(f"{where}: field 'completion' is required and must be a string")
+    if "meta" in row and not isinstance(row["meta"], dict):
+        errs.append(f"{where}: field 'meta' must be an object")
+    si = row.get("sample_index")
+    if si is not None and (isinstance(si, bool) or not isinstance(si, int)):
+        errs.append(f"{where}: field 'sample_index' must be a whole number")
+    return errs
+
+
+def row_fact(row: dict[str, Any]) -> str | None:
+    fact = (row.get("meta") or {}).get("fact", row.get("fact"))
+    return fact if isinstance(fact, str) and fact.strip() else None
+
+
+def items_from_rows(rows: list[dict[str, Any]], rubric: Rubric,
+                    path: str | Path) -> list[JudgeItem]:
+    """One :class:`JudgeItem` per row; checks that a fact-using rubric gets its facts."""
+    from latentaudit.data.behaviour import default_prompt_id
+
+    if rubric.needs_fact:
+        missing = [r["_line"] for r in rows if row_fact(r) is None]
+        if missing:
+            lines = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+            raise LatentAuditError(
+                f"{path}: {len(missing)} row(s) have no meta.fact (lines {lines}); the "
+                f"'{rubric.name}' rubric shows the judge the correct fact, so sample from a "
+                "suite whose prompts carry 'fact'.")
+    return [JudgeItem(prompt=r["prompt"], completion=r["completion"], fact=row_fact(r),
+                      prompt_id=str(r.get("prompt_id") or default_prompt_id(r["prompt"])),
+                      sample_index=r.get("sample_index")) for r in rows]
+
+
+@dataclass
+class JudgeSummary:
+    """What one judge stage did."""
+
+    run: JudgeRun
+    outcomes: dict[str, int]
+    """positive / negative / excluded -> count under the rubric's threshold rule."""
+    out: Path
+    cache: Path
+
+
+def judge_file(completions: str | Path, rubric: Rubric, judge: Judge, out: str | Path,
+               cache_path: str | Path | None = None) -> JudgeSummary:
+    """Grade every completion in ``completions`` and write ``out`` (see the module docstring)."""
+    out = Path(out)
+    rows = read_completions(completions)
+    items = items_from_rows(rows, rubric, completions)
+    cache = JudgeCache(cache_path or out.parent / "judge_cache.jsonl")
+    run = grade_all(judge, items, cache)
+    shipped = rubric.source is not None and rubric.source.parent == shipped_dir()
+    outcomes = {"positive": 0, "negative": 0, "excluded": 0}
+    judged = []
+    for row, verdict in zip(rows, run.verdicts, strict=True):
+        decision = rubric.decide(verdict.answers, verdict.error, verdict.outcome)
+        outcomes[decision.outcome] += 1
+        base = {k: v for k, v in row.items() if k != "_line" and k not in JUDGE_FIELDS}
+        judged.append({**base, "judge": judge.id, "rubric": rubric.name,
+                       "rubric_source": None if shipped else str(rubric.source),
+                       "rubric_hash": rubric.prompt_hash,
+                       "answers": {k: a.to_dict() for k, a in verdict.answers.items()},
+                       "error": verdict.error, "judge_outcome": verdict.outcome,
+                       "outcome": decision.outcome, "why": decision.why})
+    write_jsonl(out, judged)
+    return JudgeSummary(run=run, outcomes=outcomes, out=out, cache=cache.path)
