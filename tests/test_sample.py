@@ -42,12 +42,13 @@ def rows(path: Path) -> list[dict]:
 # ---- the sampling math on hand-built logits -------------------------------------------------
 
 def test_sample_tokens_inverse_cdf_and_top_p():
-    probs = torch.tensor([[0.2, 0.5, 0.3]]).repeat(4, 1)  # sorted order: tokens 1, 2, 0
+    probs = torch.tensor([[0.2, 0.5, 0.3]]).repeat(4, 1)
     logits = probs.log()
     u = torch.tensor([0.1, 0.6, 0.85, 0.99], dtype=torch.float64)
-    # cumulative mass 0.5 | 0.8 | 1.0  ->  tokens 1, 2, 0, 0
-    assert S.sample_tokens(logits, u, 1.0, 1.0).tolist() == [1, 2, 0, 0]
-    # top_p 0.7 keeps tokens 1 and 2 (mass before token 0 is 0.8 >= 0.7): u·0.8 vs 0.5 | 0.8
+    # top_p 1: vocabulary order, cumulative mass 0.2 | 0.7 | 1.0  ->  tokens 0, 1, 2, 2
+    assert S.sample_tokens(logits, u, 1.0, 1.0).tolist() == [0, 1, 2, 2]
+    # top_p < 1: sorted order 1, 2, 0 (0.5 | 0.8 | 1.0); top_p 0.7 keeps tokens 1 and 2 (the mass
+    # before token 0 is 0.8 >= 0.7), u·0.8 against 0.5 | 0.8
     assert S.sample_tokens(logits, u, 1.0, 0.7).tolist() == [1, 1, 2, 2]
     # top_p 0.5 keeps token 1 only
     assert S.sample_tokens(logits, u, 1.0, 0.5).tolist() == [1, 1, 1, 1]
@@ -59,8 +60,14 @@ def test_sample_tokens_temperature():
     p0 = 1 / (1 + math.sqrt(3))
     below = torch.tensor([p0 * 0.999], dtype=torch.float64)
     above = torch.tensor([(1 - p0) * 1.001], dtype=torch.float64)
-    assert S.sample_tokens(logits, 1 - below, 2.0, 1.0).tolist() == [0]  # sorted: 1 then 0
-    assert S.sample_tokens(logits, 1 - above, 2.0, 1.0).tolist() == [1]
+    assert S.sample_tokens(logits, below, 2.0, 1.0).tolist() == [0]
+    assert S.sample_tokens(logits, below * 1.002, 2.0, 1.0).tolist() == [1]
+    assert S.sample_tokens(logits, above, 2.0, 0.99).tolist() == [0]  # sorted: 1 then 0
+    assert S.sample_tokens(logits, above, 2.0, 0.5).tolist() == [1]  # token 0 cut off
+    # a zero-probability token is never drawn
+    masked = torch.tensor([[0.0, -math.inf, 0.0]]).repeat(3, 1)
+    u = torch.tensor([0.5 - 1e-12, 0.5, 1 - 1e-16], dtype=torch.float64)
+    assert S.sample_tokens(masked, u, 1.0, 1.0).tolist() == [0, 2, 2]
 
 
 def test_sample_seed_is_stable_and_distinct():

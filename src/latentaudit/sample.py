@@ -7,11 +7,12 @@ Algorithm (one batch of rows; a row is one (prompt_id, sample_index)):
    system prompt is the row's own ``system``, else :attr:`SampleConfig.system`.
 2. Left-pad the prompts; position ids are ``cumsum(attention_mask) - 1`` so a padded row computes
    what it would alone. One forward pass fills the KV cache (prefill).
-3. Per step and row: logits / temperature, keep the smallest top-probability set whose mass
-   reaches ``top_p`` (stable sort), draw ``u ~ U[0, 1)`` from the row's own generator and take the
-   token where the kept cumulative mass first exceeds ``u · mass`` (inverse CDF). Temperature 0
-   is greedy (argmax). The row's generator is seeded from sha256(seed, prompt_id, sample_index),
-   so a completion does not depend on batch size, batch neighbours or resuming.
+3. Per step and row: softmax(logits / temperature); with ``top_p`` < 1 keep the smallest
+   top-probability set whose mass reaches ``top_p`` (stable sort). Draw ``u ~ U[0, 1)`` from the
+   row's own CPU generator and take the token where the kept cumulative mass first exceeds
+   ``u · mass`` (inverse CDF, float64). Temperature 0 is greedy (argmax). The generator is
+   seeded from sha256(seed, prompt_id, sample_index), so a completion does not depend on batch
+   size, batch neighbours or resuming.
 4. Feed the new tokens with the cache; a row stops at an EOS id (``finish_reason`` "eos"), when
    its decoded text contains a stop string ("stop") or after ``max_new_tokens`` ("length").
    Finished rows leave the cache.
@@ -213,17 +214,23 @@ def sample_seed(seed: int, prompt_id: str, sample_index: int) -> int:
 
 def sample_tokens(logits: Float[Tensor, "batch vocab"], uniforms: Float[Tensor, " batch"],
                   temperature: float, top_p: float) -> Int[Tensor, " batch"]:
-    """Temperature + top-p sampling by inverse CDF of each row's uniform (argmax if T = 0)."""
+    """Temperature + top-p sampling by inverse CDF of each row's uniform (argmax if T = 0).
+
+    With top_p = 1 the CDF runs in vocabulary order; otherwise over the probabilities sorted
+    descending (stable), cut to the smallest prefix whose mass reaches top_p.
+    """
     if temperature == 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits.double() / temperature, dim=-1)  # (B, V)
-    sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)  # (B, V)
-    cum = sorted_p.cumsum(dim=-1)  # (B, V)
-    keep = (cum - sorted_p) < top_p  # mass before each token; the first is always kept
-    kept_cum = (sorted_p * keep).cumsum(dim=-1)  # (B, V)
-    target = uniforms.double()[:, None] * kept_cum[:, -1:]  # (B, 1)
-    pick = torch.searchsorted(kept_cum, target, right=True).clamp_max(keep.sum(-1, True) - 1)
-    return order.gather(-1, pick).squeeze(-1)
+    order = None
+    if top_p < 1:
+        probs, order = probs.sort(dim=-1, descending=True, stable=True)  # (B, V)
+        probs = probs * ((probs.cumsum(dim=-1) - probs) < top_p)  # mass before a token < top_p
+    cum = probs.cumsum(dim=-1)  # (B, V)
+    target = uniforms.to(cum)[:, None] * cum[:, -1:]  # (B, 1)
+    last = probs.shape[-1] - 1 - (probs > 0).flip(-1).to(torch.int8).argmax(-1, keepdim=True)
+    pick = torch.minimum(torch.searchsorted(cum, target, right=True), last)  # (B, 1)
+    return (pick if order is None else order.gather(-1, pick)).squeeze(-1)
 
 
 # ---- the generation loop ---------------------------------------------------------------------
@@ -292,12 +299,12 @@ def generate(loaded: LoadedModel, prompts: list[list[int]], seeds: list[int],
         res = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
                     past_key_values=past, use_cache=True, **extra)
         past = res.past_key_values
-        logits = res.logits[:, -1].float().cpu()  # (A, V)
+        logits = res.logits[:, -1].float()  # (A, V), sampled on the model's device
         u = torch.zeros(len(rows), dtype=torch.float64)  # (A,)
         for j, r in enumerate(rows):
             if done[r] is None:
                 u[j] = torch.rand((), generator=gens[r], dtype=torch.float64)
-        nxt = sample_tokens(logits, u, cfg.temperature, cfg.top_p)  # (A,)
+        nxt = sample_tokens(logits, u, cfg.temperature, cfg.top_p).cpu()  # (A,)
         for j, r in enumerate(rows):
             if done[r] is None:
                 out[r].append(int(nxt[j]))
