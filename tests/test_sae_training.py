@@ -375,3 +375,18 @@ def test_train_sae_cli_bad_corpus(tiny_model_dir, tmp_path, capsys):
             "--corpus", str(bad), "--device", "cpu"]
     assert main(argv) == 2
     assert "bad.jsonl:2" in capsys.readouterr().err
+
+
+def test_train_sae_cli_without_corpus_says_how_to_get_one(tiny_model_dir, tmp_path, capsys,
+                                                          monkeypatch):
+    from latentaudit.cli import main
+
+    monkeypatch.setenv("LATENTAUDIT_CACHE", str(tmp_path / "empty-cache"))
+    argv = ["train-sae", "--model", str(tiny_model_dir), "--layer", "0", "--d-sae", "16",
+            "--k", "2", "--tokens", "256", "--batch-size", "64", "--out", str(tmp_path / "o"),
+            "--device", "cpu"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "latentaudit data fetch" in err and "Traceback" not in err
+    assert main([*argv, "--store-dtype", "int3"]) == 2
+    assert "store_dtype 'int3'" in capsys.readouterr().err

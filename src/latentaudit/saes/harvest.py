@@ -96,7 +96,12 @@ class HarvestConfig:
         if self.window_tokens < self.shard_tokens:
             raise LatentAuditError(
                 f"window_tokens={self.window_tokens} must be >= shard_tokens={self.shard_tokens}.")
-        parse_dtype(self.store_dtype)
+        try:
+            parse_dtype(self.store_dtype)
+        except LatentAuditError:
+            raise LatentAuditError(
+                f"store_dtype '{self.store_dtype}' is not a dtype: use bfloat16 or float32."
+            ) from None
 
 
 # -- text -> token sequences ----------------------------------------------------------------
