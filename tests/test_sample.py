@@ -303,23 +303,29 @@ def test_stop_strings_cut_the_unstopped_completion(loaded, reference, tmp_path):
 
 # ---- prompts files and the command line ------------------------------------------------------
 
-def test_read_prompts_files(tmp_path):
+def test_read_prompts_files_and_suites(tmp_path):
     txt = tmp_path / "p.txt"
+    txt.write_text("first prompt\n\nsecond prompt\nfirst prompt\n", encoding="utf-8")
+    with pytest.raises(LatentAuditError, match=r"p.txt:4: prompt_id 'first prompt' repeats .*:1"):
+        S.read_prompts(txt)
     txt.write_text("first prompt\n\nsecond prompt\n", encoding="utf-8")
     assert [(p.prompt_id, p.prompt) for p in S.read_prompts(txt)] == [
         ("first prompt", "first prompt"), ("second prompt", "second prompt")]
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"prompt": "ok"}\n{"prompt": 3}\n', encoding="utf-8")
-    with pytest.raises(LatentAuditError, match=r"bad.jsonl:2: field 'prompt'"):
-        S.read_prompts(bad)
-    bad.write_text('{"prompt": "ok"}\n{oops\n', encoding="utf-8")
-    with pytest.raises(LatentAuditError, match=r"bad.jsonl:2: not valid JSON"):
-        S.read_prompts(bad)
-    bad.write_text('{"prompt_id": "a", "prompt": "x"}\n{"prompt_id": "a", "prompt": "y"}\n')
-    with pytest.raises(LatentAuditError, match=r"bad.jsonl:2: prompt_id 'a' repeats .*:1"):
-        S.read_prompts(bad)
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text(json.dumps(PROMPTS[0]) + "\n{oops\n", encoding="utf-8")
+    with pytest.raises(LatentAuditError, match=r"p.jsonl:2: not valid JSON"):
+        S.read_prompts(jsonl)
+    jsonl.write_text(json.dumps(PROMPTS[0]) + "\n", encoding="utf-8")
+    (p,) = S.read_prompts(jsonl)
+    assert (p.prompt_id, p.prompt, p.meta) == ("p0", PROMPTS[0]["prompt"], {"fact": "It is round."})
     with pytest.raises(LatentAuditError, match="no-such-file"):
         S.read_prompts(tmp_path / "no-such-file.jsonl")
+    suite = S.read_prompts("false-belief")
+    assert len(suite) > 5 and all(isinstance(p.meta.get("fact"), str) for p in suite)
+    listed = S.read_prompts(["a", {"prompt_id": "b", "prompt": "x", "topic": "t"}])
+    assert [(p.prompt_id, p.meta) for p in listed] == [("a", {}), ("b", {"topic": "t"})]
+    with pytest.raises(LatentAuditError, match=r"prompt #1: field 'prompt'"):
+        S.read_prompts(["a", {"prompt": 3}])
 
 
 def test_cli_sample(tiny_model_dir, tmp_path, capsys):

@@ -151,35 +151,19 @@ def _parse_prompt(row: Any, where: str) -> Prompt:
                   prompt=prompt, system=system, meta={**meta, **extra})
 
 
-def _read_prompt_file(path: Path) -> list[tuple[Any, str]]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            if path.suffix == ".txt":
-                rows.append((line.rstrip("\r\n"), f"{path}:{n}"))
-                continue
-            try:
-                rows.append((json.loads(line), f"{path}:{n}"))
-            except json.JSONDecodeError as err:
-                raise LatentAuditError(f"{path}:{n}: not valid JSON ({err.msg}); prompts files "
-                                       "are JSONL, or .txt with one prompt per line.") from None
-    return rows
-
-
 def read_prompts(source: str | os.PathLike | list) -> list[Prompt]:
-    """Prompts from a JSONL / .txt file, a built-in suite name, or a list of rows / strings."""
+    """Prompts from a list of rows / strings, a .txt file (one prompt per line, the text is its
+    id) or, through :func:`latentaudit.suites.load_prompts`, a JSONL file or built-in suite."""
     if isinstance(source, (list, tuple)):
         rows = [(row, f"prompt #{i}") for i, row in enumerate(source)]
-    elif Path(source).is_file():
-        rows = _read_prompt_file(Path(source))
+    elif Path(source).suffix == ".txt" and Path(source).is_file():
+        with open(source, encoding="utf-8") as f:
+            rows = [(line.rstrip("\r\n"), f"{source}:{n}")
+                    for n, line in enumerate(f, start=1) if line.strip()]
     else:
-        try:
-            from latentaudit.suites import load_prompts
-        except ImportError:
-            raise LatentAuditError(f"--prompts {source}: no such file.") from None
-        rows = [(row, f"suite {source} #{i}") for i, row in enumerate(load_prompts(str(source)))]
+        from latentaudit.suites import load_prompts
+
+        rows = [(row, f"{source} #{i}") for i, row in enumerate(load_prompts(source))]
     prompts, seen = [], {}
     for row, where in rows:
         p = _parse_prompt(row, where)
