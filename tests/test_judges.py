@@ -17,7 +17,15 @@ import torch
 
 from latentaudit.cli import main
 from latentaudit.errors import LatentAuditError
-from latentaudit.judges import JudgeCache, JudgeItem, Verdict, grade_all, load_rubric, make_judge
+from latentaudit.judges import (
+    Judge,
+    JudgeCache,
+    JudgeItem,
+    Verdict,
+    grade_all,
+    load_rubric,
+    make_judge,
+)
 from latentaudit.judges.human import HumanJudge, export_for_labelling, read_labels
 from latentaudit.judges.openai import OpenAIJudge, retry_after
 from latentaudit.judges.rubrics import Answer, copy_rubric, list_rubrics
@@ -223,6 +231,7 @@ def test_grade_all_caches_dedupes_and_retries_failures(tmp_path):
     rub = load_rubric("evil")
     items = [JudgeItem("q", "a"), JudgeItem("q", "b"), JudgeItem("q", "a"), JudgeItem("q", "c")]
     judge = ScriptedJudge(rub, [_v(1), Verdict(error="boom"), _v(5)])
+    assert isinstance(judge, Judge) and isinstance(make_judge("rules", rub), Judge)
     cache = JudgeCache(tmp_path / "cache.jsonl")
     run = grade_all(judge, items, cache, chunk=2)
     assert judge.calls == [["a", "b"], ["c"]]  # "a" twice in the input, graded once
@@ -679,3 +688,29 @@ def test_cli_judge_rules_export_list_copy(tmp_path, capsys):
     assert main(["judge", "--completions", str(nofact), "--rubric", "false-belief",
                  "--out", str(out)]) == 2
     assert "have no meta.fact (lines 1)" in capsys.readouterr().err
+
+
+def test_cli_local_judge_on_a_tiny_model_folder(tmp_path, tiny_model_dir, short_fb, capsys):
+    comp = _completions(tmp_path / "c.jsonl", [
+        {"prompt_id": "p", "prompt": [{"role": "system", "content": "Be brief."},
+                                      {"role": "user", "content": "Bats are blind?"}],
+         "completion": "Yes.", "meta": {"fact": "Bats see."}}])
+    out = tmp_path / "judged.jsonl"
+    argv = ["judge", "--completions", str(comp), "--rubric", str(short_fb.source),
+            "--judge", f"local:{tiny_model_dir}", "--device", "cpu", "--out", str(out)]
+    main(argv)  # a random model may leave a question without enough probability: exit 0 or 1
+    row = json.loads(out.read_text())
+    assert row["judge"] == f"local:{tiny_model_dir}" and row["rubric_source"] == str(
+        short_fb.source)
+    assert row["answers"] or row["error"]
+    assert "1 graded now" in capsys.readouterr().out
+
+
+def test_prompt_text_shows_the_user_turns():
+    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi?"}]
+    assert JudgeItem(msgs, "x").prompt_text == "Hi?"
+    msgs += [{"role": "assistant", "content": "Yes."}, {"role": "user", "content": "Sure?"}]
+    assert JudgeItem(msgs, "x").prompt_text == "User: Hi?\n\nAssistant: Yes.\n\nUser: Sure?"
+    rub = load_rubric("false-belief")
+    text = rub.render(rub.question("validation"), "Q {answer}?", "A", "F")
+    assert "Q {answer}?" in text and "[FACT START]\nF\n" in text  # placeholders filled once

@@ -163,8 +163,13 @@ class JudgeRun:
 
 
 def grade_all(judge: Judge, items: Sequence[JudgeItem], cache: JudgeCache | None = None,
-              chunk: int = 32) -> JudgeRun:
-    """Grade ``items`` with ``judge``, reading and filling ``cache``; never raises per item."""
+              chunk: int | None = None) -> JudgeRun:
+    """Grade ``items`` with ``judge``, reading and filling ``cache``; never raises per item.
+
+    ``chunk`` (default: the judge's ``chunk_size`` attribute, else 32) items go to the judge at
+    a time: the cache and the progress bar advance after each chunk.
+    """
+    chunk = chunk or getattr(judge, "chunk_size", 32)
     keys = [cache_key(judge, it) for it in items]
     verdicts: list[Verdict | None] = [None] * len(items)
     todo: dict[str, list[int]] = {}

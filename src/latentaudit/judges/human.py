@@ -23,7 +23,7 @@ from typing import Any
 from latentaudit._io import atomic_open
 from latentaudit.errors import LatentAuditError
 from latentaudit.judges.base import JudgeItem, Verdict
-from latentaudit.judges.rubrics import OUTCOMES, Rubric
+from latentaudit.judges.rubrics import OUTCOMES, Answer, Question, Rubric
 
 BASE_COLUMNS = ["key", "prompt_id", "sample_index", "prompt", "completion", "fact"]
 
@@ -122,14 +122,13 @@ def _row_verdict(row: dict, rubric: Rubric, where: str) -> tuple[Verdict | None,
         value = row.get(q.name)
         if _blank(value):
             continue
-        answer = q.parse_text(str(value)) if not isinstance(value, bool) else None
-        allowed = ([f"a number in {q.scale[0]}..{q.scale[1]}"] if q.scale else []) + list(q.labels)
-        if answer is None or str(value).strip().upper() not in (
-                *q.labels, *([_num(value)] if q.scale else [])):
+        answer = None if isinstance(value, bool) else _exact(q, str(value).strip())
+        if answer is None:
+            allowed = ([f"a number in {q.scale[0]}..{q.scale[1]}"] if q.scale else []) \
+                + list(q.labels)
             errs.append(f"{where}: column '{q.name}' is {value!r}; it must be "
                         f"{' or '.join(allowed)}")
             continue
-        answer.raw = "human"
         answers[q.name] = answer
     label = row.get("label")
     outcome = None
@@ -143,14 +142,19 @@ def _row_verdict(row: dict, rubric: Rubric, where: str) -> tuple[Verdict | None,
     return Verdict(answers=answers, outcome=outcome), []
 
 
-def _num(value: Any) -> str:
-    """The value's text when it is a plain number (so '85' and 85 pass, '85 points' fails)."""
-    text = str(value).strip()
+def _exact(q: Question, text: str) -> Answer | None:
+    """A label of the question (any case) or a plain number in its scale; else None."""
+    if text.upper() in q.labels:
+        label = text.upper()
+        score = (1.0 if label == q.score_label else 0.0) if q.score_label else None
+        return Answer(score=score, label=label, raw="human")
     try:
-        float(text)
+        value = float(text)
     except ValueError:
-        return ""
-    return text.upper()
+        return None
+    if q.scale and q.scale[0] <= value <= q.scale[1]:
+        return Answer(score=value, raw="human")
+    return None
 
 
 class HumanJudge:

@@ -6,8 +6,8 @@ For each completion and rubric question:
    followed by ``\\nAnswer:`` when it has none; candidates then start with a space).
 2. The candidate answers are the question's numbers and labels, each tokenized on its own into
    a token sequence c = (c_1..c_k). Multi-token candidates are scored exactly by walking the
-   trie of candidate prefixes: one batched forward pass gives the next-token distribution
-   after every prefix, and
+   trie of candidate prefixes: the prompt runs once, its KV cache is reused to get the
+   next-token distribution after every prefix (batched by prefix length), and
 
        p(c) = Π_j p(c_j | prompt, c_<j) · (1 − Σ_{t ∈ ext(c)} p(t | prompt, c))
 
@@ -17,12 +17,13 @@ For each completion and rubric question:
 3. The rubric's distribution rule turns p into an answer (probability-weighted score when the
    numeric mass reaches ``min_mass``, else the most likely label; see ``rubrics``).
 
-Batches are left-padded with position ids from the attention mask, so padding does not change
-a row's probabilities.
+Cost per completion and question: one forward pass of the prompt plus a few tokens per prefix
+(about 12 prefixes for a 0-100 scale with a digit-by-digit tokenizer).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Sequence
@@ -40,6 +41,8 @@ log = logging.getLogger(__name__)
 
 class LocalJudge:
     """Grades by a rubric with a local causal LM's next-token probabilities."""
+
+    chunk_size = 1  # items are graded one by one anyway; keep the cache and progress current
 
     def __init__(self, model: LoadedModel | str, rubric: Rubric, *, device: str = "auto",
                  dtype: str = "float32", batch_size: int = 16):
@@ -84,12 +87,7 @@ class LocalJudge:
         prompt = self.prompt_ids(text)
         cands = self._cands[q.name]
         prefixes = sorted({tuple(ids[:k]) for ids in cands.values() for k in range(len(ids))})
-        logp = {}
-        for start in range(0, len(prefixes), self.batch_size):
-            part = prefixes[start:start + self.batch_size]
-            out = next_token_logprobs(self.lm.model, [prompt + list(p) for p in part],
-                                      self._pad_id())  # (B, V)
-            logp.update(zip(part, out.float().cpu(), strict=True))
+        logp = prefix_logprobs(self.lm.model, prompt, prefixes, self.batch_size)
         ext: dict[tuple, set[int]] = {}
         for ids in cands.values():
             for k in range(len(ids)):
@@ -102,10 +100,6 @@ class LocalJudge:
             probs[cand] = math.exp(lp) * max(stop, 0.0)
         return probs
 
-    def _pad_id(self) -> int:
-        tok = self.lm.tokenizer
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        return int(pad or 0)
 
 
 def _ids(encoded) -> list[int]:
@@ -117,17 +111,33 @@ def _ids(encoded) -> list[int]:
 
 
 @torch.no_grad()
-def next_token_logprobs(model: torch.nn.Module, seqs: list[list[int]],
-                        pad_id: int) -> Float[Tensor, "batch vocab"]:
-    """log p(next token | sequence) for each sequence, batched with left padding."""
+def prefix_logprobs(model: torch.nn.Module, prompt: list[int], prefixes: list[tuple[int, ...]],
+                    batch_size: int = 16) -> dict[tuple[int, ...], Float[Tensor, " vocab"]]:
+    """log p(next token | prompt + prefix) for every prefix; the prompt is run once.
+
+    The prompt's KV cache is copied and repeated for each batch of equal-length prefixes, so
+    the cost is one prompt forward plus a few tokens per prefix.
+    """
     device = next(model.parameters()).device
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # (B, T)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)  # (B, T)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s)
-        mask[i, width - len(s):] = 1
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
-    out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                position_ids=pos.to(device), use_cache=False)
-    return torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (B, V)
+    ids = torch.tensor([prompt], device=device)  # (1, P)
+    out = model(input_ids=ids, position_ids=torch.arange(len(prompt), device=device)[None],
+                use_cache=True)
+    result = {(): torch.log_softmax(out.logits[0, -1].float(), -1).cpu()}  # (V,)
+    by_len: dict[int, list[tuple[int, ...]]] = {}
+    for p in prefixes:
+        if p:
+            by_len.setdefault(len(p), []).append(p)
+    for n, group in by_len.items():
+        for start in range(0, len(group), batch_size):
+            part = group[start:start + batch_size]
+            cache = copy.deepcopy(out.past_key_values)
+            cache.batch_repeat_interleave(len(part))
+            pos = torch.arange(len(prompt), len(prompt) + n, device=device)  # (L,)
+            step = model(input_ids=torch.tensor(part, device=device),  # (B, L)
+                         attention_mask=torch.ones(len(part), len(prompt) + n, dtype=torch.long,
+                                                   device=device),
+                         position_ids=pos.expand(len(part), n), past_key_values=cache,
+                         use_cache=True)
+            logp = torch.log_softmax(step.logits[:, -1].float(), -1).cpu()  # (B, V)
+            result.update(zip(part, logp, strict=True))
+    return result

@@ -32,6 +32,8 @@ from latentaudit.judges.rubrics import Answer, Question, Rubric
 class RuleJudge:
     """Grades by regular expressions and keywords."""
 
+    chunk_size = 1024
+
     def __init__(self, rubric: Rubric, rules_path: str | Path | None = None):
         path = Path(rules_path) if rules_path else rubric.rule_judge
         if path is None:
