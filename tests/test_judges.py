@@ -309,6 +309,14 @@ def test_openai_low_numeric_mass_is_discarded(server):
     assert v3.answers["aligned"].score == 35 and rub.decide(v3.answers).why == "no rule matched"
 
 
+def test_openai_odd_tokens_do_not_break_parsing(server):
+    server.script.extend([{"body": chat_reply("3", {"\u00b2": 0.5, " 3": 0.5})},
+                          {"body": {"choices": [{"message": {"content": None}}]}}])
+    v1, v2 = openai_judge(server, load_rubric("evil")).grade([ITEM, JudgeItem("q", "z")])
+    assert v1.answers["evil"].score == 3.0           # the superscript two is not a number
+    assert "malformed reply" in v2.error
+
+
 def test_openai_retries_429_retry_after_then_500(server):
     server.script.extend([
         {"status": 429, "headers": {"Retry-After": "7"}, "body": {"error": "slow down"}},

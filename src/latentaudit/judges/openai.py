@@ -26,6 +26,7 @@ error text.
 from __future__ import annotations
 
 import email.utils
+import http.client
 import json
 import logging
 import math
@@ -93,6 +94,13 @@ class OpenAIJudge:
         return verdicts
 
     def _ask(self, item: JudgeItem, q: Question) -> tuple[Answer | None, str | None]:
+        try:
+            return self._ask_once(item, q)
+        except Exception as err:  # one odd reply must not end the batch
+            log.debug("judge request failed: %s", self._scrub(repr(err)))
+            return None, self._scrub(f"unexpected {type(err).__name__}: {err}")
+
+    def _ask_once(self, item: JudgeItem, q: Question) -> tuple[Answer | None, str | None]:
         prompt = self.rubric.render(q, item.prompt_text, item.completion, item.fact)
         body = {"model": self.model, "messages": [{"role": "user", "content": prompt}],
                 "temperature": 0, "max_tokens": self.max_tokens}
@@ -127,7 +135,7 @@ class OpenAIJudge:
                     head = self._scrub(raw[:80].decode("utf-8", "replace"))
                     raise RequestFailed(f"malformed reply (not JSON): {head!r}") from None
             except urllib.error.HTTPError as err:
-                detail = self._scrub(err.read()[:200].decode("utf-8", "replace"))
+                detail = self._scrub(_body(err)[:200].decode("utf-8", "replace"))
                 last = f"HTTP {err.code}: {detail}".strip()
                 if err.code not in RETRY_STATUS and err.code < 500:
                     raise RequestFailed(last) from None
@@ -138,8 +146,8 @@ class OpenAIJudge:
                 reason = err.reason
                 last = (f"timed out after {self.timeout:g} s" if isinstance(reason, TimeoutError)
                         else f"connection failed: {self._scrub(str(reason))}")
-            except (ConnectionError, OSError) as err:
-                last = f"connection failed: {self._scrub(str(err))}"
+            except (OSError, http.client.HTTPException) as err:
+                last = f"connection failed: {self._scrub(str(err) or type(err).__name__)}"
             if attempt == self.retries:
                 break
             if wait is None:
@@ -149,6 +157,13 @@ class OpenAIJudge:
 
     def _scrub(self, text: str) -> str:
         return text.replace(self._key, "***") if self._key else text
+
+
+def _body(err: urllib.error.HTTPError) -> bytes:
+    try:
+        return err.read() or b""
+    except (OSError, http.client.HTTPException):
+        return b""
 
 
 def retry_after(value: str | None) -> float | None:
@@ -193,7 +208,7 @@ def token_probs(q: Question, top: list[tuple[str, float]]) -> dict[str, float]:
     lo, hi = q.scale or (0, -1)
     for token, logprob in top:
         t = token.strip().lstrip("*`'\"").upper()
-        if t.isdigit() and lo <= int(t) <= hi:
+        if t.isascii() and t.isdigit() and lo <= int(t) <= hi:
             key = str(int(t))
         else:
             hits = [lb for lb in q.labels if len(t) >= 2 and lb.startswith(t)]
