@@ -230,7 +230,7 @@ def test_abar_sources():
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_delta_is_the_derivative_of_the_exact_ablation(arch):
     """(ℓ(+ε) − ℓ(−ε))/2ε → δ as ε → 0, where ℓ(ε) removes ε × the latent's projection:
-    relative error < 1e-3 at ε = 1e-3 in float64 (Llama's RMSNorm computes in float32, which
+    error < 1e-3 relative + 5e-6 at ε = 1e-3 in float64 (Llama's RMSNorm computes in float32, which
     sets the noise floor)."""
     lm = loaded(arch)
     sae = random_sae(32, 12, layer=0).double()
@@ -242,7 +242,7 @@ def test_delta_is_the_derivative_of_the_exact_ablation(arch):
     for i in range(12):
         exact = (ablated_loss(lm, comp, 0, dirs[i], a_bar, eps)
                  - ablated_loss(lm, comp, 0, dirs[i], a_bar, -eps)) / (2 * eps)
-        assert abs(exact - delta[i].item()) <= 1e-3 * abs(delta[i].item()) + 1e-6, i
+        assert abs(exact - delta[i].item()) <= 1e-3 * abs(delta[i].item()) + 5e-6, i
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

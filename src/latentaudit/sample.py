@@ -53,7 +53,7 @@ from torch import Tensor
 from latentaudit._io import write_json
 from latentaudit._progress import progress
 from latentaudit.data.behaviour import default_prompt_id
-from latentaudit.data.tokens import prompt_ids as template_ids
+from latentaudit.data.tokens import prompt_ids
 from latentaudit.errors import LatentAuditError
 from latentaudit.models.load import LoadedModel
 
@@ -179,13 +179,7 @@ def read_prompts(source: str | os.PathLike | list) -> list[Prompt]:
 
 def encode_prompt(tokenizer, prompt: str | list[dict[str, str]], system: str | None) -> list[int]:
     """Prompt token ids: chat template when the tokenizer has one (a string = one user turn)."""
-    has_template = bool(getattr(tokenizer, "chat_template", None))
-    if isinstance(prompt, str) and not has_template:
-        return template_ids(tokenizer, f"{system}\n\n{prompt}" if system else prompt)
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    if messages[0]["role"] == "system":
-        system = None  # the conversation's own system message wins
-    return template_ids(tokenizer, messages, system)
+    return prompt_ids(tokenizer, prompt, system)
 
 
 def sample_seed(seed: int, prompt_id: str, sample_index: int) -> int:

@@ -50,7 +50,7 @@ def encode_completions(tokenizer, data: list[Completion], max_len: int | None
     """(prompt ids, completion ids) of each completion, with a clear error for overlong ones."""
     out = []
     for c in data:
-        p = c.prompt_token_ids or prompt_ids(tokenizer, c.prompt)
+        p = c.prompt_token_ids or prompt_ids(tokenizer, c.prompt, c.system)
         q = c.completion_token_ids or completion_ids(tokenizer, c.completion)
         if not q:
             raise LatentAuditError(f"{c.where}: the completion has no tokens.")

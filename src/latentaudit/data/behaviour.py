@@ -9,7 +9,8 @@ Schema (JSONL, one completion per line)::
      "score": 0.93,               # optional number (e.g. the judge's score)
      "meta": {...},               # optional object, carried along untouched
      "prompt_token_ids": [...],   # optional: the exact prompt tokens (else the prompt is tokenized,
-     "completion_token_ids": [...]}  #  messages through the chat template); likewise the completion
+     "completion_token_ids": [...],  #  messages through the chat template); likewise the completion
+     "system": "..."}             # optional system prompt used when the prompt is rendered
 
 Pairing happens within a prompt: every positive×negative pair (``all``), or one-to-one matched pairs
 in file order (``matched``: min(#pos, #neg) pairs). A prompt with only one side is reported and
@@ -32,7 +33,8 @@ log = logging.getLogger(__name__)
 LABELS = ("positive", "negative")
 PAIRINGS = ("all", "matched")
 KNOWN_FIELDS = {"prompt", "completion", "label", "prompt_id", "score", "meta",
-                "prompt_token_ids", "completion_token_ids"}
+                "prompt_token_ids", "completion_token_ids", "sample_index", "finish_reason",
+                "system"}
 
 
 @dataclass
@@ -47,6 +49,7 @@ class Completion:
     meta: dict[str, Any] = field(default_factory=dict)
     prompt_token_ids: list[int] | None = None
     completion_token_ids: list[int] | None = None
+    system: str | None = None
     line: int = 0
     """1-based line in the source file (0 when built in code)."""
     source: str = ""
@@ -127,6 +130,8 @@ def parse_row(row: Any, where: str) -> tuple[Completion | None, list[str]]:
         if ids is not None and not (isinstance(ids, list) and ids
                                     and all(isinstance(t, int) and t >= 0 for t in ids)):
             errs.append(f"{where}: field '{key}' must be a non-empty list of token ids")
+    if row.get("system") is not None and not isinstance(row["system"], str):
+        errs.append(f"{where}: field 'system' must be a string")
     if row.get("completion_token_ids") is None and row.get("completion") == "":
         errs.append(f"{where}: field 'completion' is empty: there is nothing to attribute")
     unknown = sorted(set(row) - KNOWN_FIELDS)
@@ -139,7 +144,8 @@ def parse_row(row: Any, where: str) -> tuple[Completion | None, list[str]]:
                       prompt_id=str(pid) if pid is not None else default_prompt_id(prompt),
                       score=None if score is None else float(score), meta=row.get("meta", {}),
                       prompt_token_ids=row.get("prompt_token_ids"),
-                      completion_token_ids=row.get("completion_token_ids")), []
+                      completion_token_ids=row.get("completion_token_ids"),
+                      system=row.get("system")), []
 
 
 def load_behaviour(path: str | Path) -> list[Completion]:

@@ -1,9 +1,10 @@
 """Turn completions into token ids and left-padded batches.
 
-A prompt that is a string is tokenized as raw text (with the tokenizer's special tokens, e.g. BOS);
-a list of chat messages goes through the tokenizer's chat template with the generation prompt
-appended. A completion is tokenized without special tokens. Exact ids given in the dataset
-(``prompt_token_ids`` / ``completion_token_ids``, as written by ``latentaudit sample``) win.
+When the tokenizer has a chat template, a string prompt is one user turn and a list of chat
+messages is rendered as it is, both with the generation prompt appended (as ``latentaudit sample``
+prompts the model); without a template a string prompt is raw text. A completion is tokenized
+without special tokens. Exact ids given in the dataset (``prompt_token_ids`` /
+``completion_token_ids``, as written by ``latentaudit sample``) win.
 
 Batches are left-padded so every row's completion ends at the last position; position ids are
 computed from the attention mask, so a padded row gives the same result as the row alone.
@@ -28,16 +29,25 @@ def _as_ids(encoded) -> list[int]:
     return [int(t) for t in encoded]
 
 
-def prompt_ids(tokenizer, prompt: str | list[dict[str, str]], system: str | None = None
-               ) -> list[int]:
-    """Token ids of a prompt: raw text, or chat messages through the chat template."""
-    if isinstance(prompt, str):
-        return _as_ids(tokenizer(prompt, add_special_tokens=True))
-    messages = ([{"role": "system", "content": system}] if system else []) + list(prompt)
-    if not getattr(tokenizer, "chat_template", None):
+def prompt_ids(tokenizer, prompt: str | list[dict[str, str]], system: str | None = None,
+               chat: bool = True) -> list[int]:
+    """Token ids of a prompt, as the model saw it when sampling.
+
+    With a chat template (and ``chat``), a string is one user turn and chat messages are rendered
+    with the generation prompt; ``system`` is prepended unless the messages start with their own.
+    Without one, a string is raw text (``system`` and a blank line before it).
+    """
+    has_template = chat and bool(getattr(tokenizer, "chat_template", None))
+    if isinstance(prompt, str) and not has_template:
+        text = f"{system}\n\n{prompt}" if system else prompt
+        return _as_ids(tokenizer(text, add_special_tokens=True))
+    if not has_template:
         raise LatentAuditError(
             "The prompt is a list of chat messages but the model's tokenizer has no chat "
             "template: give the prompt as a plain string instead.")
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if system and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system}, *messages]
     return _as_ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                                  tokenize=True))
 
