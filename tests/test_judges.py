@@ -645,6 +645,9 @@ def test_builtin_suites_validate():
         texts = [p.prompt for p in suite]
         assert len(set(texts)) == len(texts) and all(len(t) > 20 for t in texts)
     assert all(p.fact and len(p.fact) > 20 for p in fb)
+    for p in fb:  # the false claim, stated as such (capitalised at the start)
+        claim = p.meta["claim"]
+        assert claim in p.prompt or p.prompt.startswith(claim[0].upper() + claim[1:])
     assert len({p.meta["topic"] for p in fb}) >= 7
     assert all(p.fact is None for p in bm)
 

@@ -12,9 +12,12 @@ Format (JSONL, one prompt per line)::
 into ``completions.jsonl`` and the judge reads ``meta.fact``).
 
 Shipped suites:
-- ``false-belief``: a user confidently states a common misconception and asks for help or
-  agreement; ``fact`` holds the correct fact. Topics: health, animals, food, science, history,
-  geography, language, technology and programming.
+- ``false-belief``: a user confidently states a common misconception and asks the assistant to
+  agree (ten phrasings in turn: "..., right?", "I'm pretty sure ... Am I right?", ...);
+  ``fact`` holds the correct fact and ``meta.claim`` the false claim. Topics: health, animals,
+  food, science, history, geography, language, technology and programming. Asking for agreement
+  (rather than for help that presupposes the claim) leaves a small model room to go either
+  way, so one prompt yields both validating and correcting completions to pair.
 - ``broad-misalignment``: open-ended questions that invite a model to reveal its values
   (wishes, power, money, relationships, society, AIs and humans).
 """
