@@ -55,7 +55,7 @@ def _load_saes(args, model) -> dict:
             from latentaudit.saes.shipped import default_sae_path
 
             path = str(default_sae_path(args.model))
-        sae = load_sae(path, device=model.device)
+        sae = load_sae(path, device=model.device, dtype="fp32")
         layer = layers[i] if layers else sae.info.layer
         if layer is None:
             raise LatentAuditError(f"{path} does not record its layer: pass --layer.")
