@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -72,3 +72,46 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def read_jsonl(path: str | os.PathLike, parse: Callable[[Any, str], tuple[Any, list[str]]],
+               what: str = "rows", unique: tuple[str, Callable[[Any], Any]] | None = None
+               ) -> list[tuple[int, Any]]:
+    """Parse every line of a JSONL file with ``parse(obj, "file:line")`` -> (item | None, problems).
+
+    Every problem of the whole file (bad JSON included) is collected and raised as one
+    :class:`~latentaudit.errors.LatentAuditError` listing ``file:line: ...``; returns
+    (1-based line, item) for each parsed line. Blank lines are skipped. ``unique`` = (field name,
+    key function) reports items whose key repeats an earlier line's.
+    """
+    from latentaudit.errors import LatentAuditError
+
+    items, errs, seen = [], [], {}
+    with open(path, encoding="utf-8") as f:
+        for n, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as err:
+                errs.append(f"{where}: not valid JSON ({err.msg} at column {err.colno})")
+                continue
+            item, problems = parse(obj, where)
+            errs.extend(problems)
+            if item is None or problems:
+                continue
+            if unique:
+                key = unique[1](item)
+                if key in seen:
+                    errs.append(f"{where}: {unique[0]} {key!r} repeats line {seen[key]}")
+                    continue
+                seen[key] = n
+            items.append((n, item))
+    if errs:
+        shown = errs[:20] + ([f"... and {len(errs) - 20} more"] if len(errs) > 20 else [])
+        raise LatentAuditError(f"{path} has {len(errs)} problem(s); fix them and rerun:\n  "
+                               + "\n  ".join(shown))
+    if not items:
+        raise LatentAuditError(f"{path}: the file holds no {what}.")
+    return items

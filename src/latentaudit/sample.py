@@ -42,7 +42,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -56,6 +56,7 @@ from latentaudit.data.behaviour import default_prompt_id
 from latentaudit.data.tokens import prompt_ids
 from latentaudit.errors import LatentAuditError
 from latentaudit.models.load import LoadedModel
+from latentaudit.suites import SuitePrompt as Prompt
 
 log = logging.getLogger(__name__)
 
@@ -101,16 +102,6 @@ class SampleConfig:
             raise LatentAuditError(f"--top-p must be in (0, 1], got {self.top_p}.")
         if not all(isinstance(s, str) and s for s in self.stop):
             raise LatentAuditError(f"--stop strings must be non-empty, got {list(self.stop)!r}.")
-
-
-@dataclass
-class Prompt:
-    """One prompt to sample from."""
-
-    prompt_id: str
-    prompt: str | list[dict[str, str]]
-    system: str | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
 
 
 class Generation(NamedTuple):

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from latentaudit._io import read_jsonl
 from latentaudit.errors import LatentAuditError
 
 log = logging.getLogger(__name__)
@@ -153,28 +154,10 @@ def load_behaviour(path: str | Path) -> list[Completion]:
     path = Path(path)
     if not path.is_file():
         raise LatentAuditError(f"{path}: no such file (expected a behaviour dataset in JSONL).")
-    rows, errs = [], []
-    with open(path, encoding="utf-8") as f:
-        for n, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as err:
-                errs.append(f"{where}: not valid JSON ({err.msg} at column {err.colno})")
-                continue
-            comp, problems = parse_row(row, where)
-            errs.extend(problems)
-            if comp is not None:
-                comp.line, comp.source = n, str(path)
-                rows.append(comp)
-    if errs:
-        shown = errs[:20] + ([f"... and {len(errs) - 20} more"] if len(errs) > 20 else [])
-        raise LatentAuditError(f"{path} has {len(errs)} problem(s); fix them and rerun:\n  "
-                               + "\n  ".join(shown))
-    if not rows:
-        raise LatentAuditError(f"{path}: the file holds no completions.")
+    rows = []
+    for n, comp in read_jsonl(path, parse_row, "completions"):
+        comp.line, comp.source = n, str(path)
+        rows.append(comp)
     return rows
 
 

@@ -13,12 +13,11 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from latentaudit._io import write_jsonl
+from latentaudit._io import read_jsonl, write_jsonl
 from latentaudit.errors import LatentAuditError
 from latentaudit.judges.base import Judge, JudgeCache, JudgeItem, JudgeRun, grade_all
 from latentaudit.judges.rubrics import Rubric, shipped_dir
@@ -32,28 +31,8 @@ def read_completions(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise LatentAuditError(f"--completions {path}: no such file.")
-    rows, errs = [], []
-    with open(path, encoding="utf-8") as f:
-        for n, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as err:
-                errs.append(f"{where}: not valid JSON ({err.msg} at column {err.colno})")
-                continue
-            problems = _check_row(row, where)
-            errs.extend(problems)
-            if not problems:
-                rows.append({**row, "_line": n})
-    if errs:
-        shown = errs[:20] + ([f"... and {len(errs) - 20} more"] if len(errs) > 20 else [])
-        raise LatentAuditError(f"{path} has {len(errs)} problem(s); fix them and rerun:\n  "
-                               + "\n  ".join(shown))
-    if not rows:
-        raise LatentAuditError(f"{path}: the file holds no completions.")
-    return rows
+    return [{**row, "_line": n} for n, row in read_jsonl(
+        path, lambda row, where: (row, _check_row(row, where)), "completions")]
 
 
 def _check_row(row: Any, where: str) -> list[str]:

@@ -24,12 +24,12 @@ Shipped suites:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from latentaudit._io import read_jsonl
 from latentaudit.errors import LatentAuditError
 
 FIELDS = ("prompt_id", "prompt", "system", "meta")
@@ -68,32 +68,8 @@ def load_prompts(name_or_path: str | Path) -> list[SuitePrompt]:
             raise LatentAuditError(
                 f"{name_or_path}: no such prompts file and no built-in suite of that name; "
                 f"built-in suites are {', '.join(list_suites())}.")
-    prompts, errs, seen = [], [], {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                errs.append(f"{where}: not valid JSON ({err.msg} at column {err.colno})")
-                continue
-            p, problems = _parse(row, where)
-            errs.extend(problems)
-            if p is None:
-                continue
-            if p.prompt_id in seen:
-                errs.append(f"{where}: prompt_id {p.prompt_id!r} repeats line {seen[p.prompt_id]}")
-                continue
-            seen[p.prompt_id] = n
-            prompts.append(p)
-    if errs:
-        shown = errs[:20] + ([f"... and {len(errs) - 20} more"] if len(errs) > 20 else [])
-        raise LatentAuditError(f"{path} has {len(errs)} problem(s); fix them and rerun:\n  "
-                               + "\n  ".join(shown))
-    if not prompts:
-        raise LatentAuditError(f"{path}: the file holds no prompts.")
+    prompts = [p for _, p in read_jsonl(path, _parse, "prompts",
+                                        unique=("prompt_id", lambda p: p.prompt_id))]
     return prompts
 
 
