@@ -390,3 +390,14 @@ def test_train_sae_cli_without_corpus_says_how_to_get_one(tiny_model_dir, tmp_pa
     assert "latentaudit data fetch" in err and "Traceback" not in err
     assert main([*argv, "--store-dtype", "int3"]) == 2
     assert "store_dtype 'int3'" in capsys.readouterr().err
+
+
+def test_decoder_gradient_projection_records_no_graph():
+    """The projected gradient must be a plain tensor: a recorded graph grows every step."""
+    import latentaudit.saes.train as T
+
+    W = torch.nn.functional.normalize(torch.randn(8, 4), dim=1).requires_grad_(True)
+    (W * torch.randn(8, 4)).sum().backward()
+    T.project_decoder_grad(W)
+    assert W.grad.grad_fn is None and not W.grad.requires_grad
+    torch.testing.assert_close((W.grad * W).sum(1), torch.zeros(8), atol=1e-6, rtol=0)

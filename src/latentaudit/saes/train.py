@@ -180,8 +180,13 @@ def sparse_decode(W_dec: Float[Tensor, "d_sae d_model"], idx: Tensor, vals: Tens
     return F.embedding_bag(idx, W_dec, per_sample_weights=vals, mode="sum")
 
 
+@torch.no_grad()
 def project_decoder_grad(W_dec: Tensor) -> None:
-    """Remove from each decoder row's gradient its component along the (unit) row."""
+    """Remove from each decoder row's gradient its component along the (unit) row.
+
+    Under no_grad: W_dec requires grad, so this in-place update would otherwise record an
+    autograd graph on the gradient that grows with every step.
+    """
     if W_dec.grad is not None:
         W_dec.grad -= (W_dec.grad * W_dec).sum(1, keepdim=True) * W_dec
 
