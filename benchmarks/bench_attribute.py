@@ -67,6 +67,8 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=4)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--d-sae", type=int, nargs="+", default=[4096, 65536, 1048576])
+    ap.add_argument("--project-tokens", type=int, default=100_000,
+                    help="Dataset size for the projected whole-run throughput.")
     args = ap.parse_args()
 
     from transformers import AutoModelForCausalLM
@@ -133,6 +135,7 @@ def main() -> None:
     for b in batches:
         _, per = _forward_backward(model, b, [layer], True)
         cached.append((b, *per[layer]))
+    rows = []
     print(f"\n{'d_sae':>9} | full pipeline tokens/s: {'latentaudit':>11} {'naive':>9} "
           f"{'spliced':>9} | SAE side only (s): {'moments':>8} {'contract':>8} {'naive':>8} "
           f"| Δ-act pass tok/s")
@@ -202,9 +205,22 @@ def main() -> None:
         print(f"{d_sae:>9,} | {'':>22} {n_tok / full:>11,.0f} {n_tok / (t_bare + t_nai):>9,.0f} "
               f"{n_tok / t_spl:>9,.0f} | {'':>18} {t_mom:>8.3f} {t_con:>8.3f} {t_nai:>8.3f} "
               f"| {n_tok / t_act:,.0f}")
+        rows.append((d_sae, t_mom, t_con, t_nai, t_spl))
         del sae, dirs, M
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    N = args.project_tokens
+    per_tok_bare = t_bare / n_tok
+    print(f"\nprojected whole run over {N:,} tokens (per-token costs above, contraction once):")
+    print(f"{'d_sae':>9} | {'latentaudit':>11} {'ratio':>6} | {'naive':>9} {'ratio':>6} | "
+          f"{'spliced':>9} {'ratio':>6}   (tokens/s; ratio = throughput / bare fwd+bwd)")
+    for d_sae, t_mom, t_con, t_nai, t_spl in rows:
+        la = N * (per_tok_bare + t_mom / n_tok) + t_con
+        na = N * (per_tok_bare + t_nai / n_tok)
+        sp = N * t_spl / n_tok
+        bare = N * per_tok_bare
+        print(f"{d_sae:>9,} | {N / la:>11,.0f} {bare / la:>6.3f} | {N / na:>9,.0f} "
+              f"{bare / na:>6.3f} | {N / sp:>9,.0f} {bare / sp:>6.3f}")
     print("\nlatentaudit = bare fwd+bwd + per-batch moments (independent of d_sae) + one final "
           "contraction; naive = bare + per-token δ; spliced = SAE inside the forward, backward "
           "to the latents.")
