@@ -21,7 +21,8 @@ from torch import Tensor
 from latentaudit.errors import LatentAuditError
 
 
-def _as_ids(encoded) -> list[int]:
+def as_ids(encoded) -> list[int]:
+    """Plain token ids from whatever a tokenizer call returned (list, nested list, encoding)."""
     if isinstance(encoded, dict) or hasattr(encoded, "input_ids"):
         encoded = encoded["input_ids"]
     if encoded and isinstance(encoded[0], list):
@@ -40,7 +41,7 @@ def prompt_ids(tokenizer, prompt: str | list[dict[str, str]], system: str | None
     has_template = chat and bool(getattr(tokenizer, "chat_template", None))
     if isinstance(prompt, str) and not has_template:
         text = f"{system}\n\n{prompt}" if system else prompt
-        return _as_ids(tokenizer(text, add_special_tokens=True))
+        return as_ids(tokenizer(text, add_special_tokens=True))
     if not has_template:
         raise LatentAuditError(
             "The prompt is a list of chat messages but the model's tokenizer has no chat "
@@ -48,13 +49,13 @@ def prompt_ids(tokenizer, prompt: str | list[dict[str, str]], system: str | None
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     if system and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system}, *messages]
-    return _as_ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+    return as_ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                                  tokenize=True))
 
 
 def completion_ids(tokenizer, text: str) -> list[int]:
     """Token ids of completion text, without special tokens."""
-    return _as_ids(tokenizer(text, add_special_tokens=False))
+    return as_ids(tokenizer(text, add_special_tokens=False))
 
 
 @dataclass

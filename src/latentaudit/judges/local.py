@@ -32,6 +32,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from latentaudit.data.tokens import as_ids, prompt_ids
 from latentaudit.judges.base import JudgeItem, Verdict
 from latentaudit.judges.rubrics import Question, Rubric
 from latentaudit.models.load import LoadedModel
@@ -55,7 +56,7 @@ class LocalJudge:
         tok = model.tokenizer
         self._chat = bool(getattr(tok, "chat_template", None))
         prefix = "" if self._chat else " "
-        self._cands = {q.name: {c: _ids(tok(prefix + c, add_special_tokens=False))
+        self._cands = {q.name: {c: as_ids(tok(prefix + c, add_special_tokens=False))
                                 for c in q.candidates()} for q in rubric.questions}
 
     def grade(self, items: Sequence[JudgeItem]) -> list[Verdict]:
@@ -77,9 +78,8 @@ class LocalJudge:
     def prompt_ids(self, text: str) -> list[int]:
         tok = self.lm.tokenizer
         if self._chat:
-            return _ids(tok.apply_chat_template([{"role": "user", "content": text}],
-                                                add_generation_prompt=True, tokenize=True))
-        return _ids(tok(text + "\nAnswer:", add_special_tokens=True))
+            return prompt_ids(tok, text)
+        return as_ids(tok(text + "\nAnswer:", add_special_tokens=True))
 
     def candidate_probs(self, item: JudgeItem, q: Question) -> dict[str, float]:
         """p(candidate answer) for every candidate of ``q`` (see the module docstring)."""
@@ -100,14 +100,6 @@ class LocalJudge:
             probs[cand] = math.exp(lp) * max(stop, 0.0)
         return probs
 
-
-
-def _ids(encoded) -> list[int]:
-    if isinstance(encoded, dict) or hasattr(encoded, "input_ids"):
-        encoded = encoded["input_ids"]
-    if encoded and isinstance(encoded[0], list):
-        encoded = encoded[0]
-    return [int(t) for t in encoded]
 
 
 @torch.no_grad()
