@@ -13,8 +13,6 @@ ABAR_SOURCES = ("auto", "sae", "dataset", "zero")
 POSITIONS = ("all", "completion")
 
 
-# -- configuration and result ------------------------------------------------------------------
-
 @dataclass
 class AttributionConfig:
     """Options of the attribution stage."""
