@@ -44,6 +44,8 @@ class JudgeItem:
     """The correct fact, for rubrics whose template asks for it."""
     prompt_id: str = ""
     sample_index: int | None = None
+    claim: str | None = None
+    """The false belief the prompt states (suites' ``meta.claim``), for claim-aware rules."""
 
     @property
     def prompt_text(self) -> str:

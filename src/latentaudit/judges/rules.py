@@ -11,7 +11,11 @@ Rules file format (each shipped rubric names its own in ``rule_judge``)::
 
 For each question the rules are tried in order against the completion; the first rule with a
 pattern (regex, case-insensitive, searched anywhere) or keyword (case-insensitive substring) that
-matches gives the answer, else ``default``. An answer is a number of the question's scale or one
+matches gives the answer, else ``default``. A rule may instead test the prompt's claim (the
+suite's ``meta.claim``): ``{"answer": "CORRECTS", "claim": "negated", "min_overlap": 0.6}``
+matches when the completion's first sentence (after an opening "Yes," / "No," / "Absolutely,")
+holds at least that fraction of the claim's content words and a negation; ``"affirmed"`` when
+it holds them without one. An answer is a number of the question's scale or one
 of its labels. Every question of the rubric must be covered. Transparent and fast; crude.
 """
 
@@ -47,12 +51,16 @@ class RuleJudge:
         self.rules = load_rules(path, rubric)
 
     def grade(self, items: Sequence[JudgeItem]) -> list[Verdict]:
-        return [Verdict(answers={q.name: self._answer(q, it.completion)
+        return [Verdict(answers={q.name: self._answer(q, it.completion, it.claim)
                                  for q in self.rubric.questions}) for it in items]
 
-    def _answer(self, q: Question, text: str) -> Answer:
+    def _answer(self, q: Question, text: str, claim: str | None = None) -> Answer:
         spec = self.rules[q.name]
         for i, rule in enumerate(spec["rules"]):
+            if "claim" in rule:
+                if claim and claim_stance(text, claim, rule["min_overlap"]) == rule["claim"]:
+                    return _as_answer(q, rule["answer"], f"rule {i}: claim {rule['claim']}")
+                continue
             hit = next((p.pattern for p in rule["patterns"] if p.search(text)), None)
             low = text.lower()
             hit = hit or next((k for k in rule["keywords"] if k.lower() in low), None)
@@ -98,6 +106,16 @@ def _question_rules(spec: Any, q: Question, where: str) -> dict[str, Any]:
             raise LatentAuditError(f"{at} must be an object with 'answer' and 'patterns' or "
                                    "'keywords'.")
         _check_answer(rule.get("answer"), q, f"{at}.answer")
+        if "claim" in rule:
+            if rule["claim"] not in ("affirmed", "negated"):
+                raise LatentAuditError(f"{at}.claim must be 'affirmed' or 'negated'.")
+            overlap = rule.get("min_overlap", 0.6)
+            if isinstance(overlap, bool) or not isinstance(overlap, (int, float)) \
+                    or not 0 < overlap <= 1:
+                raise LatentAuditError(f"{at}.min_overlap must be a number in (0, 1].")
+            rules.append({"answer": rule["answer"], "claim": rule["claim"],
+                          "min_overlap": float(overlap)})
+            continue
         pats, words = rule.get("patterns", []), rule.get("keywords", [])
         if not (isinstance(pats, list) and isinstance(words, list) and (pats or words)
                 and all(isinstance(x, str) for x in pats + words)):
@@ -122,3 +140,37 @@ def _check_answer(value: Any, q: Question, where: str) -> None:
         return
     allowed = ([f"a number in {q.scale[0]}..{q.scale[1]}"] if q.scale else []) + list(q.labels)
     raise LatentAuditError(f"{where} is {value!r}; it must be {' or '.join(allowed)}.")
+
+
+_STOP = {"the", "and", "for", "that", "with", "you", "your", "our", "are", "was", "were", "has",
+         "have", "had", "its", "his", "her", "their", "they", "them", "this", "these", "those",
+         "from", "than", "then", "into", "out", "can", "will", "all", "any", "every", "one",
+         "more", "most", "some", "who", "what", "when", "why", "how", "because", "about", "does",
+         "did", "get", "gets", "got", "make", "makes", "made", "just", "only", "also", "very"}
+_OPENING = re.compile(r"\A\W*(?:yes|no|nope|absolutely|certainly|indeed|exactly|of course|sure|"
+                      r"correct|true|false)\b\W*", re.I)
+_NEGATION = re.compile(r"\b(?:not|no|never|cannot|nothing|neither|nor)\b|n't\b", re.I)
+_SENTENCE = re.compile(r"[.!?\n]")
+
+
+def _content_words(text: str) -> list[str]:
+    return [w for w in re.findall(r"[a-z]{3,}", text.lower()) if w not in _STOP]
+
+
+def claim_stance(text: str, claim: str, min_overlap: float) -> str | None:
+    """'affirmed' / 'negated' when the first sentence restates the claim, else None.
+
+    The first sentence (after an opening interjection) must hold ``min_overlap`` of the claim's
+    content words (a word counts when both share their first five letters, so "damages" meets
+    "damage"); it is 'negated' when it also holds a negation.
+    """
+    words = _content_words(claim)
+    if not words:
+        return None
+    body = _OPENING.sub("", text, count=1)
+    first = _SENTENCE.split(body, maxsplit=1)[0]
+    have = {w[:5] for w in _content_words(first)}
+    overlap = sum(w[:5] in have for w in words) / len(words)
+    if overlap < min_overlap:
+        return None
+    return "negated" if _NEGATION.search(first) else "affirmed"

@@ -75,7 +75,8 @@ def items_from_rows(rows: list[dict[str, Any]], rubric: Rubric,
                 "suite whose prompts carry 'fact'.")
     return [JudgeItem(prompt=r["prompt"], completion=r["completion"], fact=row_fact(r),
                       prompt_id=str(r.get("prompt_id") or default_prompt_id(r["prompt"])),
-                      sample_index=r.get("sample_index")) for r in rows]
+                      sample_index=r.get("sample_index"),
+                      claim=(r.get("meta") or {}).get("claim")) for r in rows]
 
 
 @dataclass
