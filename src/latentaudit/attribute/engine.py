@@ -91,9 +91,9 @@ def _latent_sums(sae, acts: Tensor, positive: Tensor) -> tuple[Tensor, Tensor]:
     neg = torch.zeros_like(pos)
     for s in range(0, acts.shape[0], chunk):
         f = sae.encode(acts[s:s + chunk].to(sae.W_enc.dtype)).double()  # (n, S)
-        side = positive[s:s + chunk]
-        pos += f[side].sum(0)
-        neg += f[~side].sum(0)
+        side = positive[s:s + chunk].double()  # (n,)
+        pos += side @ f
+        neg += (1 - side) @ f
     return pos, neg
 
 
@@ -194,8 +194,7 @@ def _accumulate(acc: Accumulators, sae, a: Tensor, g: Tensor, w: Tensor, mask: T
             pos, neg = _latent_sums(sae, a[comp], side)
         acc.f_pos += pos
         acc.f_neg += neg
-    acc.counts += torch.tensor([valid.sum().item(), side.sum().item(), (~side).sum().item()],
-                               dtype=torch.float64, device=acc.counts.device)
+    acc.counts += torch.stack([valid.sum(), side.sum(), (~side).sum()]).double()  # no sync
 
 
 def choose_abar(source: str, sae, acc: Accumulators) -> tuple[Tensor, str]:

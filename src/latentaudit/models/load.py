@@ -76,7 +76,7 @@ def resolve_model_path(name: str) -> str:
         return str(embedded.embedded_path(name))
     if os.path.exists(name):
         return name
-    if name.startswith((".", "/", "~")) or os.sep in name.rstrip(os.sep) and name.count("/") > 1:
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:  # a path, not "org/name"
         raise LatentAuditError(f"--model {name}: no such file or folder.")
     return name  # a hub id
 
