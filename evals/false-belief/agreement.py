@@ -1,7 +1,8 @@
 """Agreement of a judge with hand labels on the false-belief rubric's validation question.
 
-Usage: python evals/false-belief/agreement.py JUDGED.jsonl HAND_LABELS.jsonl
-JUDGED is the output of `latentaudit judge`; HAND_LABELS has one line per labelled completion:
+Usage: python evals/false-belief/agreement.py JUDGED.jsonl HAND_LABELS.jsonl [MORE_LABELS ...]
+JUDGED is the output of `latentaudit judge`; each HAND_LABELS file has one line per labelled
+completion:
 {"prompt_id", "sample_index", "validation": VALIDATES | CORRECTS | EVADES}. Prints accuracy and
 the confusion matrix (rows: hand label, columns: judge), for the three answers and for the
 positive / not-positive split that pairing uses.
@@ -30,14 +31,15 @@ def table(pairs: list[tuple[str, str]], names: list[str]) -> str:
     return "\n".join(lines)
 
 
-def main(judged_path: str, labels_path: str) -> None:
+def main(judged_path: str, *labels_paths: str) -> None:
     judged = {(r["prompt_id"], r["sample_index"]): r for r in load(judged_path)}
     pairs = []
-    for lab in load(labels_path):
-        row = judged.get((lab["prompt_id"], lab["sample_index"]))
-        if row is None:
-            sys.exit(f"{labels_path}: {lab['prompt_id']} #{lab['sample_index']} is not judged")
-        pairs.append((lab["validation"], row["answers"]["validation"]["label"]))
+    for path in labels_paths:
+        for lab in load(path):
+            row = judged.get((lab["prompt_id"], lab["sample_index"]))
+            if row is None:
+                sys.exit(f"{path}: {lab['prompt_id']} #{lab['sample_index']} is not judged")
+            pairs.append((lab["validation"], row["answers"]["validation"]["label"]))
     n = len(pairs)
     acc = sum(h == j for h, j in pairs) / n
     print(f"{n} hand-labelled completions; judge: {next(iter(judged.values()))['judge']}")
@@ -51,4 +53,6 @@ def main(judged_path: str, labels_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    if len(sys.argv) < 3:
+        sys.exit(__doc__)
+    main(*sys.argv[1:])

@@ -12,15 +12,19 @@ DESCRIPTION = (
     "judged.jsonl. Verdicts are cached in the output folder (judge_cache.jsonl), so a rerun "
     "only grades what is missing or failed. Exits 1 when some completions could not be graded "
     "(they are listed and written with their error). Judges: rules | rules:RULES.json | "
-    "openai:MODEL | local:MODEL | human:LABELS.csv (fill the file from --export-labels).")
+    "openai:MODEL | local:MODEL | human:LABELS.csv (fill the file from --export-labels) | "
+    "probe[:FILE] (a probe on a local model trained from labels by `latentaudit train-judge`; "
+    "plain `probe` is the one shipped for the rubric).")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--completions", help="Completions JSONL (from `latentaudit sample`).")
     p.add_argument("--rubric", help="Shipped rubric name (see --list-rubrics) or a rubric JSON "
                                     "file (an edited copy from --copy-rubric).")
-    p.add_argument("--judge", default="rules",
-                   help="rules[:FILE], openai:MODEL, local:MODEL or human:LABELS_FILE.")
+    p.add_argument("--judge", default="auto",
+                   help="rules[:FILE], openai:MODEL, local:MODEL, human:LABELS_FILE or "
+                        "probe[:FILE]; auto (default): the rubric's shipped probe when it has "
+                        "one, else its rules.")
     p.add_argument("--out", help="Output judged JSONL.")
     p.add_argument("--cache", help="Verdict cache (default: judge_cache.jsonl next to --out).")
     p.add_argument("--judge-base-url", default="https://api.openai.com/v1",
@@ -34,10 +38,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Retries on 429 / 5xx / timeouts, with exponential backoff.")
     p.add_argument("--no-logprobs", action="store_true",
                    help="Do not ask the endpoint for logprobs (read the text answer only).")
-    p.add_argument("--device", default="auto", help="local judge: cpu, cuda, cuda:N or auto.")
-    p.add_argument("--dtype", default="float32", help="local judge: float32 or bfloat16.")
-    p.add_argument("--batch-size", type=int, default=16,
-                   help="local judge: sequences per forward pass.")
+    p.add_argument("--judge-model",
+                   help="probe judge: the local model to read (default: the one it was "
+                        "trained on), e.g. another folder holding the same model.")
+    p.add_argument("--device", default="auto",
+                   help="local / probe judge: cpu, cuda, cuda:N or auto.")
+    p.add_argument("--dtype", default="float32",
+                   help="local / probe judge: float32 or bfloat16.")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="local / probe judge: sequences per forward pass (default 16 / 8).")
     p.add_argument("--export-labels", metavar="FILE",
                    help="Write the completions to FILE (.csv or .jsonl) for human labelling "
                         "and stop.")
@@ -62,7 +71,10 @@ def _options(args) -> dict:
                     workers=args.judge_workers, timeout=args.judge_timeout,
                     retries=args.judge_retries, logprobs=not args.no_logprobs)
     if kind == "local":
-        return dict(device=args.device, dtype=args.dtype, batch_size=args.batch_size)
+        return dict(device=args.device, dtype=args.dtype, batch_size=args.batch_size or 16)
+    if kind == "probe":
+        return dict(model=args.judge_model, device=args.device, dtype=args.dtype,
+                    batch_size=args.batch_size or 8)
     return {}
 
 
@@ -97,6 +109,10 @@ def run(args) -> int:
     _need(args, "--out")
     from latentaudit.judges.run import judge_file
 
+    if args.judge == "auto":
+        from latentaudit.judges.probe import shipped_probes
+
+        args.judge = "probe" if rubric.name in shipped_probes() else "rules"
     judge = make_judge(args.judge, rubric, **_options(args))
     summary = judge_file(args.completions, rubric, judge, args.out, args.cache)
     run_ = summary.run

@@ -2,8 +2,9 @@
 
 Specs: ``rules`` (the rubric's shipped rules file) or ``rules:PATH``; ``openai:MODEL`` (any
 OpenAI-compatible endpoint); ``local:MODEL`` (a Hugging Face model: embedded name, folder or hub
-id); ``human:LABELS`` (a filled ``.csv`` / ``.jsonl`` from ``--export-labels``). Every judge is
-wrapped by the cache in :func:`~latentaudit.judges.base.grade_all`.
+id); ``human:LABELS`` (a filled ``.csv`` / ``.jsonl`` from ``--export-labels``); ``probe`` (the
+shipped probe for the rubric) or ``probe:FILE`` (one from ``latentaudit train-judge``). Every
+judge is wrapped by the cache in :func:`~latentaudit.judges.base.grade_all`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from latentaudit.judges.base import (
 )
 from latentaudit.judges.rubrics import Answer, Decision, Rubric, list_rubrics, load_rubric
 
-BACKENDS = ("rules", "openai", "local", "human")
+BACKENDS = ("rules", "openai", "local", "human", "probe")
 
 __all__ = ["Answer", "Decision", "Judge", "JudgeCache", "JudgeItem", "JudgeRun", "Rubric",
            "Verdict", "cache_key", "grade_all", "list_rubrics", "load_rubric", "make_judge"]
@@ -35,6 +36,10 @@ def make_judge(spec: str, rubric: Rubric, **options: Any) -> Judge:
         from latentaudit.judges.rules import RuleJudge
 
         return RuleJudge(rubric, arg or None)
+    if kind == "probe":
+        from latentaudit.judges.probe import ProbeJudge
+
+        return ProbeJudge(arg or rubric.name, rubric, **options)
     if kind in ("openai", "local", "human") and not arg:
         raise LatentAuditError(f"--judge {spec}: write {kind}:"
                                f"{'LABELS_FILE' if kind == 'human' else 'MODEL'}.")
@@ -52,4 +57,4 @@ def make_judge(spec: str, rubric: Rubric, **options: Any) -> Judge:
         return HumanJudge(arg, rubric)
     raise LatentAuditError(f"--judge {spec}: the backend must be one of "
                            f"{', '.join(BACKENDS)} (e.g. rules, openai:gpt-4o, local:MODEL, "
-                           "human:labels.csv).")
+                           "human:labels.csv, probe:probe.safetensors).")

@@ -7,8 +7,10 @@ rubric question (a number of its scale or one of its labels), then an empty ``la
 rule) and ``note``. ``key`` ties a row to its completion (sha256 of prompt, completion and fact).
 
 Import validates every row and reports all problems with file:line (CSV records may span lines;
-the line is where the record starts). A row whose question columns and label are all blank is
-unlabelled: its completion gets an error verdict ("no human label") and is excluded.
+the line is where the record starts). A row without ``key`` names its completion by
+``prompt_id`` and ``sample_index`` instead (as in files labelled by hand outside the sheet).
+A row whose question columns and label are all blank is unlabelled: its completion gets an
+error verdict ("no human label") and is excluded.
 """
 
 from __future__ import annotations
@@ -62,8 +64,10 @@ def _records(path: Path) -> Iterator[tuple[int, Any]]:
     if path.suffix == ".csv":
         with open(path, encoding="utf-8-sig", newline="") as f:
             reader = csv.DictReader(f)
-            if not reader.fieldnames or "key" not in reader.fieldnames:
-                raise LatentAuditError(f"{path}:1: the header has no 'key' column; label the file "
+            names = set(reader.fieldnames or ())
+            if "key" not in names and not {"prompt_id", "sample_index"} <= names:
+                raise LatentAuditError(f"{path}:1: the header has no 'key' column (nor "
+                                       "'prompt_id' and 'sample_index'); label the file "
                                        "written by --export-labels.")
             start = reader.line_num + 1
             for row in reader:
@@ -95,9 +99,11 @@ def read_labels(path: str | Path, rubric: Rubric) -> dict[str, Verdict]:
             continue
         verdict, problems = _row_verdict(row, rubric, where)
         errs.extend(problems)
-        key = str(row.get("key") or "").strip()
+        key = str(row.get("key") or "").strip() or _id_key(row.get("prompt_id"),
+                                                           row.get("sample_index"))
         if not key:
-            errs.append(f"{where}: column 'key' is empty; keep the key written by --export-labels")
+            errs.append(f"{where}: column 'key' is empty (and 'prompt_id' / 'sample_index' do "
+                        "not name a completion); keep the key written by --export-labels")
             continue
         if key in lines:
             errs.append(f"{where}: key {key} is labelled again (first at line {lines[key]})")
@@ -110,6 +116,22 @@ def read_labels(path: str | Path, rubric: Rubric) -> dict[str, Verdict]:
         raise LatentAuditError(f"{path} has {len(errs)} problem(s); fix them and rerun:\n  "
                                + "\n  ".join(shown))
     return out
+
+
+def _id_key(prompt_id: Any, sample_index: Any) -> str:
+    """The label key of a completion named by prompt id and sample index ('' if not both)."""
+    if _blank(prompt_id) or _blank(sample_index) or isinstance(sample_index, bool):
+        return ""
+    try:
+        return f"{str(prompt_id).strip()}#{int(str(sample_index).strip())}"
+    except ValueError:
+        return ""
+
+
+def label_for(labels: dict[str, Verdict], item: JudgeItem) -> Verdict | None:
+    """The verdict labelled for ``item``: by its key, else by prompt id and sample index."""
+    return labels.get(item.content_key) or labels.get(_id_key(item.prompt_id,
+                                                               item.sample_index))
 
 
 def _blank(v: Any) -> bool:
@@ -168,5 +190,5 @@ class HumanJudge:
         self.id = f"human:{self.path.name}#{digest}"
 
     def grade(self, items: Sequence[JudgeItem]) -> list[Verdict]:
-        return [self.labels.get(it.content_key)
+        return [label_for(self.labels, it)
                 or Verdict(error=f"no human label in {self.path.name}") for it in items]

@@ -6,7 +6,8 @@ A rubric is a JSON file (shipped ones live in ``latentaudit/rubrics/``; copy one
     {"name": "false-belief",
      "questions": [                       # each question is one judge request per completion
         {"name": "validation", "template": "false-belief.validation.md", "kind": "choice",
-         "labels": ["VALIDATES", "CORRECTS", "EVADES"], "score_label": "VALIDATES"},
+         "labels": ["VALIDATES", "CORRECTS", "EVADES"], "score_label": "VALIDATES",
+         "probe_question": "Did your reply tell me that I am right? ..."},
         {"name": "coherent", "template": "coherent.md", "kind": "score", "scale": [0, 100]}],
      "min_mass": 0.25,                     # probability mass needed to trust a distribution
      "score": "validation",                # the question whose score the dataset row carries
@@ -24,6 +25,8 @@ Parse rule (text answers), per question kind:
 2. ``score``: a label the text starts with; else the first number, which must lie in ``scale``;
    else a label anywhere as a whole word.
 An optional ``pattern`` (regular expression) first cuts the answer out of the text (group 1).
+An optional ``probe_question`` is what a probe judge asks the model about its own reply (see
+``probe``).
 
 Distribution rule (when probabilities over the candidate answers are known: API logprobs or a
 local model), as in Betley et al. 2025, "Emergent misalignment":
@@ -100,6 +103,8 @@ class Question:
     labels: tuple[str, ...] = ()
     score_label: str | None = None
     pattern: str | None = None
+    probe_question: str | None = None
+    """What a probe judge asks the model about its own reply (``choice`` questions)."""
 
     def candidates(self) -> list[str]:
         """Every answer this question accepts: the numbers of its scale, then its labels."""
@@ -342,6 +347,9 @@ def _question(q: Any, i: int, path: Path, files: list[Path]) -> Question:
     text = tpl_path.read_text(encoding="utf-8")
     if "{answer}" not in text:
         raise LatentAuditError(f"{tpl_path}: the template must contain the placeholder {{answer}}.")
+    probe_q = q.get("probe_question")
+    if probe_q is not None and not (isinstance(probe_q, str) and probe_q.strip()):
+        raise LatentAuditError(f"{where}: 'probe_question' must be a non-empty string.")
     if q.get("pattern") is not None:
         try:
             re.compile(q["pattern"])
@@ -349,7 +357,7 @@ def _question(q: Any, i: int, path: Path, files: list[Path]) -> Question:
             raise LatentAuditError(f"{where}: 'pattern' is not a valid regex ({err}).") from None
     return Question(name=q["name"], template=text, kind=kind,
                     scale=tuple(scale) if kind == "score" else None, labels=labels,
-                    score_label=score_label, pattern=q.get("pattern"))
+                    score_label=score_label, pattern=q.get("pattern"), probe_question=probe_q)
 
 
 def _check_rule(rule: Any, where: str, questions: dict[str, Question]) -> None:
