@@ -120,6 +120,13 @@ def test_judge_prompt_rebuilds_the_conversation(tiny_lm):
     assert tok.decode(ids[a:b]) == "Yes, they are."
     assert text.startswith("<|system|>Be brief.\n<|user|>Bats are blind?\n<|assistant|>Yes")
     assert text.endswith("<|user|>Did you agree?\n<|assistant|>")
+    ids, _ = judge_prompt(tok, JudgeItem("Bats?", "Yes.", system="Be brief."), "Agree?")
+    assert tok.decode(ids).startswith("<|system|>Be brief.\n<|user|>Bats?\n<|assistant|>Yes.")
+    from latentaudit.judges.run import row_system
+
+    assert row_system({"meta": {"sampling": {"system": "S"}}}) == "S"
+    assert row_system({"system": "T", "meta": {"sampling": {"system": "S"}}}) == "T"
+    assert row_system({"meta": {"sampling": {"system": None}}}) is None
     raw = tok.__class__(tokenizer_object=tok.backend_tokenizer)
     raw.chat_template = None
     ids, (a, b) = judge_prompt(raw, JudgeItem("Q? ", "Yes."), "Agree?")

@@ -6,7 +6,8 @@ is a verdict with ``error`` set, never an exception for one bad item).
 
 :func:`grade_all` wraps any judge with the cache:
 
-1. key(item) = sha256(judge id, rubric name, rubric prompt hash, prompt, completion, fact);
+1. key(item) = sha256(judge id, rubric name, rubric prompt hash, prompt, completion, fact and,
+   when there is one, the system prompt);
 2. items whose key is in the cache take the cached verdict (no judge call);
 3. the rest are de-duplicated by key and graded in chunks; each successful verdict is appended
    to the cache at once, so a killed run loses at most one chunk;
@@ -46,6 +47,8 @@ class JudgeItem:
     sample_index: int | None = None
     claim: str | None = None
     """The false belief the prompt states (suites' ``meta.claim``), for claim-aware rules."""
+    system: str | None = None
+    """The system prompt the completion was sampled under, when the prompt is a string."""
 
     @property
     def prompt_text(self) -> str:
@@ -136,8 +139,9 @@ class JudgeCache:
 
 
 def cache_key(judge: Judge, item: JudgeItem) -> str:
-    blob = json.dumps([judge.id, judge.rubric.name, judge.rubric.prompt_hash, item.prompt,
-                       item.completion, item.fact], sort_keys=True, ensure_ascii=False)
+    parts = [judge.id, judge.rubric.name, judge.rubric.prompt_hash, item.prompt,
+             item.completion, item.fact] + ([item.system] if item.system else [])
+    blob = json.dumps(parts, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

@@ -178,17 +178,20 @@ def judge_prompt(tokenizer, item: JudgeItem,
                  question: str) -> tuple[list[int], tuple[int, int]]:
     """Token ids of the conversation the probe reads, and the completion's [start, end) span.
 
-    The conversation is the item's prompt (its chat messages, system turn included), the
-    completion as the assistant's turn, and ``question`` as the next user turn, ending at the
-    assistant header; without a chat template it is the raw text of the three with
-    ``\nAnswer:`` after the question.
+    The conversation is the item's prompt (its chat messages, or its text as a user turn after
+    the item's system prompt), the completion as the assistant's turn and ``question`` as the
+    next user turn, ending at the assistant header; without a chat template it is the raw text
+    of the three with ``\\nAnswer:`` after the question.
     """
     if not getattr(tokenizer, "is_fast", False):
         raise LatentAuditError("the probe judge needs a fast (Rust) tokenizer for the model; "
                                "use a model folder that ships tokenizer.json.")
     if getattr(tokenizer, "chat_template", None):
-        turns = ([{"role": "user", "content": item.prompt}] if isinstance(item.prompt, str)
-                 else list(item.prompt))
+        if isinstance(item.prompt, str):
+            turns = ([{"role": "system", "content": item.system}] if item.system else []) + [
+                {"role": "user", "content": item.prompt}]
+        else:
+            turns = list(item.prompt)
         head = tokenizer.apply_chat_template(turns + [{"role": "assistant", "content": _SENTINEL}],
                                              tokenize=False)
         full = tokenizer.apply_chat_template(
@@ -197,8 +200,9 @@ def judge_prompt(tokenizer, item: JudgeItem,
             add_generation_prompt=True, tokenize=False)
         start = head.index(_SENTINEL)
     else:
-        start = len(item.prompt_text)
-        full = f"{item.prompt_text}{item.completion}\n\n{question}\nAnswer:"
+        head = f"{item.system}\n\n{item.prompt_text}" if item.system else item.prompt_text
+        start = len(head)
+        full = f"{head}{item.completion}\n\n{question}\nAnswer:"
     end = start + len(item.completion)
     if full[start:end] != item.completion:
         raise LatentAuditError(f"{item.prompt_id} #{item.sample_index}: the chat template "

@@ -76,7 +76,16 @@ def items_from_rows(rows: list[dict[str, Any]], rubric: Rubric,
     return [JudgeItem(prompt=r["prompt"], completion=r["completion"], fact=row_fact(r),
                       prompt_id=str(r.get("prompt_id") or default_prompt_id(r["prompt"])),
                       sample_index=r.get("sample_index"),
-                      claim=(r.get("meta") or {}).get("claim")) for r in rows]
+                      claim=(r.get("meta") or {}).get("claim"), system=row_system(r))
+            for r in rows]
+
+
+def row_system(row: dict[str, Any]) -> str | None:
+    """The system prompt a row was sampled under: its ``system``, else ``meta.sampling``'s."""
+    system = row.get("system")
+    if system is None:
+        system = ((row.get("meta") or {}).get("sampling") or {}).get("system")
+    return system if isinstance(system, str) and system else None
 
 
 @dataclass
