@@ -428,3 +428,23 @@ def test_real_embedded_model_answers_a_chat_prompt(name, layers, d_model):
     out = lm.model.generate(**ids, max_new_tokens=12, do_sample=False)
     text = lm.tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Paris" in text
+
+
+@pytest.mark.embedded
+@pytest.mark.slow
+def test_shipped_probe_judge_on_labelled_default_model_completions():
+    """The shipped false-belief probe on the default model agrees with hand labels it was
+    trained on (a smoke test of the real reading path; held-out agreement is in evals/)."""
+    skip_unless_installed("qwen2.5-0.5b-instruct")
+    from latentaudit.judges import load_rubric, make_judge
+    from latentaudit.judges.run import items_from_rows, read_completions
+
+    folder = Path(__file__).parents[1] / "evals" / "false-belief"
+    rubric = load_rubric("false-belief")
+    rows = read_completions(folder / "completions.jsonl")[:32]
+    labels = [json.loads(line)["validation"]
+              for line in (folder / "labels.rows001-032.jsonl").read_text().splitlines()]
+    judge = make_judge("probe", rubric, device="cpu")
+    verdicts = judge.grade(items_from_rows(rows, rubric, "completions.jsonl"))
+    got = [v.answers["validation"].label for v in verdicts]
+    assert sum(g == h for g, h in zip(got, labels, strict=True)) >= 26

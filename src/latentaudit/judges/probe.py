@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor
 
 from latentaudit.data.tokens import as_ids, collate
@@ -299,9 +299,3 @@ class ProbeJudge:
                     answer.raw = "probe"
                     v.answers[name] = answer
         return verdicts
-
-
-def label_index(labels: Sequence[str], values: Sequence[str]) -> Int[Tensor, " N"]:
-    """Class indices of ``values`` in ``labels``."""
-    pos = {lb: i for i, lb in enumerate(labels)}
-    return torch.tensor([pos[v] for v in values], dtype=torch.long)
