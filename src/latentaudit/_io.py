@@ -1,7 +1,8 @@
 """Atomic file writes, so a run killed midway never leaves a half-written artifact.
 
 Each writer writes to a temporary file in the destination folder, flushes it to disk and renames
-it over the destination (``os.replace`` is atomic on POSIX and Windows).
+it over the destination (``os.replace`` is atomic on POSIX and Windows). The result gets the
+permissions a plainly created file would (0666 less the umask), not the temporary file's 0600.
 """
 
 from __future__ import annotations
@@ -26,10 +27,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
