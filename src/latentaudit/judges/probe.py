@@ -219,8 +219,11 @@ def judge_prompt(tokenizer, item: JudgeItem,
 @torch.no_grad()
 def read_features(lm: LoadedModel, prompts: Sequence[tuple[list[int], tuple[int, int]]],
                   readings: Sequence[Reading], batch_size: int = 8,
-                  desc: str = "probe features") -> Float[Tensor, "N D"]:
-    """The readings of every prompt, side by side (D = len(readings) · d_model), on the CPU."""
+                  desc: str | None = "probe features") -> Float[Tensor, "N D"]:
+    """The readings of every prompt, side by side (D = len(readings) · d_model), on the CPU.
+
+    ``desc``: the progress bar's title; None shows no bar (the caller shows its own).
+    """
     from latentaudit._progress import progress
 
     layers = sorted({r.layer for r in readings})
@@ -228,7 +231,8 @@ def read_features(lm: LoadedModel, prompts: Sequence[tuple[list[int], tuple[int,
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     out = []
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i][0]))  # similar lengths
-    with progress(total=len(prompts), desc=desc, unit="item") as bar:
+    with progress(total=len(prompts), desc=desc or "", unit="item",
+                  disable=True if desc is None else None) as bar:
         for start in range(0, len(order), batch_size):
             part = [prompts[i] for i in order[start:start + batch_size]]
             batch = collate([(ids, []) for ids, _ in part], pad).to(device)
@@ -290,8 +294,7 @@ class ProbeJudge:
         for name, q in self._questions.items():
             head = self.probe.heads[name]
             prompts = [judge_prompt(self.lm.tokenizer, it, head.question) for it in items]
-            x = read_features(self.lm, prompts, head.readings, self.batch_size,
-                              desc=f"probe '{name}'")
+            x = read_features(self.lm, prompts, head.readings, self.batch_size, desc=None)
             for v, p in zip(verdicts, head.probs(x), strict=True):
                 probs = dict(zip(head.labels, p.tolist(), strict=True))
                 answer = q.from_probs(probs, self.rubric.min_mass)
