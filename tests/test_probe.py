@@ -181,6 +181,12 @@ def test_probe_errors(tmp_path, tiny_lm, short_fb):
     probe.save(tmp_path / "p.safetensors")
     with pytest.raises(LatentAuditError, match="trained for rubric 'false-belief'"):
         ProbeJudge(tmp_path / "p.safetensors", load_rubric("evil"), model=tiny_lm)
+    import dataclasses
+
+    other = dataclasses.replace(short_fb, questions=[dataclasses.replace(
+        short_fb.questions[0], labels=("VALIDATES", "CORRECTS"))] + short_fb.questions[1:])
+    with pytest.raises(LatentAuditError, match="labels VALIDATES, CORRECTS in this rubric"):
+        ProbeJudge(tmp_path / "p.safetensors", other, model=tiny_lm)
     from safetensors.torch import save_file
 
     save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))

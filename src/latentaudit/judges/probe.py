@@ -288,6 +288,13 @@ class ProbeJudge:
         self.lm, self.rubric, self.batch_size = model, rubric, batch_size
         self.id = f"probe:{self.probe.rubric}#{self.probe.digest()}@{model.name}"
         self._questions = {q.name: q for q in rubric.questions if q.name in self.probe.heads}
+        for name, q in self._questions.items():
+            if set(q.labels) != set(self.probe.heads[name].labels):
+                raise LatentAuditError(
+                    f"--judge probe:{spec or self.probe.rubric}: question '{name}' has labels "
+                    f"{', '.join(q.labels)} in this rubric but the probe learned "
+                    f"{', '.join(self.probe.heads[name].labels)}; retrain it with "
+                    "`latentaudit train-judge`.")
 
     def grade(self, items: Sequence[JudgeItem]) -> list[Verdict]:
         verdicts = [Verdict() for _ in items]
