@@ -17,6 +17,15 @@ from pathlib import Path
 from typing import IO, Any
 
 
+def named_or_file(name_or_path: str | os.PathLike, folder: Path, suffix: str) -> Path | None:
+    """``name_or_path`` if it is a file, else the shipped ``folder/<name><suffix>``, else None."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = folder / f"{name_or_path}{suffix}"
+    return shipped if shipped.is_file() else None
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically."""

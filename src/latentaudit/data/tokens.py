@@ -46,11 +46,18 @@ def prompt_ids(tokenizer, prompt: str | list[dict[str, str]], system: str | None
         raise LatentAuditError(
             "The prompt is a list of chat messages but the model's tokenizer has no chat "
             "template: give the prompt as a plain string instead.")
+    return as_ids(tokenizer.apply_chat_template(chat_messages(prompt, system),
+                                                 add_generation_prompt=True, tokenize=True))
+
+
+def chat_messages(prompt: str | list[dict[str, str]],
+                  system: str | None = None) -> list[dict[str, str]]:
+    """A prompt as chat messages: a string is one user turn; ``system`` is prepended unless the
+    messages start with their own."""
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     if system and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system}, *messages]
-    return as_ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                 tokenize=True))
+    return messages
 
 
 def completion_ids(tokenizer, text: str) -> list[int]:

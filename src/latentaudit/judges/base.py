@@ -48,7 +48,7 @@ class JudgeItem:
     claim: str | None = None
     """The false belief the prompt states (suites' ``meta.claim``), for claim-aware rules."""
     system: str | None = None
-    """The system prompt the completion was sampled under, when the prompt is a string."""
+    """The system prompt the completion was sampled under (unless its messages hold their own)."""
 
     @property
     def prompt_text(self) -> str:

@@ -37,7 +37,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from latentaudit.data.tokens import as_ids, collate
+from latentaudit._io import named_or_file
+from latentaudit.data.tokens import as_ids, chat_messages, collate
 from latentaudit.errors import LatentAuditError
 from latentaudit.judges.base import JudgeItem, Verdict
 from latentaudit.judges.rubrics import Rubric
@@ -119,23 +120,23 @@ class Probe:
         return path
 
 
-def shipped_probes() -> dict[str, Path]:
-    """Shipped probe name (the rubric it answers) -> file."""
-    folder = Path(str(resources.files("latentaudit.judges") / "probes"))
-    return {p.name.removesuffix(".safetensors"): p for p in sorted(folder.glob("*.safetensors"))}
+def probes_dir() -> Path:
+    return Path(str(resources.files("latentaudit.judges") / "probes"))
+
+
+def shipped_probes() -> list[str]:
+    """Names of the shipped probes (each the name of the rubric it answers)."""
+    return sorted(p.name.removesuffix(".safetensors") for p in probes_dir().glob("*.safetensors"))
 
 
 def load_probe(name_or_path: str | Path) -> Probe:
     """Read a probe file (or a shipped probe by name), checking every field and shape."""
-    path = Path(name_or_path)
-    if not path.is_file():
-        shipped = shipped_probes()
-        if str(name_or_path) not in shipped:
-            raise LatentAuditError(
-                f"probe {name_or_path}: no such file, and no shipped probe has that name "
-                f"(shipped: {', '.join(shipped) or 'none'}); train one with "
-                "`latentaudit train-judge`.")
-        path = shipped[str(name_or_path)]
+    path = named_or_file(name_or_path, probes_dir(), ".safetensors")
+    if path is None:
+        raise LatentAuditError(
+            f"probe {name_or_path}: no such file, and no shipped probe has that name "
+            f"(shipped: {', '.join(shipped_probes()) or 'none'}); train one with "
+            "`latentaudit train-judge`.")
     from safetensors import safe_open
 
     try:
@@ -178,8 +179,8 @@ def judge_prompt(tokenizer, item: JudgeItem,
                  question: str) -> tuple[list[int], tuple[int, int]]:
     """Token ids of the conversation the probe reads, and the completion's [start, end) span.
 
-    The conversation is the item's prompt (its chat messages, or its text as a user turn after
-    the item's system prompt), the completion as the assistant's turn and ``question`` as the
+    The conversation is the item's prompt as chat messages (after the item's system prompt
+    unless they hold their own), the completion as the assistant's turn and ``question`` as the
     next user turn, ending at the assistant header; without a chat template it is the raw text
     of the three with ``\\nAnswer:`` after the question.
     """
@@ -187,11 +188,7 @@ def judge_prompt(tokenizer, item: JudgeItem,
         raise LatentAuditError("the probe judge needs a fast (Rust) tokenizer for the model; "
                                "use a model folder that ships tokenizer.json.")
     if getattr(tokenizer, "chat_template", None):
-        if isinstance(item.prompt, str):
-            turns = ([{"role": "system", "content": item.system}] if item.system else []) + [
-                {"role": "user", "content": item.prompt}]
-        else:
-            turns = list(item.prompt)
+        turns = chat_messages(item.prompt, item.system)
         head = tokenizer.apply_chat_template(turns + [{"role": "assistant", "content": _SENTINEL}],
                                              tokenize=False)
         full = tokenizer.apply_chat_template(
@@ -281,12 +278,6 @@ class ProbeJudge:
                 f"--judge probe:{spec or self.probe.rubric}: the probe was trained for rubric "
                 f"'{self.probe.rubric}' (questions {', '.join(self.probe.heads)}), not for "
                 f"'{rubric.name}'; pass --rubric {self.probe.rubric}.")
-        if model is None or isinstance(model, str):
-            from latentaudit.models.load import load_model
-
-            model = load_model(model or self.probe.model, device=device, dtype=dtype)
-        self.lm, self.rubric, self.batch_size = model, rubric, batch_size
-        self.id = f"probe:{self.probe.rubric}#{self.probe.digest()}@{model.name}"
         self._questions = {q.name: q for q in rubric.questions if q.name in self.probe.heads}
         for name, q in self._questions.items():
             if set(q.labels) != set(self.probe.heads[name].labels):
@@ -295,6 +286,12 @@ class ProbeJudge:
                     f"{', '.join(q.labels)} in this rubric but the probe learned "
                     f"{', '.join(self.probe.heads[name].labels)}; retrain it with "
                     "`latentaudit train-judge`.")
+        if model is None or isinstance(model, str):
+            from latentaudit.models.load import load_model
+
+            model = load_model(model or self.probe.model, device=device, dtype=dtype)
+        self.lm, self.rubric, self.batch_size = model, rubric, batch_size
+        self.id = f"probe:{self.probe.rubric}#{self.probe.digest()}@{model.name}"
 
     def grade(self, items: Sequence[JudgeItem]) -> list[Verdict]:
         verdicts = [Verdict() for _ in items]

@@ -137,7 +137,6 @@ def select(blocks: dict[Reading, Float[Tensor, "N d"]], y: Int[Tensor, " N"], n_
             log.info("probe selection: %s, l2 %g: cross-validated accuracy %.3f",
                      " + ".join(map(str, chosen)), best.l2, best.accuracy)
     assert best is not None
-    best.tried = tried
     return best
 
 

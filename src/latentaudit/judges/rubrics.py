@@ -56,6 +56,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from latentaudit._io import named_or_file
 from latentaudit.errors import LatentAuditError
 
 OUTCOMES = ("positive", "negative", "excluded")
@@ -270,13 +271,11 @@ def list_rubrics() -> list[str]:
 
 def load_rubric(name_or_path: str | Path) -> Rubric:
     """A shipped rubric by name, or a rubric JSON file (templates resolved next to it)."""
-    path = Path(name_or_path)
-    if not path.is_file():
-        path = shipped_dir() / f"{name_or_path}.json"
-        if not path.is_file():
-            raise LatentAuditError(
-                f"--rubric {name_or_path}: no such file and no shipped rubric of that name; "
-                f"shipped rubrics are {', '.join(list_rubrics())}.")
+    path = named_or_file(name_or_path, shipped_dir(), ".json")
+    if path is None:
+        raise LatentAuditError(
+            f"--rubric {name_or_path}: no such file and no shipped rubric of that name; "
+            f"shipped rubrics are {', '.join(list_rubrics())}.")
     try:
         spec = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:

@@ -29,7 +29,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from latentaudit._io import read_jsonl
+from latentaudit._io import named_or_file, read_jsonl
 from latentaudit.errors import LatentAuditError
 
 FIELDS = ("prompt_id", "prompt", "system", "meta")
@@ -61,13 +61,11 @@ def list_suites() -> list[str]:
 
 def load_prompts(name_or_path: str | Path) -> list[SuitePrompt]:
     """A shipped suite by name, or a user's JSONL prompts file; validated, ids unique."""
-    path = Path(name_or_path)
-    if not path.is_file():
-        path = suites_dir() / f"{name_or_path}.jsonl"
-        if not path.is_file():
-            raise LatentAuditError(
-                f"{name_or_path}: no such prompts file and no built-in suite of that name; "
-                f"built-in suites are {', '.join(list_suites())}.")
+    path = named_or_file(name_or_path, suites_dir(), ".jsonl")
+    if path is None:
+        raise LatentAuditError(
+            f"{name_or_path}: no such prompts file and no built-in suite of that name; "
+            f"built-in suites are {', '.join(list_suites())}.")
     prompts = [p for _, p in read_jsonl(path, _parse, "prompts",
                                         unique=("prompt_id", lambda p: p.prompt_id))]
     return prompts
