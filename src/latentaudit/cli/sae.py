@@ -1,8 +1,10 @@
-"""``latentaudit sae``: inspect an SAE in any supported format, or convert it to latentaudit's.
+"""``latentaudit sae``: inspect, convert or evaluate an SAE in any supported format.
 
 ``latentaudit sae info PATH`` prints the format, sizes, nonlinearity, layer, model and whether the
 mean activation ā is stored; ``latentaudit sae convert PATH --out DIR`` writes latentaudit's own
-format (cfg.json + sae.safetensors), optionally in another dtype.
+format (cfg.json + sae.safetensors), optionally in another dtype; ``latentaudit sae evaluate PATH
+... --model MODEL`` measures FVU, L0, never-firing latents and the CE-loss increase on held-out
+corpus text and on books outside the training mix.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ import argparse
 import json
 
 NAME = "sae"
-HELP = "Inspect an SAE (SAELens, sparsify, Gemma Scope, OpenAI) or convert it to latentaudit's."
+HELP = ("Inspect, convert or evaluate an SAE (latentaudit, SAELens, sparsify, Gemma Scope, "
+        "OpenAI).")
 DTYPE_CHOICES = ("fp32", "fp16", "bf16")
 
 
@@ -43,6 +46,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          help="Folder to write cfg.json + sae.safetensors into.")
     convert.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
                          help="Weight dtype to write (default: keep the source's).")
+    _add_evaluate(sub.add_parser(
+        "evaluate", formatter_class=fmt,
+        help="FVU, L0, never-firing latents and CE-loss increase on held-out text."))
+
+
+def _add_evaluate(ev: argparse.ArgumentParser) -> None:
+    ev.add_argument("paths", nargs="+", metavar="PATH",
+                    help="SAE folders or files, all at the same layer (latentaudit's format, or "
+                         "any other: then pass --layer); `default` is the model's shipped SAE.")
+    ev.add_argument("--model", required=True, help="Embedded short name, folder or hub id.")
+    ev.add_argument("--layer", type=int, default=None,
+                    help="0-indexed layer (default: the one the SAEs record).")
+    ev.add_argument("--text", nargs="+", default=["held-out", "outside"], metavar="TEXT",
+                    help="held-out (the corpus's held-out split), outside (books outside the "
+                         "training mix: `latentaudit data fetch --sources gutenberg`), or "
+                         ".txt/.jsonl files.")
+    ev.add_argument("--tokens", type=int, default=100_000,
+                    help="Positions per text for FVU, L0 and never-firing latents.")
+    ev.add_argument("--ce-tokens", type=int, default=4096,
+                    help="Positions per text for the CE-loss increase (its first sequences).")
+    ev.add_argument("--batch-size", type=int, default=16, help="Sequences per forward pass.")
+    ev.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    ev.add_argument("--dtype", default="float32", help="Model dtype: float32 or bfloat16.")
+    ev.add_argument("--json", action="store_true", help="Print one JSON object per line.")
 
 
 def _load(args: argparse.Namespace):
@@ -92,5 +119,38 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from latentaudit.errors import LatentAuditError
+    from latentaudit.models.load import load_model, resolve_device
+    from latentaudit.saes.evaluate import EvalConfig, evaluate_on_texts
+    from latentaudit.saes.formats import load_sae
+    from latentaudit.saes.shipped import resolve_sae_path
+
+    cfg = EvalConfig(tokens=args.tokens, ce_tokens=args.ce_tokens, batch_size=args.batch_size)
+    saes = {p: load_sae(resolve_sae_path(p, args.model), layer=args.layer) for p in args.paths}
+    layers = {s.info.layer for s in saes.values()}
+    if args.layer is None and (len(layers) != 1 or None in layers):
+        raise LatentAuditError(f"the SAEs record layers {sorted(map(str, layers))}: give the "
+                               "layer they all sit at with --layer.")
+    layer = args.layer if args.layer is not None else layers.pop()
+    first = next(iter(saes.values()))
+    if first.mean_activation is None:
+        raise LatentAuditError(f"{args.paths[0]} stores no mean activation ā for the mean-"
+                               "ablation baseline: list an SAE that has one first.")
+    loaded = load_model(args.model, device=str(resolve_device(args.device)), dtype=args.dtype)
+    rows = [r.row() for r in evaluate_on_texts(loaded, saes, layer, args.text, cfg,
+                                               first.mean_activation)]
+    for r in rows:
+        if args.json:
+            print(json.dumps(r))
+        else:
+            print(f"{r['sae']}  {r['text']}: FVU {r['fvu']:.3f}  L0 {r['l0']:.1f}  never fired "
+                  f"{r['dead_fraction']:.1%} ({r['tokens']:,} tokens)  CE +{r['ce_increase']:.3f}"
+                  f" nats = {r['ce_increase_pct']:.1f}% of mean ablation ({r['ce_tokens']:,} "
+                  "tokens)")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
-    return _info(args) if args.sae_action == "info" else _convert(args)
+    actions = {"info": _info, "convert": _convert, "evaluate": _evaluate}
+    return actions[args.sae_action](args)

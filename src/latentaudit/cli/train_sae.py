@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import json
 import shlex
 from functools import lru_cache
 from pathlib import Path
@@ -99,33 +98,10 @@ def _command_line(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from latentaudit.errors import LatentAuditError
+    from latentaudit.saes.harvest import HarvestConfig
+    from latentaudit.saes.pipeline import train_sae
+    from latentaudit.saes.train import TrainConfig
 
-    out = Path(args.out)
-    started = [p for p in ("cfg.json", "activations/manifest.json", "checkpoint/checkpoint.json")
-               if (out / p).exists()]
-    if started and not args.resume:
-        raise LatentAuditError(
-            f"--out {out} already holds a run ({started[0]}): pass --resume to continue it, "
-            "or choose another --out.")
-    if args.eval_sequences < 1:
-        raise LatentAuditError("--eval-sequences must be at least 1.")
-    return _train(args, out)
-
-
-def _train(args: argparse.Namespace, out: Path) -> int:
-    import itertools
-
-    from latentaudit.errors import LatentAuditError
-    from latentaudit.models.load import load_model, resolve_device
-    from latentaudit.saes.harvest import HarvestConfig, harvest, token_sequences
-    from latentaudit.saes.metrics import evaluate_sae
-    from latentaudit.saes.sae import SAEInfo
-    from latentaudit.saes.train import CHECKPOINT, TrainConfig, Trainer
-
-    device = resolve_device(args.device)
-    dtype = args.dtype if args.dtype != "auto" else (
-        "bfloat16" if device.type == "cuda" else "float32")
     # Configs first: their validation fails fast, before the model loads.
     hcfg = HarvestConfig(layer=args.layer, tokens=args.harvest_tokens or args.tokens,
                          context_len=args.context_len, packing=args.packing,
@@ -137,62 +113,11 @@ def _train(args: argparse.Namespace, out: Path) -> int:
                        lr=args.lr, auxk_coef=args.auxk_coef, k_aux=args.k_aux,
                        dead_tokens=args.dead_tokens, b_dec_init=args.b_dec_init,
                        checkpoint_every=args.checkpoint_every, seed=args.seed)
-    loaded = load_model(args.model, device=str(device), dtype=dtype)
-    source = _describe(args.corpus)
-
-    def sequences(split: str):
-        return token_sequences(_texts(args.corpus, split), loaded.tokenizer, args.context_len,
-                               args.packing)
-
-    seqs = sequences("train")
-    eval_seqs = list(itertools.islice(sequences("held_out"), args.eval_sequences))
-    eval_text = "held-out split"
-    if not eval_seqs:  # a small corpus may have no held-out document: hold out its start
-        eval_seqs = list(itertools.islice(seqs, args.eval_sequences))
-        eval_text = f"first {len(eval_seqs)} sequences of the train split, not trained on"
-        source += f", minus its first {args.eval_sequences} sequences"
-    if not eval_seqs:
-        raise LatentAuditError(f"The {source} holds no text of at least two tokens.")
-    store = harvest(loaded, seqs, out / "activations", hcfg, source=source)
-    ckpt = out / "checkpoint"
-    if args.resume and (ckpt / CHECKPOINT).exists():
-        trainer = Trainer.resume(ckpt, device, tcfg)
-    else:
-        trainer = Trainer.start(tcfg, store, device)
-    trainer.fit(store, checkpoint_dir=ckpt)
-    mean = store.mean()
-    training = {"model": args.model, "layer": args.layer, "hook": "resid_post",
-                "data": source, "harvest": {k: store.manifest[k] for k in (
-                    "tokens", "context_len", "packing", "skip_first", "store_dtype")},
-                "tokens": trainer.step * tcfg.batch_size, "steps": trainer.step,
-                "input_scale": trainer.scale, "dead_fraction_train": trainer.dead_fraction(),
-                "config": json.loads(json.dumps(vars(tcfg))), "command": _command_line(args)}
-    info = SAEInfo(activation="topk", k=args.k, subtract_b_dec=True, model=args.model,
-                   layer=args.layer, hook="resid_post", extra={"training": training})
-    sae = trainer.export(info, mean)
-    pad = getattr(loaded.tokenizer, "pad_token_id", None) or 0
-    ev = evaluate_sae(loaded.model, sae, eval_seqs, args.layer, mean, skip_first=args.skip_first,
-                      pad_id=pad)
-    training["metrics"] = {"eval_text": eval_text, "eval_tokens": ev.tokens, "fvu": ev.fvu,
-                           "l0": ev.l0,
-                           "dead_fraction_eval": ev.dead_fraction, "ce_clean": ev.ce.clean,
-                           "ce_spliced": ev.ce.spliced, "ce_mean_ablated": ev.ce.ablated,
-                           "ce_increase": ev.ce.increase, "ce_increase_pct": ev.ce.increase_pct}
-    sae.save(out)
-    print(f"Saved the SAE to {out}: FVU {ev.fvu:.3f}, L0 {ev.l0:.1f}, "
-          f"dead {trainer.dead_fraction():.1%}, CE +{ev.ce.increase:.4f} nats "
+    r = train_sae(args.model, args.out, hcfg, tcfg, corpus=args.corpus,
+                  eval_sequences=args.eval_sequences, device=args.device, dtype=args.dtype,
+                  resume=args.resume, command=_command_line(args))
+    ev = r.evaluation
+    print(f"Saved the SAE to {r.out}: FVU {ev.fvu:.3f}, L0 {ev.l0:.1f}, "
+          f"dead {r.dead_fraction_train:.1%}, CE +{ev.ce.increase:.4f} nats "
           f"({ev.ce.increase_pct:.1f}% of mean ablation) on {ev.tokens} held-out tokens.")
     return 0
-
-
-def _texts(paths: list[str] | None, split: str):
-    """Texts of one split of the user's files, or of the cached reference corpus."""
-    from latentaudit.data.corpus import load_corpus
-
-    return (doc.text for doc in load_corpus(paths or None, split=split))
-
-
-def _describe(paths: list[str] | None) -> str:
-    if not paths:
-        return "reference corpus (latentaudit data fetch), train split"
-    return "corpus " + ", ".join(str(Path(p).resolve()) for p in paths) + ", train split"

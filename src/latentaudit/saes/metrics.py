@@ -83,6 +83,19 @@ class CELoss(NamedTuple):
         return 100 * self.increase / base if base else float("nan")
 
 
+def _replaced_losses(model: nn.Module, layer: int, ids: Tensor, mask: Tensor | None,
+                     replacements: Sequence[Tensor | SAE | None], skip_first: int) -> Tensor:
+    """(summed CE, predictions) per replacement of resid_post at ``layer`` (None: clean)."""
+    def loss(new) -> Tensor:
+        hooks = {} if new is None else {layer: lambda h: replace_from(
+            h, new(h) if isinstance(new, SAE) else new, skip_first)}
+        with resid_hooks(model, hooks):
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        return next_token_loss(logits, ids, mask)
+
+    return torch.stack([loss(new) for new in replacements]).double().cpu()  # (R, 2)
+
+
 @torch.no_grad()
 def ce_loss_increase(model: nn.Module, sae: SAE, input_ids: Int[Tensor, "batch pos"], layer: int,
                      mean_activation: Float[Tensor, " d_model"], *,
@@ -90,24 +103,9 @@ def ce_loss_increase(model: nn.Module, sae: SAE, input_ids: Int[Tensor, "batch p
                      skip_first: int = 1) -> CELoss:
     """Cross-entropy clean / with the SAE spliced in / mean-ablated at layer ``layer``."""
     dev = next(model.parameters()).device
-    sae = sae.to(dev)
-    ids = input_ids.to(dev)
     mask = None if attention_mask is None else attention_mask.to(dev)
-    mean = mean_activation.to(dev)
-
-    def loss(fn=None) -> Tensor:
-        hooks = {} if fn is None else {layer: fn}
-        with resid_hooks(model, hooks):
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        return next_token_loss(logits, ids, mask)
-
-    def splice(h: Tensor) -> Tensor:
-        return replace_from(h, sae(h), skip_first)
-
-    def ablate(h: Tensor) -> Tensor:
-        return replace_from(h, mean, skip_first)
-
-    sums = torch.stack([loss(), loss(splice), loss(ablate)])  # (3, 2)
+    sums = _replaced_losses(model, layer, input_ids.to(dev), mask,
+                            [None, sae.to(dev), mean_activation.to(dev)], skip_first)  # (3, 2)
     clean, spliced, ablated = (sums[:, 0] / sums[:, 1].clamp_min(1)).tolist()
     return CELoss(clean, spliced, ablated)
 
@@ -121,45 +119,76 @@ class Evaluation(NamedTuple):
     """Latents never active on the evaluation tokens."""
     ce: CELoss
     tokens: int
+    """Tokens behind FVU, L0 and the dead fraction."""
+    ce_tokens: int = 0
+    """Tokens (predictions) behind the CE losses."""
+
+
+class _Tally:
+    """Float64 running sums for one SAE's FVU, L0 and fired latents."""
+
+    def __init__(self, sae: SAE) -> None:
+        self.sq_err = 0.0
+        self.fired = torch.zeros(sae.d_sae, dtype=torch.bool)
+        self.active = 0
+
+    def add(self, sae: SAE, x: Float[Tensor, "rows d_model"]) -> None:
+        f = sae.encode(x)  # (N, S)
+        x_hat = sae(x)  # (N, D): undoes an input normalisation, unlike decode(f)
+        self.sq_err += float((x - x_hat).double().pow(2).sum())
+        self.fired |= (f != 0).any(0).cpu()
+        self.active += int((f != 0).sum())
+
+
+@torch.no_grad()
+def evaluate_saes(model: nn.Module, saes: Sequence[SAE], sequences: Sequence[Sequence[int]],
+                  layer: int, mean_activation: Float[Tensor, " d_model"], *,
+                  skip_first: int = 1, batch_size: int = 8, pad_id: int = 0,
+                  ce_sequences: int | None = None) -> list[Evaluation]:
+    """FVU, L0 and dead fraction of every SAE (same layer) over all ``sequences``, and the CE
+    increase over the first ``ce_sequences`` (None: all). One pass up to ``layer`` per batch
+    serves every SAE; the CE pass shares its clean and mean-ablated forwards between them."""
+    dev = next(model.parameters()).device
+    saes = [sae.to(dev) for sae in saes]
+    mean = mean_activation.to(dev)
+    tallies = [_Tally(sae) for sae in saes]
+    sq_norm, n = 0.0, 0
+    total = torch.zeros(saes[0].d_model, dtype=torch.float64)
+    ce = torch.zeros(len(saes) + 2, 2, dtype=torch.float64)  # clean, ablated, spliced...
+    n_ce = len(sequences) if ce_sequences is None else ce_sequences
+    for start, batch in progress(list(_chunks(sequences, batch_size)), desc="evaluate",
+                                 unit="batch"):
+        ids, mask = (t.to(dev) for t in pad_batch(batch, pad_id))
+        hidden = run_until(model, [layer], input_ids=ids, attention_mask=mask)[layer]
+        keep = mask.bool()  # (B, T)
+        keep[:, :skip_first] = False
+        x = hidden[keep].float()  # (N, D)
+        for sae, tally in zip(saes, tallies, strict=True):
+            tally.add(sae, x)
+        sq_norm += float(x.double().pow(2).sum())
+        total += x.double().sum(0).cpu()
+        n += len(x)
+        if start < n_ce:
+            rows = slice(0, min(len(batch), n_ce - start))
+            ce += _replaced_losses(model, layer, ids[rows], mask[rows], [None, mean, *saes],
+                                   skip_first)
+    variance = max(sq_norm - float(total.pow(2).sum()) / max(n, 1), 1e-30)
+    clean, ablated, *spliced = (ce[:, 0] / ce[:, 1].clamp_min(1)).tolist()
+    return [Evaluation(fvu=t.sq_err / variance, l0=t.active / max(n, 1),
+                       dead_fraction=float(1 - t.fired.double().mean()),
+                       ce=CELoss(clean, s, ablated), tokens=n, ce_tokens=int(ce[0, 1]))
+            for t, s in zip(tallies, spliced, strict=True)]
 
 
 def evaluate_sae(model: nn.Module, sae: SAE, sequences: Sequence[Sequence[int]], layer: int,
                  mean_activation: Float[Tensor, " d_model"], *, skip_first: int = 1,
-                 batch_size: int = 8, pad_id: int = 0) -> Evaluation:
-    """FVU, L0, dead fraction and CE increase of ``sae`` over ``sequences`` (batched)."""
-    sq_err = sq_norm = 0.0
-    total = torch.zeros(sae.d_model, dtype=torch.float64)
-    fired = torch.zeros(sae.d_sae, dtype=torch.bool)
-    active = n = 0
-    ce = torch.zeros(3, 2, dtype=torch.float64)
-    for batch in progress(list(_chunks(sequences, batch_size)), desc="evaluate", unit="batch"):
-        ids, mask = pad_batch(batch, pad_id)
-        dev = next(model.parameters()).device
-        hidden = run_until(model, [layer], input_ids=ids.to(dev),
-                           attention_mask=mask.to(dev))[layer]  # (B, T, D)
-        keep = mask.bool().to(dev)
-        keep[:, :skip_first] = False
-        x = hidden[keep].float()  # (N, D)
-        with torch.no_grad():
-            f = sae.to(dev).encode(x)  # (N, S)
-            x_hat = sae(x)  # (N, D)
-        sq_err += float((x - x_hat).double().pow(2).sum())
-        sq_norm += float(x.double().pow(2).sum())
-        total += x.double().sum(0).cpu()
-        fired |= (f != 0).any(0).cpu()
-        active += int((f != 0).sum())
-        n += len(x)
-        r = ce_loss_increase(model, sae, ids, layer, mean_activation, attention_mask=mask,
-                             skip_first=skip_first)
-        preds = int((mask[:, 1:].bool() & mask[:, :-1].bool()).sum())
-        ce += torch.tensor([[v * preds, preds] for v in r], dtype=torch.float64)
-    variance = sq_norm - float(total.pow(2).sum()) / max(n, 1)
-    means = (ce[:, 0] / ce[:, 1].clamp_min(1)).tolist()
-    return Evaluation(fvu=sq_err / max(variance, 1e-30), l0=active / max(n, 1),
-                      dead_fraction=float(1 - fired.double().mean()), ce=CELoss(*means),
-                      tokens=n)
+                 batch_size: int = 8, pad_id: int = 0,
+                 ce_sequences: int | None = None) -> Evaluation:
+    """:func:`evaluate_saes` for one SAE."""
+    return evaluate_saes(model, [sae], sequences, layer, mean_activation, skip_first=skip_first,
+                         batch_size=batch_size, pad_id=pad_id, ce_sequences=ce_sequences)[0]
 
 
-def _chunks(items: Sequence, size: int) -> Iterable[Sequence]:
+def _chunks(items: Sequence, size: int) -> Iterable[tuple[int, Sequence]]:
     for i in range(0, len(items), size):
-        yield items[i:i + size]
+        yield i, items[i:i + size]

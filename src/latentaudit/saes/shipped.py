@@ -1,7 +1,9 @@
 """SAEs shipped with latentaudit for its embedded models (``--sae default``).
 
-Each lives in ``latentaudit/saes/shipped/<model short name>/`` in latentaudit's own format
-(cfg.json + sae.safetensors, with ā) next to a ``CARD.md`` saying how it was trained.
+Each lives in ``latentaudit/saes/shipped/<name>/`` in latentaudit's own format (cfg.json +
+sae.safetensors, with ā) next to a ``CARD.md`` saying how it was trained. The folder named after
+a model's short name is its default SAE (``--sae default``); others are chosen by folder name
+(e.g. ``--sae qwen2.5-0.5b-instruct-l12-4k``).
 """
 
 from __future__ import annotations
@@ -13,11 +15,18 @@ from latentaudit.errors import LatentAuditError
 SHIPPED_DIR = Path(__file__).parent / "shipped"
 
 
-def shipped_models() -> list[str]:
-    """Short names of the models that have a shipped SAE."""
+def shipped_names() -> list[str]:
+    """Folder names of every shipped SAE."""
     if not SHIPPED_DIR.is_dir():
         return []
     return sorted(p.name for p in SHIPPED_DIR.iterdir() if (p / "cfg.json").is_file())
+
+
+def shipped_models() -> list[str]:
+    """Short names of the models that have a default shipped SAE."""
+    from latentaudit.models.embedded import EMBEDDED
+
+    return [name for name in shipped_names() if name in EMBEDDED]
 
 
 def default_sae_path(model: str) -> Path:
@@ -29,3 +38,13 @@ def default_sae_path(model: str) -> Path:
             f"--sae default: latentaudit ships no SAE for model '{model}' (shipped: {have}); "
             "pass an SAE path, or train one with `latentaudit train-sae`.")
     return path
+
+
+def resolve_sae_path(value: str, model: str) -> str:
+    """An ``--sae`` value as a path: ``default`` (the model's default shipped SAE), the name of
+    a shipped SAE, or a path (returned unchanged)."""
+    if value == "default":
+        return str(default_sae_path(model))
+    if value in shipped_names() and not Path(value).exists():
+        return str(SHIPPED_DIR / value)
+    return value
