@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from latentaudit.attribute import AttributionConfig, attribute
-from latentaudit.attribute.math import (
+from latentaudit.attribution import AttributionConfig, attribute
+from latentaudit.attribution.math import (
     batch_moments,
     center,
     completion_losses,
@@ -270,12 +270,12 @@ def test_full_mean_ablation_matches_exact_effect(arch):
 # -- resumable checkpoints --------------------------------------------------------------------
 
 def test_killed_run_resumes_to_the_same_result(tmp_path, monkeypatch):
-    import latentaudit.attribute.engine as engine
+    import latentaudit.attribution.accumulate as engine
 
     lm = loaded(dtype=torch.float32)
     sae = random_sae(32, 16, layer=1)
     data = make_data()
-    cfg = AttributionConfig(batch_size=2, checkpoint_every=1)
+    cfg = AttributionConfig(batch_size=2, checkpoint_every_batches=1)
     full = attribute(lm, sae, data, cfg).layers[1]
     ckpt = tmp_path / "ckpt.safetensors"
     real, calls = engine._accumulate, []

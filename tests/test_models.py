@@ -94,7 +94,7 @@ def test_bad_model_dtype_and_device_are_clear_errors(tmp_path):
 
 
 def test_bf16_attribution_is_close_to_fp32():
-    from latentaudit.attribute import AttributionConfig, attribute
+    from latentaudit.attribution import AttributionConfig, attribute
     from latentaudit.models.load import prepare
     from test_attribute import make_data
     from tiny import random_sae, tiny_tokenizer
