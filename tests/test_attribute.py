@@ -18,6 +18,7 @@ from latentaudit.attribution.math import (
 )
 from latentaudit.data.behaviour import Completion, make_pairs
 from latentaudit.data.tokens import completion_ids, prompt_ids
+from latentaudit.errors import LatentAuditError, ShapeMismatchError
 from latentaudit.models.hooks import resid_hooks
 from latentaudit.models.load import prepare
 from tiny import random_sae, tiny_model, tiny_tokenizer
@@ -221,7 +222,7 @@ def test_abar_sources():
                                rtol=1e-5, atol=1e-6)
     zero = attribute(lm, sae, data, AttributionConfig(abar="zero")).layers[1]
     assert zero.abar_source == "zero" and not zero.a_bar.any()
-    with pytest.raises(Exception, match="stores no mean activation"):
+    with pytest.raises(LatentAuditError, match="stores no mean activation"):
         attribute(lm, sae, data, AttributionConfig(abar="sae"))
 
 
@@ -303,20 +304,19 @@ def test_no_pairs_is_a_clear_error():
     lm = loaded()
     sae = random_sae(32, 8, layer=0).double()
     data = [Completion("p", "x", "positive", "p")]
-    with pytest.raises(Exception, match="no pairs"):
+    with pytest.raises(LatentAuditError, match="no pairs"):
         attribute(lm, sae, data)
 
 
 def test_mismatched_sae_names_both_numbers():
     lm = loaded()
     sae = random_sae(48, 8, layer=0).double()
-    with pytest.raises(Exception, match="d_model=48.*d_model=32"):
+    with pytest.raises(ShapeMismatchError, match="d_model=48.*d_model=32"):
         attribute(lm, sae, make_data())
 
 
 def test_bad_dataset_names_file_line_and_field(tmp_path):
     from latentaudit.data.behaviour import load_behaviour
-    from latentaudit.errors import LatentAuditError
 
     path = tmp_path / "bad.jsonl"
     path.write_text("\n".join([

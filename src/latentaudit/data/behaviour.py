@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from latentaudit._io import read_jsonl
+from latentaudit.data.tokens import message_problems
 from latentaudit.errors import LatentAuditError
 
 log = logging.getLogger(__name__)
@@ -105,11 +106,7 @@ def parse_row(row: Any, where: str) -> tuple[Completion | None, list[str]]:
     errs: list[str] = []
     prompt = row.get("prompt")
     if isinstance(prompt, list):
-        for j, m in enumerate(prompt):
-            if not (isinstance(m, dict) and isinstance(m.get("role"), str)
-                    and isinstance(m.get("content"), str)):
-                errs.append(f"{where}: field 'prompt'[{j}] must be an object with string 'role' "
-                            "and 'content'")
+        errs.extend(message_problems(prompt, where))
     elif not isinstance(prompt, str):
         errs.append(f"{where}: field 'prompt' is required and must be a string or a list of "
                     "chat messages")
