@@ -15,6 +15,7 @@ from latentaudit.attribution.config import AttributionConfig, AttributionResult
 from latentaudit.attribution.finish import finish
 from latentaudit.attribution.plan import Data, SAEs, check_inputs, make_plan
 from latentaudit.models import load as model_load
+from latentaudit.models.hooks import layer_module
 from latentaudit.models.load import LoadedModel
 
 
@@ -26,7 +27,8 @@ def attribute(model: LoadedModel | str | os.PathLike, saes: SAEs, data: Data,
     """Rank SAE latents by Δ-attribution for a behaviour dataset.
 
     model: a :class:`~latentaudit.models.load.LoadedModel`, or a short name, folder or hub id
-    that is loaded (on ``device`` in ``dtype``) only after every other input checked out.
+    that is loaded (on ``device`` in ``dtype``) only after every other input checked out; the
+    SAEs are then moved to its device.
     saes: an SAE or the path of one, a list of them, or {layer: SAE}; each reads the layer its
     config records, or the matching entry of ``layers`` (see
     :func:`~latentaudit.attribution.plan.saes_by_layer`). data: a behaviour JSONL path or a list
@@ -42,8 +44,9 @@ def attribute(model: LoadedModel | str | os.PathLike, saes: SAEs, data: Data,
         model = model_load.load_model(str(model), device=device, dtype=dtype)
         for sae in inputs.saes.values():
             sae.to(model.device)
-    for sae in inputs.saes.values():
+    for layer, sae in inputs.saes.items():
         sae.check_fits(model.d_model, model_name=model.name)
+        layer_module(model.model, layer)  # a clear error for a layer the model lacks
     max_len = getattr(model.model.config, "max_position_embeddings", None)
     plan = make_plan(inputs, model.tokenizer, max_len, cfg.batch_size)
     sums = run_batches(model, inputs.saes, plan, cfg, checkpoint)
