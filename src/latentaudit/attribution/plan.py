@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from latentaudit.attribution.config import AttributionConfig
-from latentaudit.data.behaviour import Completion, Pairing, dataset_hash, load_behaviour, make_pairs
+from latentaudit.data.behaviour import Completion, Pairing, dataset_hash, load_pairs
 from latentaudit.data.tokens import completion_ids, prompt_ids
 from latentaudit.errors import LatentAuditError
 from latentaudit.saes.sae import CONFIG_FILE, SAE
@@ -44,20 +44,9 @@ class Inputs:
 def check_inputs(saes: SAEs, data: Data, layers: int | Sequence[int] | None,
                  cfg: AttributionConfig) -> Inputs:
     """Validate and pair the data, then load the SAE files and decide their layers."""
-    if isinstance(data, (str, os.PathLike)):
-        completions = load_behaviour(data)
-        dataset = {"path": str(data), "sha256": dataset_hash(data)}
-    else:
-        completions, dataset = list(data), None
-        wrong = [i for i, c in enumerate(completions) if not isinstance(c, Completion)]
-        if wrong:
-            raise LatentAuditError(f"data[{wrong[0]}] is not a Completion: pass a behaviour "
-                                   "JSONL path or a list of Completion objects.")
-    pairs = make_pairs(completions, cfg.pairing)
-    if not pairs.pairs:
-        raise LatentAuditError(
-            "No prompt has both a positive and a negative completion, so there are no pairs to "
-            "attribute; add completions with the missing label.")
+    completions, pairs = load_pairs(data, cfg.pairing)
+    dataset = ({"path": str(data), "sha256": dataset_hash(data)}
+               if isinstance(data, (str, os.PathLike)) else None)
     if isinstance(saes, Mapping):
         if layers is not None:
             raise LatentAuditError("Pass either {layer: SAE} or layers, not both.")

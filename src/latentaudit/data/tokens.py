@@ -19,11 +19,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from jaxtyping import Bool, Int
-
 from latentaudit.errors import LatentAuditError
 
 if TYPE_CHECKING:
+    from jaxtyping import Bool, Int
     from torch import Tensor
 
 
