@@ -332,3 +332,19 @@ def test_bad_dataset_names_file_line_and_field(tmp_path):
     assert f"{path}:3: not valid JSON" in msg
     assert f"{path}:4: field 'prompt'" in msg
     assert "3 problem(s)" in msg
+
+
+def test_chat_prompts_are_checked_message_by_message(tmp_path):
+    from latentaudit.data.behaviour import load_behaviour
+
+    path = tmp_path / "chat.jsonl"
+    rows = [{"prompt": [], "completion": "b", "label": "positive"},
+            {"prompt": [{"role": "user", "content": "hi"}, {"role": "user"}], "completion": "b",
+             "label": "negative"},
+            {"prompt": [{"role": "user", "content": "hi"}], "completion": "b", "label": "positive"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(LatentAuditError) as err:
+        load_behaviour(path)
+    assert str(err.value).splitlines()[1:] == [
+        f"  {path}:1: field 'prompt' must be a non-empty list of chat messages",
+        f"  {path}:2: field 'prompt'[1] must be an object with string 'role' and 'content'"]

@@ -9,9 +9,9 @@ without special tokens. Exact ids given in the dataset (``prompt_token_ids`` /
 Batches are left-padded so every row's completion ends at the last position; position ids are
 computed from the attention mask, so a padded row gives the same result as the row alone.
 
-A chat prompt is a non-empty list of ``{"role": str, "content": str}`` messages; every reader
-that accepts one checks it with :func:`message_problems`. This module imports torch only to
-build batches, so validation stays light.
+A chat prompt is a non-empty list of ``{"role": str, "content": str}`` messages, checked by
+:func:`message_problems`. This module imports torch only to build batches, so validation stays
+light.
 """
 
 from __future__ import annotations
