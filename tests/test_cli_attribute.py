@@ -153,8 +153,10 @@ def test_checkpoint_flags_are_documented_and_reach_the_config(capsys):
         main(["attribute", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert "--checkpoint-every-batches" in help_text and "--checkpoint-every-seconds" in help_text
-    assert "checkpoint after this many batches (0: never by count). (default: 20)" in help_text
-    assert "(0: never by time). (default: 300.0)" in help_text
+    assert ("--checkpoint-every-batches N Save a resumable checkpoint every N batches (0: never "
+            "by count). (default: 20)") in help_text
+    assert ("--checkpoint-every-seconds S Save a resumable checkpoint when S seconds have passed "
+            "since the last one (0: never by time). (default: 300.0)") in help_text
     need = ["attribute", "--model", "m", "--sae", "s", "--data", "d", "--out", "o"]
     assert config_from_args(build_parser().parse_args(need)) == AttributionConfig()
     cfg = config_from_args(build_parser().parse_args(

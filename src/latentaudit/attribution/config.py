@@ -34,10 +34,10 @@ class AttributionConfig:
     """Also compute the Δ-activation baseline (one SAE encoder pass over completion tokens; the
     only SAE-side cost that grows with d_sae during the pass)."""
     checkpoint_every_batches: int = 20
-    """Save a resumable checkpoint after this many batches (0: never by count)."""
+    """Save a resumable checkpoint every N batches (0: never by count)."""
     checkpoint_every_seconds: float = 300.0
-    """Save a resumable checkpoint when this many seconds have passed since the last one (0:
-    never by time)."""
+    """Save a resumable checkpoint when S seconds have passed since the last one (0: never by
+    time)."""
 
     def __post_init__(self) -> None:
         _at_least("--batch-size", self.batch_size, 1)

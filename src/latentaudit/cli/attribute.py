@@ -40,9 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-delta-activation", action="store_true",
                    help="Skip the Δ-activation baseline (saves one SAE encoder pass).")
     p.add_argument("--top-k", type=int, default=100, help=doc["top_k"])
-    p.add_argument("--checkpoint-every-batches", type=int, default=20,
+    p.add_argument("--checkpoint-every-batches", type=int, default=20, metavar="N",
                    help=doc["checkpoint_every_batches"])
-    p.add_argument("--checkpoint-every-seconds", type=float, default=300.0,
+    p.add_argument("--checkpoint-every-seconds", type=float, default=300.0, metavar="S",
                    help=doc["checkpoint_every_seconds"])
     p.add_argument("--show", type=int, default=10, help="Latents printed in the summary table.")
 
