@@ -73,13 +73,13 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
-    from latentaudit.attribute.engine import (
+    from latentaudit.attribution.accumulate import (
         Accumulators,
         _accumulate,
         _forward_backward,
         _latent_sums,
     )
-    from latentaudit.attribute.math import (
+    from latentaudit.attribution.math import (
         center,
         completion_losses,
         deltas_from_moments,

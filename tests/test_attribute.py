@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from latentaudit.attribute import AttributionConfig, attribute
-from latentaudit.attribute.math import (
+from latentaudit.attribution import AttributionConfig, attribute
+from latentaudit.attribution.math import (
     batch_moments,
     center,
     completion_losses,
@@ -18,6 +18,7 @@ from latentaudit.attribute.math import (
 )
 from latentaudit.data.behaviour import Completion, make_pairs
 from latentaudit.data.tokens import completion_ids, prompt_ids
+from latentaudit.errors import LatentAuditError, ShapeMismatchError
 from latentaudit.models.hooks import resid_hooks
 from latentaudit.models.load import prepare
 from tiny import random_sae, tiny_model, tiny_tokenizer
@@ -221,7 +222,7 @@ def test_abar_sources():
                                rtol=1e-5, atol=1e-6)
     zero = attribute(lm, sae, data, AttributionConfig(abar="zero")).layers[1]
     assert zero.abar_source == "zero" and not zero.a_bar.any()
-    with pytest.raises(Exception, match="stores no mean activation"):
+    with pytest.raises(LatentAuditError, match="stores no mean activation"):
         attribute(lm, sae, data, AttributionConfig(abar="sae"))
 
 
@@ -270,12 +271,12 @@ def test_full_mean_ablation_matches_exact_effect(arch):
 # -- resumable checkpoints --------------------------------------------------------------------
 
 def test_killed_run_resumes_to_the_same_result(tmp_path, monkeypatch):
-    import latentaudit.attribute.engine as engine
+    import latentaudit.attribution.accumulate as engine
 
     lm = loaded(dtype=torch.float32)
     sae = random_sae(32, 16, layer=1)
     data = make_data()
-    cfg = AttributionConfig(batch_size=2, checkpoint_every=1)
+    cfg = AttributionConfig(batch_size=2, checkpoint_every_batches=1)
     full = attribute(lm, sae, data, cfg).layers[1]
     ckpt = tmp_path / "ckpt.safetensors"
     real, calls = engine._accumulate, []
@@ -303,20 +304,19 @@ def test_no_pairs_is_a_clear_error():
     lm = loaded()
     sae = random_sae(32, 8, layer=0).double()
     data = [Completion("p", "x", "positive", "p")]
-    with pytest.raises(Exception, match="no pairs"):
+    with pytest.raises(LatentAuditError, match="no pairs"):
         attribute(lm, sae, data)
 
 
 def test_mismatched_sae_names_both_numbers():
     lm = loaded()
     sae = random_sae(48, 8, layer=0).double()
-    with pytest.raises(Exception, match="d_model=48.*d_model=32"):
+    with pytest.raises(ShapeMismatchError, match="d_model=48.*d_model=32"):
         attribute(lm, sae, make_data())
 
 
 def test_bad_dataset_names_file_line_and_field(tmp_path):
     from latentaudit.data.behaviour import load_behaviour
-    from latentaudit.errors import LatentAuditError
 
     path = tmp_path / "bad.jsonl"
     path.write_text("\n".join([
@@ -332,3 +332,19 @@ def test_bad_dataset_names_file_line_and_field(tmp_path):
     assert f"{path}:3: not valid JSON" in msg
     assert f"{path}:4: field 'prompt'" in msg
     assert "3 problem(s)" in msg
+
+
+def test_chat_prompts_are_checked_message_by_message(tmp_path):
+    from latentaudit.data.behaviour import load_behaviour
+
+    path = tmp_path / "chat.jsonl"
+    rows = [{"prompt": [], "completion": "b", "label": "positive"},
+            {"prompt": [{"role": "user", "content": "hi"}, {"role": "user"}], "completion": "b",
+             "label": "negative"},
+            {"prompt": [{"role": "user", "content": "hi"}], "completion": "b", "label": "positive"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(LatentAuditError) as err:
+        load_behaviour(path)
+    assert str(err.value).splitlines()[1:] == [
+        f"  {path}:1: field 'prompt' must be a non-empty list of chat messages",
+        f"  {path}:2: field 'prompt'[1] must be an object with string 'role' and 'content'"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -106,3 +107,97 @@ def test_help_is_fast_and_imports_no_torch():
              "print('torch' in sys.modules, 'transformers' in sys.modules)")
     res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert res.stdout.split() == ["False", "False"]
+
+
+def test_cli_checks_inputs_before_loading_the_model(tmp_path, sae_dir, capsys, monkeypatch):
+    import latentaudit.models.load as model_load
+
+    calls = []
+    monkeypatch.setattr(model_load, "load_model", lambda *a, **k: calls.append(a))
+    bad = tmp_path / "bad.jsonl"
+    cut = '{"prompt": "a", "completion": "b", "label": "negative"'  # no closing brace
+    bad.write_text('{"prompt": "a", "completion": "b", "label": "positive"}\n' + cut + "\n")
+    missing = str(tmp_path / "no-such-model")
+    base = ["attribute", "--model", missing, "--out", str(tmp_path / "o")]
+    assert main([*base, "--sae", str(sae_dir), "--data", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:2: not valid JSON (Expecting ',' delimiter at column {len(cut) + 1})" in err
+    assert main([*base, "--sae", str(sae_dir), "--data", str(EXAMPLE), "--device", "zero"]) == 2
+    assert "--device 'zero' is not a device: use auto, cpu, cuda" in capsys.readouterr().err
+    assert main([*base, "--sae", str(tmp_path / "nope"), "--data", str(EXAMPLE)]) == 2
+    assert "nope does not exist" in capsys.readouterr().err
+    assert main([*base, "--sae", "default", "--data", str(EXAMPLE)]) == 2
+    assert "ships no SAE for model" in capsys.readouterr().err
+    assert calls == []
+
+
+def test_cli_multi_layer_sae_is_one_clear_error(tmp_path, capsys):
+    folder = tmp_path / "sae"
+    random_sae(32, 16).save(folder)
+    cfg = json.loads((folder / "cfg.json").read_text())
+    (folder / "cfg.json").write_text(json.dumps({**cfg, "layer": [3, 5]}))
+    rc = main(["attribute", "--model", str(tmp_path / "no-model"), "--sae", str(folder),
+               "--data", str(EXAMPLE), "--out", str(tmp_path / "o")])
+    assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"latentaudit attribute: error: {folder / 'cfg.json'}: field 'layer' lists "
+                   "several layers (3, 5): pass --layer with the one to read.")
+
+
+def test_checkpoint_flags_are_documented_and_reach_the_config(capsys):
+    from latentaudit.attribution import AttributionConfig
+    from latentaudit.cli import build_parser
+    from latentaudit.cli.attribute import config_from_args
+
+    with pytest.raises(SystemExit):
+        main(["attribute", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--checkpoint-every-batches" in help_text and "--checkpoint-every-seconds" in help_text
+    assert ("--checkpoint-every-batches N Save a resumable checkpoint every N batches (0: never "
+            "by count). (default: 20)") in help_text
+    assert ("--checkpoint-every-seconds S Save a resumable checkpoint when S seconds have passed "
+            "since the last one (0: never by time). (default: 300.0)") in help_text
+    need = ["attribute", "--model", "m", "--sae", "s", "--data", "d", "--out", "o"]
+    assert config_from_args(build_parser().parse_args(need)) == AttributionConfig()
+    cfg = config_from_args(build_parser().parse_args(
+        [*need, "--checkpoint-every-batches", "3", "--checkpoint-every-seconds", "0"]))
+    assert (cfg.checkpoint_every_batches, cfg.checkpoint_every_seconds) == (3, 0)
+
+
+def test_an_error_starts_on_its_own_line_below_a_progress_bar(tmp_path, capsys, monkeypatch):
+    import latentaudit.attribution as attribution
+    from latentaudit._progress import progress
+    from latentaudit.errors import LatentAuditError
+
+    def failing(*args, **kwargs):
+        bar = progress(total=4, desc="attribute", unit="batch")
+        bar.update(1)
+        raise LatentAuditError("boom")
+
+    monkeypatch.delenv("LATENTAUDIT_QUIET", raising=False)
+    monkeypatch.setattr(attribution, "attribute", failing)
+    rc = main(["attribute", "--model", "m", "--sae", "s", "--data", "d",
+               "--out", str(tmp_path / "o")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "attribute:  25%" in err  # the bar was shown
+    lines = err.split("\n")
+    assert "latentaudit attribute: error: boom" in lines
+    assert lines[lines.index("latentaudit attribute: error: boom") - 1].rstrip().endswith("]")
+
+
+def test_python_dash_m_latentaudit_runs_the_cli_without_torch():
+    import latentaudit
+
+    src = str(Path(latentaudit.__file__).parents[1])
+    env = {**os.environ, "PYTHONPATH": src}
+    res = subprocess.run([sys.executable, "-m", "latentaudit", "--help"], capture_output=True,
+                         text=True, env=env, timeout=60)
+    assert res.returncode == 0 and "attribute" in res.stdout and "train-sae" in res.stdout
+    probe = ("import runpy, sys; sys.argv = ['latentaudit', '--help']\n"
+             "try:\n    runpy.run_module('latentaudit', run_name='__main__')\n"
+             "except SystemExit as e:\n    code = e.code\n"
+             "print('torch' in sys.modules, code)")
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env,
+                         timeout=60, check=True)
+    assert res.stdout.split()[-2:] == ["False", "0"]

@@ -91,10 +91,41 @@ def test_bad_model_dtype_and_device_are_clear_errors(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(LatentAuditError, match="CUDA is not available"):
             resolve_device("cuda")
+    with pytest.raises(LatentAuditError, match="--dtype '3' is not one of"):
+        parse_dtype(3)
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("zero", "--device 'zero' is not a device: use auto, cpu, cuda, cuda:N or mps."),
+    ("cuda:x", "--device 'cuda:x' is not a device: use auto, cpu, cuda, cuda:N or mps."),
+    ("CPU", "--device 'CPU' is not a device: use auto, cpu, cuda, cuda:N or mps."),
+    ("meta", "--device 'meta' is not supported: use auto, cpu, cuda, cuda:N or mps."),
+])
+def test_every_bad_device_is_one_clear_error(value, message):
+    with pytest.raises(LatentAuditError) as err:
+        resolve_device(value)
+    assert str(err.value) == message
+
+
+def test_devices_that_this_machine_lacks(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(LatentAuditError, match=r"--device cuda:7 was requested but CUDA is not "
+                                               r"available on this machine: use --device cpu"):
+        resolve_device("cuda:7")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(LatentAuditError, match="--device cuda:7: this machine has 1 CUDA "
+                                               "device.*numbered 0 to 0"):
+        resolve_device("cuda:7")
+    assert resolve_device("cuda:0") == torch.device("cuda:0")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(LatentAuditError, match="MPS is not available"):
+        resolve_device("mps")
+    assert resolve_device("cpu") == torch.device("cpu")
 
 
 def test_bf16_attribution_is_close_to_fp32():
-    from latentaudit.attribute import AttributionConfig, attribute
+    from latentaudit.attribution import AttributionConfig, attribute
     from latentaudit.models.load import prepare
     from test_attribute import make_data
     from tiny import random_sae, tiny_tokenizer

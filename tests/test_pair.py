@@ -112,6 +112,13 @@ def test_errors_name_the_file_and_line(tmp_path):
     path = write(tmp_path / "j.jsonl", [ROWS[0], {"prompt": "x", "completion": "y"}])
     with pytest.raises(LatentAuditError, match=r"j\.jsonl:2: not a judged row"):
         read_judged(path)
+    text = json.dumps(ROWS[0])
+    path.write_text(text[:-1] + "\n" + json.dumps(ROWS[1]) + "\n[1]\n")
+    with pytest.raises(LatentAuditError) as err:  # every bad line at once, with its column
+        read_judged(path)
+    assert f"j.jsonl:1: not valid JSON (Expecting ',' delimiter at column {len(text)})" \
+        in str(err.value)
+    assert "j.jsonl:3: not a judged row" in str(err.value) and "2 problem(s)" in str(err.value)
     path = write(tmp_path / "j.jsonl", [judged("z", 0, "EVADES")])
     with pytest.raises(LatentAuditError, match="no completion was labelled.*evades: 1"):
         pair_file(path, tmp_path / "d.jsonl")

@@ -1,7 +1,9 @@
 """latentaudit: find the SAE latents that cause a language model's bad completions.
 
 The public API is re-exported lazily so ``import latentaudit`` (and ``latentaudit --help``)
-does not import torch.
+does not import torch. No exported name is also the name of a subpackage or module: importing a
+submodule sets the package attribute of its name, which would hide the export (the attribution
+stage is therefore the subpackage ``attribution`` and ``latentaudit.attribute`` its function).
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ _EXPORTS = {
     "load_model": "latentaudit.models.load",
     "LoadedModel": "latentaudit.models.load",
     "load_behaviour": "latentaudit.data.behaviour",
-    "attribute": "latentaudit.attribute",
-    "AttributionConfig": "latentaudit.attribute",
-    "AttributionResult": "latentaudit.attribute",
+    "attribute": "latentaudit.attribution",
+    "AttributionConfig": "latentaudit.attribution",
+    "AttributionResult": "latentaudit.attribution",
+    "LayerAttribution": "latentaudit.attribution",
     "LatentAuditError": "latentaudit.errors",
     "fetch_corpus": "latentaudit.data.corpus",
     "load_corpus": "latentaudit.data.corpus",

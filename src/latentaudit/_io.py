@@ -91,6 +91,13 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def json_problem(err: json.JSONDecodeError) -> str:
+    """What is wrong and where, e.g. "Expecting ',' delimiter at column 17" (1-based column;
+    the line too when the text spans several)."""
+    line = f"line {err.lineno}, " if err.doc.count("\n") else ""
+    return f"{err.msg} at {line}column {err.colno}"
+
+
 def read_jsonl(path: str | os.PathLike, parse: Callable[[Any, str], tuple[Any, list[str]]],
                what: str = "rows", unique: tuple[str, Callable[[Any], Any]] | None = None
                ) -> list[tuple[int, Any]]:
@@ -110,9 +117,9 @@ def read_jsonl(path: str | os.PathLike, parse: Callable[[Any, str], tuple[Any, l
                 continue
             where = f"{path}:{n}"
             try:
-                obj = json.loads(text)
+                obj = json.loads(text.rstrip("\r\n"))
             except json.JSONDecodeError as err:
-                errs.append(f"{where}: not valid JSON ({err.msg} at column {err.colno})")
+                errs.append(f"{where}: not valid JSON ({json_problem(err)})")
                 continue
             item, problems = parse(obj, where)
             errs.extend(problems)

@@ -14,14 +14,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from latentaudit._io import write_jsonl
+from latentaudit._io import read_jsonl, write_jsonl
 from latentaudit.data.behaviour import Pairing, default_prompt_id, make_pairs, parse_row
 from latentaudit.errors import LatentAuditError
 from latentaudit.judges.base import Verdict
@@ -48,27 +47,19 @@ class PairResult:
 
 
 def read_judged(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
-    """(line, row) for every row of a judged JSONL file; clear errors name file:line."""
+    """(line, row) for every row of a judged JSONL file; one error lists every bad file:line."""
     path = Path(path)
     if not path.is_file():
         raise LatentAuditError(f"--judged {path}: no such file.")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as err:
-                raise LatentAuditError(f"{path}:{n}: not valid JSON ({err.msg}).") from None
-            if not isinstance(row, dict) or not isinstance(row.get("answers"), dict) \
-                    or "completion" not in row:
-                raise LatentAuditError(f"{path}:{n}: not a judged row (no 'answers'); pass the "
-                                       "output of `latentaudit judge`.")
-            rows.append((n, row))
-    if not rows:
-        raise LatentAuditError(f"{path}: the file holds no judged completions.")
-    return rows
+    return read_jsonl(path, _judged_row, "judged completions")
+
+
+def _judged_row(row: Any, where: str) -> tuple[dict[str, Any] | None, list[str]]:
+    if not isinstance(row, dict) or not isinstance(row.get("answers"), dict) \
+            or "completion" not in row:
+        return None, [f"{where}: not a judged row (no 'answers'); pass the output of "
+                      "`latentaudit judge`"]
+    return row, []
 
 
 def rubric_of(rows: list[tuple[int, dict[str, Any]]], path: str | Path) -> Rubric:

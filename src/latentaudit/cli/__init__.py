@@ -9,10 +9,13 @@ import time (torch and transformers load inside ``run``), so ``--help`` stays fa
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
 import logging
 import pkgutil
 import sys
+from functools import cache
+from pathlib import Path
 
 # Order in which subcommands are listed in --help (pipeline order); others follow, sorted.
 ORDER = ["models", "data", "train-sae", "sae", "sample", "judge", "pair", "attribute", "explain",
@@ -29,6 +32,20 @@ def _command_modules() -> list:
             mods.append(mod)
     rank = {name: i for i, name in enumerate(ORDER)}
     return sorted(mods, key=lambda m: (rank.get(m.NAME, len(ORDER)), m.NAME))
+
+
+@cache
+def field_docs(source: str, cls: str) -> dict[str, str]:
+    """Field docstrings of dataclass ``cls`` in ``source`` (a path inside the package, e.g.
+    ``attribution/config.py``), read from the file so that ``--help`` imports no torch."""
+    tree = ast.parse(Path(__file__).parents[1].joinpath(source).read_text(encoding="utf-8"))
+    body = next(n.body for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls)
+    docs = {}
+    for node, nxt in zip(body, body[1:], strict=False):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and \
+                isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,18 +72,27 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    from latentaudit._progress import BarSafeHandler
     from latentaudit.errors import LatentAuditError
 
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s", handlers=[BarSafeHandler()])
     try:
         return int(args._run(args) or 0)
     except LatentAuditError as err:
-        print(f"latentaudit {args.command}: error: {err}", file=sys.stderr)
+        _fail(f"latentaudit {args.command}: error: {err}")
         return 2
     except KeyboardInterrupt:
-        print(f"latentaudit {args.command}: interrupted; finished work is kept.", file=sys.stderr)
+        _fail(f"latentaudit {args.command}: interrupted; finished work is kept.")
         return 130
+
+
+def _fail(message: str) -> None:
+    """Print ``message`` on stderr on a line of its own, below any progress bar left open."""
+    from latentaudit._progress import close_bars
+
+    close_bars()
+    print(message, file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -22,11 +22,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from latentaudit._io import read_jsonl
+from latentaudit.data.tokens import message_problems
 from latentaudit.errors import LatentAuditError
 
 log = logging.getLogger(__name__)
@@ -105,11 +108,7 @@ def parse_row(row: Any, where: str) -> tuple[Completion | None, list[str]]:
     errs: list[str] = []
     prompt = row.get("prompt")
     if isinstance(prompt, list):
-        for j, m in enumerate(prompt):
-            if not (isinstance(m, dict) and isinstance(m.get("role"), str)
-                    and isinstance(m.get("content"), str)):
-                errs.append(f"{where}: field 'prompt'[{j}] must be an object with string 'role' "
-                            "and 'content'")
+        errs.extend(message_problems(prompt, where))
     elif not isinstance(prompt, str):
         errs.append(f"{where}: field 'prompt' is required and must be a string or a list of "
                     "chat messages")
@@ -159,6 +158,25 @@ def load_behaviour(path: str | Path) -> list[Completion]:
         comp.line, comp.source = n, str(path)
         rows.append(comp)
     return rows
+
+
+def load_pairs(data: str | os.PathLike | Sequence[Completion], mode: str = "all"
+               ) -> tuple[list[Completion], Pairing]:
+    """Read (or take) the completions and pair them; an error when there is no pair at all."""
+    if isinstance(data, (str, os.PathLike)):
+        completions = load_behaviour(data)
+    else:
+        completions = list(data)
+        wrong = [i for i, c in enumerate(completions) if not isinstance(c, Completion)]
+        if wrong:
+            raise LatentAuditError(f"data[{wrong[0]}] is not a Completion: pass a behaviour "
+                                   "JSONL path or a list of Completion objects.")
+    pairing = make_pairs(completions, mode)
+    if not pairing.pairs:
+        raise LatentAuditError(
+            "No prompt has both a positive and a negative completion, so there are no pairs to "
+            "attribute; add completions with the missing label.")
+    return completions, pairing
 
 
 def make_pairs(completions: list[Completion], mode: str = "all") -> Pairing:

@@ -8,17 +8,33 @@ without special tokens. Exact ids given in the dataset (``prompt_token_ids`` /
 
 Batches are left-padded so every row's completion ends at the last position; position ids are
 computed from the attention mask, so a padded row gives the same result as the row alone.
+
+A chat prompt is a non-empty list of ``{"role": str, "content": str}`` messages, checked by
+:func:`message_problems`. This module imports torch only to build batches, so validation stays
+light.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
-from jaxtyping import Bool, Int
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
 from latentaudit.errors import LatentAuditError
+
+if TYPE_CHECKING:
+    from jaxtyping import Bool, Int
+    from torch import Tensor
+
+
+def message_problems(prompt: Any, where: str, field: str = "prompt") -> list[str]:
+    """Problems of a chat prompt (a non-empty list of {"role": str, "content": str}), each
+    naming ``where`` and the field; [] when it is one."""
+    if not isinstance(prompt, list) or not prompt:
+        return [f"{where}: field '{field}' must be a non-empty list of chat messages"]
+    return [f"{where}: field '{field}'[{j}] must be an object with string 'role' and 'content'"
+            for j, m in enumerate(prompt)
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str)
+                    and isinstance(m.get("content"), str))]
 
 
 def as_ids(encoded) -> list[int]:
@@ -85,6 +101,8 @@ class Batch:
 
 def collate(seqs: list[tuple[list[int], list[int]]], pad_id: int) -> Batch:
     """Left-pad (prompt ids, completion ids) pairs into one :class:`Batch`."""
+    import torch
+
     lengths = [len(p) + len(c) for p, c in seqs]
     T = max(lengths)
     B = len(seqs)

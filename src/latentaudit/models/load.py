@@ -54,18 +54,39 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
         return dtype
     try:
         return DTYPES[dtype.lower()]
-    except KeyError:
+    except (KeyError, AttributeError):
         raise LatentAuditError(
             f"--dtype '{dtype}' is not one of {', '.join(sorted(DTYPES))}.") from None
 
 
-def resolve_device(device: str | None) -> torch.device:
-    """'auto' (or None) picks CUDA when available; otherwise the named device."""
-    if device in (None, "auto"):
+DEVICES = "auto, cpu, cuda, cuda:N or mps"
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """'auto' (or None) picks CUDA when available; otherwise the named device, which must be
+    cpu, cuda, cuda:N or mps and present on this machine (else one clear error)."""
+    if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise LatentAuditError(f"--device {device} was requested but CUDA is not available.")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise LatentAuditError(
+            f"--device {device!r} is not a device: use {DEVICES}.") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise LatentAuditError(f"--device {device} was requested but CUDA is not available "
+                                   "on this machine: use --device cpu (or auto).")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise LatentAuditError(f"--device {device}: this machine has {count} CUDA device(s), "
+                                   f"numbered 0 to {count - 1}.")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise LatentAuditError(f"--device {device} was requested but MPS is not available "
+                                   "on this machine: use --device cpu (or auto).")
+    elif dev.type != "cpu":
+        raise LatentAuditError(f"--device {device!r} is not supported: use {DEVICES}.")
+    return dev
 
 
 def resolve_model_path(name: str) -> str:
@@ -86,9 +107,9 @@ def load_model(name: str, device: str | None = "auto", dtype: str | torch.dtype 
     """Load a causal LM and its tokenizer, frozen, in eval mode, on ``device`` in ``dtype``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = resolve_model_path(name)
     torch_dtype = parse_dtype(dtype)
     dev = resolve_device(device)
+    path = resolve_model_path(name)
     offline = not Path(path).exists()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)

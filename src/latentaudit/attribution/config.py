@@ -7,7 +7,9 @@ from dataclasses import dataclass
 from jaxtyping import Float
 from torch import Tensor
 
+from latentaudit.data.behaviour import PAIRINGS
 from latentaudit.errors import LatentAuditError
+from latentaudit.saes.sae import SAEInfo
 
 ABAR_SOURCES = ("auto", "sae", "dataset", "zero")
 POSITIONS = ("all", "completion")
@@ -27,23 +29,34 @@ class AttributionConfig:
     pairing: str = "all"
     """Pairs within a prompt: all (every positive×negative) or matched (one-to-one)."""
     top_k: int = 100
-    """Latents written to ranking.jsonl (per layer)."""
+    """Latents in the ranking (per layer), with their logit-lens tokens."""
     delta_activation: bool = True
     """Also compute the Δ-activation baseline (one SAE encoder pass over completion tokens; the
     only SAE-side cost that grows with d_sae during the pass)."""
-    checkpoint_every: int = 20
-    """Batches between resumable checkpoints of the accumulators (0 = never)."""
+    checkpoint_every_batches: int = 20
+    """Save a resumable checkpoint every N batches (0: never by count)."""
+    checkpoint_every_seconds: float = 300.0
+    """Save a resumable checkpoint when S seconds have passed since the last one (0: never by
+    time)."""
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise LatentAuditError(f"--batch-size must be at least 1, got {self.batch_size}.")
-        if self.abar not in ABAR_SOURCES:
-            raise LatentAuditError(f"--abar '{self.abar}' is not one of {', '.join(ABAR_SOURCES)}.")
-        if self.positions not in POSITIONS:
-            raise LatentAuditError(
-                f"--positions '{self.positions}' is not one of {', '.join(POSITIONS)}.")
-        if self.top_k < 1:
-            raise LatentAuditError(f"--top-k must be at least 1, got {self.top_k}.")
+        _at_least("--batch-size", self.batch_size, 1)
+        _one_of("--abar", self.abar, ABAR_SOURCES)
+        _one_of("--positions", self.positions, POSITIONS)
+        _one_of("--pairing", self.pairing, PAIRINGS)
+        _at_least("--top-k", self.top_k, 1)
+        _at_least("--checkpoint-every-batches", self.checkpoint_every_batches, 0)
+        _at_least("--checkpoint-every-seconds", self.checkpoint_every_seconds, 0)
+
+
+def _at_least(flag: str, value: float, low: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low:
+        raise LatentAuditError(f"{flag} must be at least {low}, got {value!r}.")
+
+
+def _one_of(flag: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise LatentAuditError(f"{flag} '{value}' is not one of {', '.join(allowed)}.")
 
 
 @dataclass
@@ -61,11 +74,41 @@ class LayerAttribution:
     """The mean activation used."""
     abar_source: str
     """Where ā came from: sae, dataset or zero."""
+    sae: SAEInfo
+    """The SAE read at this layer (its file, format, activation, k)."""
 
     def top(self, k: int) -> list[int]:
         """Latent indices with the largest Δ-attribution, best first."""
         k = min(k, self.delta_attribution.shape[0])
         return self.delta_attribution.topk(k).indices.tolist()
+
+
+@dataclass
+class RankedLatent:
+    """One row of the ranking: a top latent of one layer by Δ-attribution."""
+
+    layer: int
+    latent: int
+    rank: int
+    """1 for the largest Δ-attribution of its layer."""
+    delta_attribution: float
+    delta_activation: float | None
+    delta_activation_rank: int | None
+    """The latent's rank by Δ-activation among all latents of its layer (None if skipped)."""
+    logit_lens_top_tokens: list[str]
+    """The 10 tokens whose unembedding rows have the largest cosine with the decoder direction."""
+
+
+@dataclass
+class ModelSummary:
+    """The model an attribution ran on."""
+
+    name: str
+    """What the user asked for (short name, path or hub id)."""
+    path: str
+    """Where its weights were read from."""
+    d_model: int
+    dtype: str
 
 
 @dataclass
@@ -84,5 +127,9 @@ class AttributionResult:
     skipped_prompts: dict[str, str]
     completion_losses: list[float]
     """ℓ_C of each used completion, in dataset order of the used completions."""
-
-
+    ranking: list[RankedLatent]
+    """The ``config.top_k`` best latents of each layer, layer by layer."""
+    model: ModelSummary
+    config: AttributionConfig
+    dataset: dict[str, str] | None
+    """``path`` and ``sha256`` of the dataset file (None when completions were given in code)."""

@@ -1,4 +1,5 @@
-"""Write an attribution result into a run folder.
+"""Write an attribution result into a run folder (the writer only writes: the ranking and its
+logit lens are part of the result).
 
 Files (schema_version 1):
 
@@ -15,15 +16,16 @@ Files (schema_version 1):
 
 from __future__ import annotations
 
+import os
 import platform
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from latentaudit._io import save_safetensors, write_json, write_jsonl
-from latentaudit.attribute.config import AttributionConfig, AttributionResult
-from latentaudit.explain import logit_lens, token_strings, unembedding
+from latentaudit.attribution.config import AttributionResult
 
 SCHEMA_VERSION = 1
 TENSORS_FILE = "attribution.safetensors"
@@ -34,30 +36,6 @@ MANIFEST_FILE = "manifest.json"
 def tensor_name(name: str, layer: int, several: bool) -> str:
     """``name`` or ``name_layer{L}`` when the result has several layers."""
     return f"{name}_layer{layer}" if several else name
-
-
-def ranking_rows(result: AttributionResult, saes: dict, model, top_k: int) -> list[dict]:
-    """The top ``top_k`` latents of each layer by Δ-attribution, with their logit-lens tokens."""
-    rows = []
-    W_U = unembedding(model.model)
-    for L, la in result.layers.items():
-        top = la.top(top_k)
-        act = la.delta_activation
-        act_rank = None
-        if act is not None:
-            act_rank = torch.empty_like(act, dtype=torch.long)
-            act_rank[act.argsort(descending=True)] = torch.arange(act.numel())
-        dirs = saes[L].decoder_directions()[top]  # (k, D)
-        lens = logit_lens(dirs.to(W_U.device), W_U, k=10)
-        for rank, (latent, ids) in enumerate(zip(top, lens.token_ids.tolist(), strict=True), 1):
-            rows.append({
-                "layer": L, "latent": latent, "rank": rank,
-                "delta_attribution": float(la.delta_attribution[latent]),
-                "delta_activation": None if act is None else float(act[latent]),
-                "delta_activation_rank": None if act is None else int(act_rank[latent]) + 1,
-                "logit_lens_top_tokens": token_strings(model.tokenizer, ids),
-            })
-    return rows
 
 
 def _versions() -> dict[str, str]:
@@ -71,33 +49,32 @@ def _versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
-def manifest(result: AttributionResult, saes: dict, model, cfg: AttributionConfig,
-             dataset: dict) -> dict:
+def manifest(result: AttributionResult) -> dict[str, Any]:
     """The manifest.json content."""
+    m = result.model
     return {
         "schema_version": SCHEMA_VERSION,
         "stage": "attribute",
-        "model": {"name": model.name, "path": model.path, "d_model": model.d_model,
-                  "dtype": str(next(model.model.parameters()).dtype).replace("torch.", "")},
-        "saes": {str(L): {"path": s.info.source_path, "format": s.info.source_format,
-                          "d_sae": s.d_sae, "activation": s.info.activation, "k": s.info.k}
-                 for L, s in saes.items()},
+        "model": {"name": m.name, "path": m.path, "d_model": m.d_model, "dtype": m.dtype},
+        "saes": {str(L): {"path": la.sae.source_path, "format": la.sae.source_format,
+                          "d_sae": la.delta_attribution.numel(), "activation": la.sae.activation,
+                          "k": la.sae.k}
+                 for L, la in result.layers.items()},
         "layers": list(result.layers),
         "hook": "resid_post",
         "abar_source": {str(L): la.abar_source for L, la in result.layers.items()},
-        "dataset": dataset,
+        "dataset": result.dataset,
         "counts": {"completions": result.n_completions, "pairs": result.n_pairs,
                    "prompts": result.n_prompts, "tokens": result.n_tokens,
                    "completion_tokens": result.n_completion_tokens,
                    "skipped_prompts": len(result.skipped_prompts)},
-        "options": asdict(cfg),
+        "options": asdict(result.config),
         "versions": _versions(),
     }
 
 
-def write_run(out: str | Path, result: AttributionResult, saes: dict, model,
-              cfg: AttributionConfig, dataset: dict) -> list[dict]:
-    """Write the three files into ``out`` (atomically); return the ranking rows."""
+def write_run(out: str | os.PathLike, result: AttributionResult) -> None:
+    """Write the three files into ``out``, each atomically."""
     out = Path(out)
     several = len(result.layers) > 1
     tensors = {}
@@ -106,7 +83,5 @@ def write_run(out: str | Path, result: AttributionResult, saes: dict, model,
             if getattr(la, name) is not None:
                 tensors[tensor_name(name, L, several)] = getattr(la, name).float()
     save_safetensors(out / TENSORS_FILE, tensors, metadata={"schema_version": str(SCHEMA_VERSION)})
-    rows = ranking_rows(result, saes, model, cfg.top_k)
-    write_jsonl(out / RANKING_FILE, rows)
-    write_json(out / MANIFEST_FILE, manifest(result, saes, model, cfg, dataset))
-    return rows
+    write_jsonl(out / RANKING_FILE, (asdict(row) for row in result.ranking))
+    write_json(out / MANIFEST_FILE, manifest(result))

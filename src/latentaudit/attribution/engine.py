@@ -1,0 +1,53 @@
+"""The attribution driver: check inputs → load the model → plan → batch loop → finish.
+
+Everything that can be checked without the model (options, the dataset and its pairs, the SAE
+files and their layers) is checked before the model loads, so a bad input fails in well under a
+second instead of after the load.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from latentaudit.attribution.accumulate import run_batches
+from latentaudit.attribution.config import AttributionConfig, AttributionResult
+from latentaudit.attribution.finish import finish
+from latentaudit.attribution.plan import Data, SAEs, check_inputs, make_plan
+from latentaudit.models import load as model_load
+from latentaudit.models.hooks import layer_module
+from latentaudit.models.load import LoadedModel
+
+
+def attribute(model: LoadedModel | str | os.PathLike, saes: SAEs, data: Data,
+              cfg: AttributionConfig | None = None, *,
+              layers: int | Sequence[int] | None = None,
+              checkpoint: str | os.PathLike | None = None,
+              device: str = "auto", dtype: str = "float32") -> AttributionResult:
+    """Rank SAE latents by Δ-attribution for a behaviour dataset.
+
+    model: a :class:`~latentaudit.models.load.LoadedModel`, or a short name, folder or hub id
+    that is loaded (on ``device`` in ``dtype``) only after every other input checked out; the
+    SAEs are then moved to its device.
+    saes: an SAE or the path of one, a list of them, or {layer: SAE}; each reads the layer its
+    config records, or the matching entry of ``layers`` (see
+    :func:`~latentaudit.attribution.plan.saes_by_layer`). data: a behaviour JSONL path or a list
+    of :class:`~latentaudit.data.behaviour.Completion`. checkpoint: a file for resumable
+    checkpoints (a rerun with the same inputs continues from it).
+    """
+    cfg = cfg or AttributionConfig()
+    if not isinstance(model, LoadedModel):
+        model_load.parse_dtype(dtype)
+        model_load.resolve_device(device)
+    inputs = check_inputs(saes, data, layers, cfg)
+    if not isinstance(model, LoadedModel):
+        model = model_load.load_model(str(model), device=device, dtype=dtype)
+        for sae in inputs.saes.values():
+            sae.to(model.device)
+    for layer, sae in inputs.saes.items():
+        sae.check_fits(model.d_model, model_name=model.name)
+        layer_module(model.model, layer)  # a clear error for a layer the model lacks
+    max_len = getattr(model.model.config, "max_position_embeddings", None)
+    plan = make_plan(inputs, model.tokenizer, max_len, cfg.batch_size)
+    sums = run_batches(model, inputs.saes, plan, cfg, checkpoint)
+    return finish(model, inputs, plan, sums, cfg)

@@ -1,0 +1,104 @@
+"""Finish an attribution run: from the loop's sums to the result (steps 5–7 of the package
+docstring).
+
+1. Choose ā per layer (stored with the SAE, the dataset's own mean, or zero) and centre the moment
+   matrix: M = M_raw − s āᵀ.
+2. Contract M with the unit decoder directions: Δ-attribution_i = −d_iᵀ M d_i; Δ-activation from
+   the latent sums.
+3. Rank the ``top_k`` latents of each layer and read each one's logit lens (the tokens whose
+   unembedding rows have the largest cosine with d_i).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from latentaudit.attribution.accumulate import Accumulators, Sums
+from latentaudit.attribution.config import (
+    AttributionConfig,
+    AttributionResult,
+    LayerAttribution,
+    ModelSummary,
+    RankedLatent,
+)
+from latentaudit.attribution.math import center, deltas_from_moments
+from latentaudit.attribution.plan import Inputs, Plan
+from latentaudit.errors import LatentAuditError
+from latentaudit.explain import logit_lens, token_strings, unembedding
+from latentaudit.models.load import LoadedModel
+from latentaudit.saes.sae import SAE
+
+LENS_TOKENS = 10
+
+
+def finish(model: LoadedModel, inputs: Inputs, plan: Plan, sums: Sums,
+           cfg: AttributionConfig) -> AttributionResult:
+    """The :class:`AttributionResult` of a finished loop, ranking included."""
+    layers = {L: layer_result(L, sae, sums.acc[L], cfg) for L, sae in inputs.saes.items()}
+    first = sums.acc[next(iter(layers))]
+    data, pairs = inputs.data, inputs.pairing.pairs
+    return AttributionResult(
+        layers=layers, n_completions=len(plan.used), n_pairs=len(pairs),
+        n_prompts=len({data[i].prompt_id for p in pairs for i in p}),
+        n_tokens=int(first.counts[0].item()),
+        n_completion_tokens=sum(len(q) for _, q in plan.seqs),
+        skipped_prompts=inputs.pairing.skipped_prompts, completion_losses=sums.losses.tolist(),
+        ranking=ranking(layers, inputs.saes, model, cfg.top_k),
+        model=ModelSummary(name=model.name, path=model.path, d_model=model.d_model,
+                           dtype=str(next(model.model.parameters()).dtype).replace("torch.", "")),
+        config=cfg, dataset=inputs.dataset)
+
+
+def layer_result(layer: int, sae: SAE, acc: Accumulators,
+                 cfg: AttributionConfig) -> LayerAttribution:
+    """Δ-attribution and Δ-activation at one layer from its accumulators."""
+    a_bar, source = choose_abar(cfg.abar, sae, acc)
+    M = center(acc.M_raw, acc.g_sum, a_bar)
+    dirs = sae.decoder_directions().to(M.device)
+    n_pos, n_neg = acc.counts[1].clamp_min(1), acc.counts[2].clamp_min(1)
+    activation = ((acc.f_pos / n_pos - acc.f_neg / n_neg).float().cpu()
+                  if cfg.delta_activation else None)
+    return LayerAttribution(
+        layer=layer, delta_attribution=deltas_from_moments(M, dirs).cpu(),
+        delta_activation=activation, moment_matrix=M.float().cpu(), a_bar=a_bar.float().cpu(),
+        abar_source=source, sae=sae.info)
+
+
+def choose_abar(source: str, sae: SAE, acc: Accumulators) -> tuple[Tensor, str]:
+    """ā and the name of its source."""
+    if source == "auto":
+        source = "sae" if sae.mean_activation is not None else "dataset"
+    if source == "sae":
+        if sae.mean_activation is None:
+            raise LatentAuditError(
+                f"--abar sae was requested but {sae.info.source_path or 'the SAE'} stores no mean "
+                "activation; use --abar dataset or --abar zero.")
+        return sae.mean_activation.detach().double().to(acc.M_raw.device), "sae"
+    if source == "dataset":
+        return acc.a_sum / acc.counts[0].clamp_min(1), "dataset"
+    return torch.zeros_like(acc.g_sum), "zero"
+
+
+def ranking(layers: dict[int, LayerAttribution], saes: dict[int, SAE], model: LoadedModel,
+            top_k: int) -> list[RankedLatent]:
+    """The ``top_k`` latents of each layer by Δ-attribution, with their logit-lens tokens."""
+    rows = []
+    W_U = unembedding(model.model)
+    for L, la in layers.items():
+        top = la.top(top_k)
+        act = la.delta_activation
+        act_rank = None
+        if act is not None:
+            act_rank = torch.empty_like(act, dtype=torch.long)
+            act_rank[act.argsort(descending=True)] = torch.arange(act.numel())
+        dirs = saes[L].decoder_directions()[top]  # (k, D)
+        lens = logit_lens(dirs.to(W_U.device), W_U, k=LENS_TOKENS)
+        for rank, (latent, ids) in enumerate(zip(top, lens.token_ids.tolist(), strict=True), 1):
+            rows.append(RankedLatent(
+                layer=L, latent=latent, rank=rank,
+                delta_attribution=float(la.delta_attribution[latent]),
+                delta_activation=None if act is None else float(act[latent]),
+                delta_activation_rank=None if act_rank is None else int(act_rank[latent]) + 1,
+                logit_lens_top_tokens=token_strings(model.tokenizer, ids)))
+    return rows
