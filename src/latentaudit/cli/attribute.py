@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     from latentaudit.attribution import attribute
     from latentaudit.attribution.output import write_run
     from latentaudit.errors import LatentAuditError
-    from latentaudit.saes.shipped import default_sae_path
+    from latentaudit.saes.shipped import resolve_sae_path
 
     cfg = config_from_args(args)
     if args.show < 0:
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise LatentAuditError(f"--out {out} is a file: pass a folder for the run's files.")
-    saes = [str(default_sae_path(args.model)) if s == "default" else s for s in args.sae]
+    saes = [resolve_sae_path(s, args.model) for s in args.sae]
     ckpt = out / CHECKPOINT_FILE
     result = attribute(args.model, saes, args.data, cfg, layers=args.layer, checkpoint=ckpt,
                        device=args.device, dtype=args.dtype)

@@ -10,37 +10,21 @@ a small corpus has none, its first sequences, which are then kept out of trainin
 from __future__ import annotations
 
 import argparse
-import ast
 import shlex
-from functools import lru_cache
-from pathlib import Path
 
 NAME = "train-sae"
 HELP = "Train a TopK sparse autoencoder on a model's residual stream at one layer."
 DESCRIPTION = __doc__.split("\n\n", 1)[1] if __doc__ else HELP
 
 
-@lru_cache(maxsize=2)
-def _field_docs(module: str, cls: str) -> dict[str, str]:
-    """Field docstrings of a dataclass, read from its source without importing it (fast)."""
-    # find_spec would import the parent package (and torch); the file sits beside cli/.
-    source = Path(__file__).parents[1].joinpath(*module.split(".")[1:]).with_suffix(".py")
-    tree = ast.parse(source.read_text(encoding="utf-8"))
-    body = next(n.body for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls)
-    docs = {}
-    for node, nxt in zip(body, body[1:], strict=False):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and \
-                isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
-            docs[node.target.id] = nxt.value.value.strip()
-    return docs
+def _doc(field: str, cls: str = "TrainConfig", source: str = "saes/train.py") -> str:
+    from latentaudit.cli import field_docs
 
-
-def _doc(field: str, cls: str = "TrainConfig", module: str = "latentaudit.saes.train") -> str:
-    return _field_docs(module, cls).get(field, "")
+    return field_docs(source, cls).get(field, "")
 
 
 def _harvest_doc(field: str) -> str:
-    return _doc(field, "HarvestConfig", "latentaudit.saes.harvest")
+    return _doc(field, "HarvestConfig", "saes/harvest.py")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
