@@ -137,3 +137,21 @@ def test_bf16_attribution_is_close_to_fp32():
         res[dtype] = attribute(lm, sae, make_data(), AttributionConfig(batch_size=4)).layers[1]
     a, b = res[torch.float32].delta_attribution, res[torch.bfloat16].delta_attribution
     assert torch.corrcoef(torch.stack([a, b]))[0, 1] > 0.95
+
+
+def test_coder_alias_names_the_default_model(monkeypatch, tmp_path):
+    """The alias that says "Coder" resolves to the same entry, cache and shipped SAE, and the
+    loaded model records the registry's short name."""
+    from latentaudit.models import embedded
+    from latentaudit.models import load as load_mod
+    from latentaudit.saes.shipped import default_sae_path, resolve_sae_path
+
+    alias = "qwen2.5-coder-0.5b-instruct"
+    assert embedded.get(alias) is embedded.get(embedded.DEFAULT_MODEL)
+    assert "Coder" in embedded.get(alias).description
+    assert default_sae_path(alias) == default_sae_path(embedded.DEFAULT_MODEL)
+    assert resolve_sae_path("default", alias) == str(default_sae_path(embedded.DEFAULT_MODEL))
+    seen = []
+    monkeypatch.setattr(embedded, "embedded_path", lambda name: seen.append(name) or tmp_path)
+    assert load_mod.resolve_model_path(alias) == str(tmp_path)
+    assert seen == [embedded.DEFAULT_MODEL]

@@ -43,7 +43,9 @@ def _list() -> int:
     for row in rows:
         cells = [cell.ljust(w) for cell, w in zip(row[:3], widths, strict=True)]
         print("  ".join([*cells, row[3]]))
-    print(f"\ncache: {embedded.cache_root()}  (set LATENTAUDIT_CACHE to move it)")
+    for alias, name in embedded.ALIASES.items():
+        print(f"\n{alias} is another name for {name}.", end="")
+    print(f"\n\ncache: {embedded.cache_root()}  (set LATENTAUDIT_CACHE to move it)")
     return 0
 
 

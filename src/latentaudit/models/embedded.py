@@ -118,13 +118,24 @@ EMBEDDED: dict[str, EmbeddedModel] = {m.name: m for m in (
 )}
 
 
+ALIASES: dict[str, str] = {"qwen2.5-coder-0.5b-instruct": DEFAULT_MODEL}
+"""Other accepted short names. The default's short name predates the alias that says it is the
+Coder variant; run files and shipped SAEs keep recording the original short name."""
+
+
+def canonical(name: str) -> str:
+    """The registry's short name for ``name`` (an alias resolved; anything else unchanged)."""
+    return ALIASES.get(name, name)
+
+
 def get(name: str) -> EmbeddedModel:
     """The registry entry for ``name``, or a clear error listing the known names."""
     try:
-        return EMBEDDED[name]
+        return EMBEDDED[canonical(name)]
     except KeyError:
         raise LatentAuditError(
-            f"'{name}' is not an embedded model: choose one of {', '.join(EMBEDDED)} "
+            f"'{name}' is not an embedded model: choose one of "
+            f"{', '.join([*EMBEDDED, *ALIASES])} "
             "(see `latentaudit models list`).") from None
 
 

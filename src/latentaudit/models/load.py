@@ -93,8 +93,8 @@ def resolve_model_path(name: str) -> str:
     """An embedded short name becomes its local cache folder; paths and hub ids pass through."""
     from latentaudit.models import embedded
 
-    if name in embedded.EMBEDDED:
-        return str(embedded.embedded_path(name))
+    if embedded.canonical(name) in embedded.EMBEDDED:
+        return str(embedded.embedded_path(embedded.canonical(name)))
     if os.path.exists(name):
         return name
     if name.startswith((".", "/", "~")) or name.count("/") > 1:  # a path, not "org/name"
@@ -122,7 +122,9 @@ def load_model(name: str, device: str | None = "auto", dtype: str | torch.dtype 
                 "model; pass a local path or an embedded name (`latentaudit models list`)."
                 if offline else "")
         raise LatentAuditError(f"Could not load model '{name}': {err}.{hint}") from err
-    return prepare(model, tokenizer, name=name, path=path, device=dev)
+    from latentaudit.models.embedded import canonical
+
+    return prepare(model, tokenizer, name=canonical(name), path=path, device=dev)
 
 
 def prepare(model: nn.Module, tokenizer, *, name: str, path: str = "",

@@ -31,7 +31,9 @@ def shipped_models() -> list[str]:
 
 def default_sae_path(model: str) -> Path:
     """The shipped SAE folder for an embedded model, or a clear error."""
-    path = SHIPPED_DIR / model
+    from latentaudit.models.embedded import canonical
+
+    path = SHIPPED_DIR / canonical(model)
     if not (path / "cfg.json").is_file():
         have = ", ".join(shipped_models()) or "none"
         raise LatentAuditError(
