@@ -167,9 +167,7 @@ def _row_verdict(row: dict, rubric: Rubric, where: str) -> tuple[Verdict | None,
 def _exact(q: Question, text: str) -> Answer | None:
     """A label of the question (any case) or a plain number in its scale; else None."""
     if text.upper() in q.labels:
-        label = text.upper()
-        score = (1.0 if label == q.score_label else 0.0) if q.score_label else None
-        return Answer(score=score, label=label, raw="human")
+        return Answer(score=q.label_score(text.upper()), label=text.upper(), raw="human")
     try:
         value = float(text)
     except ValueError:
