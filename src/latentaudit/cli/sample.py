@@ -48,15 +48,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from latentaudit.models.load import load_model, parse_dtype, resolve_device
+    from latentaudit.judges.base import check_model_options
+    from latentaudit.models.load import load_model, parse_dtype
     from latentaudit.sample import SampleConfig, plan_sampling, run_sampling
 
     cfg = SampleConfig(n=args.n, temperature=args.temperature, top_p=args.top_p,
                        max_new_tokens=args.max_new_tokens,
                        stop=tuple(unescape(s) for s in args.stop), seed=args.seed,
                        batch_size=args.batch_size, system=args.system)
+    check_model_options(args.device, args.dtype, cfg.batch_size)
     dtype = str(parse_dtype(args.dtype)).removeprefix("torch.")
-    resolve_device(args.device)
     plan = plan_sampling(args.prompts, cfg, args.out, model=args.model, dtype=dtype)
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     out = run_sampling(model, plan)
