@@ -242,17 +242,34 @@ def test_grade_all_caches_dedupes_and_retries_failures(tmp_path):
     assert judge.calls == [["a", "b"], ["c"]]  # "a" twice in the input, graded once
     assert [v.answers["evil"].score if v.ok else None for v in run.verdicts] == [1, None, 1, 5]
     assert [(f.index, f.error) for f in run.failures] == [(1, "boom")]
-    assert (run.n_cached, run.n_graded) == (0, 3)
+    # counts add up per item: "a" twice graded, "b" failed; three distinct items were sent
+    assert (run.n_cached, run.n_graded, len(run.failures), run.n_sent) == (0, 3, 1, 3)
+    assert cache.n_written == 2  # "a" and "c"; the failure is not cached
     # a new process: the cache is read back; only the failed item is graded again
     judge2 = ScriptedJudge(rub, [_v(2)])
     run2 = grade_all(judge2, items, JudgeCache(tmp_path / "cache.jsonl"))
     assert judge2.calls == [["b"]]
-    assert run2.n_cached == 3 and not run2.failures
+    assert (run2.n_cached, run2.n_graded, run2.n_sent) == (3, 1, 1) and not run2.failures
     assert [v.answers["evil"].score for v in run2.verdicts] == [1, 2, 1, 5]
     # a different judge id or rubric prompt does not reuse these verdicts
     judge3 = ScriptedJudge(rub, [_v(3)] * 3, id="other")
     grade_all(judge3, items, JudgeCache(tmp_path / "cache.jsonl"))
     assert judge3.calls == [["a", "b", "c"]]
+
+
+def test_judge_file_names_the_cache_only_when_it_wrote_to_it(tmp_path):
+    rub = load_rubric("evil")
+    comp = _completions(tmp_path / "c.jsonl", [{"prompt": "q", "completion": t} for t in "ab"])
+    cache = tmp_path / "judge_cache.jsonl"
+    failing = ScriptedJudge(rub, [Verdict(error="down"), Verdict(error="down")])
+    summary = judge_file(comp, rub, failing, tmp_path / "j.jsonl")
+    assert (summary.run.n_graded, len(summary.run.failures)) == (0, 2)
+    assert summary.cache is None and not cache.exists()
+    summary = judge_file(comp, rub, ScriptedJudge(rub, [_v(1), _v(5)]), tmp_path / "j.jsonl")
+    assert (summary.run.n_cached, summary.run.n_graded) == (0, 2) and summary.cache == cache
+    summary = judge_file(comp, rub, ScriptedJudge(rub, []), tmp_path / "j.jsonl")
+    assert (summary.run.n_cached, summary.run.n_graded) == (2, 0) and summary.cache is None
+    assert summary.judge == "scripted" and summary.outcomes["positive"] == 1
 
 
 def test_cache_skips_a_torn_last_line(tmp_path, caplog):
@@ -611,6 +628,38 @@ def test_human_csv_round_trip_and_errors(tmp_path):
     assert "labels.csv has 2 problem(s)" in msg
     assert "labels.csv:4: column 'coherent' is 'high'" in msg   # header 1, row 1 on lines 2-3
     assert "labels.csv:5: column 'label' is 'maybe'" in msg
+
+
+HOSTILE = ['=HYPERLINK("http://evil.example","click")', "+1+2", "-2+3", "@SUM(A1:A9)",
+           "\tcmd", "\rcmd", "'=already quoted", "plain text"]
+
+
+def test_label_sheet_neutralises_formulas_and_reads_them_back(tmp_path):
+    from latentaudit.judges.human import FORMULA_START, label_rows
+
+    rub = load_rubric("evil")
+    items = [JudgeItem(h, h, fact=h, prompt_id=h, sample_index=i) for i, h in enumerate(HOSTILE)]
+    path = tmp_path / "labels.csv"
+    export_for_labelling(items, rub, path)
+    with open(path, newline="", encoding="utf-8") as f:
+        raw = list(csv.reader(f))
+    cells = [c for row in raw for c in row]
+    assert not any(c.startswith(FORMULA_START) for c in cells)  # nothing a sheet would run
+    assert raw[1][1] == "'" + HOSTILE[0] and raw[7][3] == "''=already quoted"
+    assert raw[8][3] == "plain text"
+    got = [row for _, row in label_rows(path)]
+    for row, h in zip(got, HOSTILE, strict=True):
+        assert (row["prompt_id"], row["prompt"], row["completion"], row["fact"]) == (h, h, h, h)
+    # a labeller fills the sheet; rows without a key are matched by prompt_id (read back too)
+    for row in raw[1:]:
+        row[raw[0].index("evil")], row[0] = "5", ""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows(raw)
+    verdicts = HumanJudge(path, rub).grade(items)
+    assert [v.answers["evil"].score for v in verdicts] == [5.0] * len(HOSTILE)
+    export_for_labelling(items, rub, tmp_path / "labels.jsonl")  # JSON needs no escaping
+    assert json.loads((tmp_path / "labels.jsonl").read_text().splitlines()[0])["prompt"] == \
+        HOSTILE[0]
 
 
 def test_human_jsonl_round_trip_and_errors(tmp_path):

@@ -59,8 +59,10 @@ def run(args: argparse.Namespace) -> int:
     check_model_options(args.device, args.dtype, cfg.batch_size)
     dtype = str(parse_dtype(args.dtype)).removeprefix("torch.")
     plan = plan_sampling(args.prompts, cfg, args.out, model=args.model, dtype=dtype)
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
-    out = run_sampling(model, plan)
+    if plan.todo or plan.previous is None:
+        out = run_sampling(load_model(args.model, device=args.device, dtype=args.dtype), plan)
+    else:  # every completion is there, sampled with these parameters
+        out = plan.out
     counts: dict[str, int] = {}
     with open(out, encoding="utf-8") as f:
         for line in f:
