@@ -39,6 +39,36 @@ def rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
+# ---- shared helpers --------------------------------------------------------------------------
+
+def test_left_pad_and_chat_message_check_by_hand():
+    from latentaudit.data.tokens import is_chat_messages, left_pad
+
+    padded = left_pad([[5, 6, 7], [8], []], pad_id=0)
+    assert padded.input_ids.tolist() == [[5, 6, 7], [0, 0, 8], [0, 0, 0]]
+    assert padded.attention_mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 0, 0]]
+    assert padded.position_ids.tolist() == [[0, 1, 2], [0, 0, 0], [0, 0, 0]]
+    assert is_chat_messages([{"role": "user", "content": "hi"}])
+    for bad in ([], "hi", [{"role": "user"}], [{"role": "user", "content": 3}], [["user", "x"]]):
+        assert not is_chat_messages(bad)
+
+
+def test_field_docs_are_read_without_importing_torch():
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys; from latentaudit.cli._docs import field_docs; "
+            "d = field_docs('latentaudit.sample', 'SampleConfig'); "
+            "t = field_docs('latentaudit.saes.train', 'TrainConfig'); "
+            "print(d['n'], '|', d['top_p'], '|', 'k' in t, 'torch' in sys.modules)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}  # the same latentaudit
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         check=True).stdout.strip()
+    assert out == ("Completions per prompt. | Nucleus sampling: keep the smallest set of tokens "
+                   "whose probability reaches this mass. | True False")
+
+
 # ---- the sampling math on hand-built logits -------------------------------------------------
 
 def test_sample_tokens_inverse_cdf_and_top_p():

@@ -67,9 +67,9 @@ def export_for_labelling(items: Sequence[JudgeItem], rubric: Rubric, path: str |
         rows.append(row)
     if path.suffix == ".csv":
         with atomic_open(path, "w", encoding="utf-8", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow([to_sheet(c) for c in columns(rubric)])
-            writer.writerows([to_sheet(r[c]) for c in columns(rubric)] for r in rows)
+            writer, cols = csv.writer(f), columns(rubric)
+            writer.writerow([to_sheet(c) for c in cols])
+            writer.writerows([to_sheet(r[c]) for c in cols] for r in rows)
     elif path.suffix == ".jsonl":
         with atomic_open(path, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)

@@ -3,7 +3,9 @@
 1. Read ``completions.jsonl`` (rows with ``prompt``, ``completion``, optional ``prompt_id``,
    ``sample_index``, ``meta`` with ``fact``, token ids, ...); every problem is reported with
    file:line. A rubric whose template uses ``{fact}`` needs ``meta.fact`` on every row.
-2. Grade every row with the judge through the cache (:func:`~latentaudit.judges.base.grade_all`).
+2. Build the judge from its ``--judge`` spec only now, so a bad file is reported before any
+   judge model loads; grade every row through the cache
+   (:func:`~latentaudit.judges.base.grade_all`).
 3. Write ``judged.jsonl``: each input row unchanged plus ``judge``, ``rubric``,
    ``rubric_source`` (the rubric file, for edited rubrics), ``rubric_hash``, ``answers``,
    ``error``, ``judge_outcome`` (a human's direct label, else null), and the rubric's
