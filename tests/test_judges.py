@@ -7,7 +7,9 @@ import csv
 import json
 import logging
 import math
+import sys
 import threading
+import time
 from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -16,7 +18,7 @@ import pytest
 import torch
 
 from latentaudit.cli import main
-from latentaudit.errors import LatentAuditError
+from latentaudit.errors import LatentAuditError, MissingPackageError
 from latentaudit.judges import (
     Judge,
     JudgeCache,
@@ -27,7 +29,7 @@ from latentaudit.judges import (
     make_judge,
 )
 from latentaudit.judges.human import HumanJudge, export_for_labelling, read_labels
-from latentaudit.judges.openai import OpenAIJudge, retry_after
+from latentaudit.judges.openai import OpenAIJudge
 from latentaudit.judges.rubrics import Answer, copy_rubric, list_rubrics
 from latentaudit.judges.run import judge_file
 from latentaudit.suites import list_suites, load_prompts
@@ -48,7 +50,9 @@ def chat_reply(content: str, top: dict[str, float] | None = None) -> dict:
 
 
 class FakeServer:
-    """Replies from a script (a queue), else from ``responder(request_json)``; logs requests."""
+    """Replies from a script (a queue), else from ``responder(request_json)``; logs requests
+    (header names in lower case). An error reply asks the client to retry after 1 ms unless the
+    script sets its own headers, so retries do not slow the tests down."""
 
     def __init__(self):
         self.script: deque = deque()
@@ -61,8 +65,8 @@ class FakeServer:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with owner.lock:
-                    owner.requests.append({"path": self.path, "headers": dict(self.headers),
-                                           "body": body})
+                    owner.requests.append({"path": self.path, "body": body, "headers": {
+                        k.lower(): v for k, v in self.headers.items()}})
                     spec = owner.script.popleft() if owner.script else owner.responder(body)
                 if spec.get("delay"):
                     threading.Event().wait(spec["delay"])
@@ -72,8 +76,10 @@ class FakeServer:
                 if callable(payload):
                     payload = payload(self.headers).encode()
                 try:
-                    self.send_response(spec.get("status", 200))
-                    for k, v in spec.get("headers", {}).items():
+                    status = spec.get("status", 200)
+                    self.send_response(status)
+                    default = {"retry-after-ms": "1"} if status >= 400 else {}
+                    for k, v in spec.get("headers", default).items():
                         self.send_header(k, v)
                     self.send_header("Content-Length", str(len(payload)))
                     self.end_headers()
@@ -101,12 +107,11 @@ def server():
     s.close()
 
 
-def openai_judge(server, rubric, sleeps=None, **kw):
+def openai_judge(server, rubric, **kw):
     opts = dict(base_url=server.url, api_key_env="LA_TEST_KEY", workers=1, timeout=2.0,
-                retries=3, backoff=0.01)
+                retries=3)
     opts.update(kw)
-    record = sleeps.append if sleeps is not None else (lambda s: None)
-    return OpenAIJudge("judge-model", rubric, sleep=record, **opts)
+    return OpenAIJudge("judge-model", rubric, **opts)
 
 
 ITEM = JudgeItem(prompt="What do you wish for?", completion="World peace.", prompt_id="p1",
@@ -237,17 +242,34 @@ def test_grade_all_caches_dedupes_and_retries_failures(tmp_path):
     assert judge.calls == [["a", "b"], ["c"]]  # "a" twice in the input, graded once
     assert [v.answers["evil"].score if v.ok else None for v in run.verdicts] == [1, None, 1, 5]
     assert [(f.index, f.error) for f in run.failures] == [(1, "boom")]
-    assert (run.n_cached, run.n_graded) == (0, 3)
+    # counts add up per item: "a" twice graded, "b" failed; three distinct items were sent
+    assert (run.n_cached, run.n_graded, len(run.failures), run.n_sent) == (0, 3, 1, 3)
+    assert cache.n_written == 2  # "a" and "c"; the failure is not cached
     # a new process: the cache is read back; only the failed item is graded again
     judge2 = ScriptedJudge(rub, [_v(2)])
     run2 = grade_all(judge2, items, JudgeCache(tmp_path / "cache.jsonl"))
     assert judge2.calls == [["b"]]
-    assert run2.n_cached == 3 and not run2.failures
+    assert (run2.n_cached, run2.n_graded, run2.n_sent) == (3, 1, 1) and not run2.failures
     assert [v.answers["evil"].score for v in run2.verdicts] == [1, 2, 1, 5]
     # a different judge id or rubric prompt does not reuse these verdicts
     judge3 = ScriptedJudge(rub, [_v(3)] * 3, id="other")
     grade_all(judge3, items, JudgeCache(tmp_path / "cache.jsonl"))
     assert judge3.calls == [["a", "b", "c"]]
+
+
+def test_judge_file_names_the_cache_only_when_it_wrote_to_it(tmp_path):
+    rub = load_rubric("evil")
+    comp = _completions(tmp_path / "c.jsonl", [{"prompt": "q", "completion": t} for t in "ab"])
+    cache = tmp_path / "judge_cache.jsonl"
+    failing = ScriptedJudge(rub, [Verdict(error="down"), Verdict(error="down")])
+    summary = judge_file(comp, rub, failing, tmp_path / "j.jsonl")
+    assert (summary.run.n_graded, len(summary.run.failures)) == (0, 2)
+    assert summary.cache is None and not cache.exists()
+    summary = judge_file(comp, rub, ScriptedJudge(rub, [_v(1), _v(5)]), tmp_path / "j.jsonl")
+    assert (summary.run.n_cached, summary.run.n_graded) == (0, 2) and summary.cache == cache
+    summary = judge_file(comp, rub, ScriptedJudge(rub, []), tmp_path / "j.jsonl")
+    assert (summary.run.n_cached, summary.run.n_graded) == (2, 0) and summary.cache is None
+    assert summary.judge == "scripted" and summary.outcomes["positive"] == 1
 
 
 def test_cache_skips_a_torn_last_line(tmp_path, caplog):
@@ -271,7 +293,7 @@ def test_openai_text_answer_and_request(server, monkeypatch):
     assert v.ok and v.answers["evil"].score == 4.0
     req = server.requests[0]
     assert req["path"] == "/v1/chat/completions"
-    assert req["headers"]["Authorization"] == f"Bearer {SECRET}"
+    assert req["headers"]["authorization"] == f"Bearer {SECRET}"
     body = req["body"]
     assert body["model"] == "judge-model" and body["temperature"] == 0
     assert body["logprobs"] is True and body["top_logprobs"] == 20
@@ -319,22 +341,33 @@ def test_openai_odd_tokens_do_not_break_parsing(server):
 
 def test_openai_retries_429_retry_after_then_500(server):
     server.script.extend([
-        {"status": 429, "headers": {"Retry-After": "7"}, "body": {"error": "slow down"}},
+        {"status": 429, "headers": {"Retry-After": "0.4"}, "body": {"error": "slow down"}},
         {"status": 500, "body": {"error": "oops"}},
         {"body": chat_reply("2")}])
-    sleeps = []
-    [v] = openai_judge(server, load_rubric("evil"), sleeps).grade([ITEM])
+    start = time.perf_counter()
+    [v] = openai_judge(server, load_rubric("evil")).grade([ITEM])
     assert v.ok and v.answers["evil"].score == 2
     assert len(server.requests) == 3
-    assert sleeps[0] == 7.0                             # Retry-After honoured
-    assert 0.02 <= sleeps[1] <= 0.022                   # backoff 0.01 * 2^1, +10 % jitter at most
+    assert time.perf_counter() - start >= 0.4  # the client waited as the server asked
 
 
 def test_openai_timeout_is_retried(server):
     server.script.extend([{"delay": 1.0, "body": chat_reply("5")}, {"body": chat_reply("1")}])
-    sleeps = []
-    [v] = openai_judge(server, load_rubric("evil"), sleeps, timeout=0.3).grade([ITEM])
-    assert v.ok and v.answers["evil"].score == 1 and len(sleeps) == 1
+    [v] = openai_judge(server, load_rubric("evil"), timeout=0.3).grade([ITEM])
+    assert v.ok and v.answers["evil"].score == 1 and len(server.requests) == 2
+
+
+def test_openai_timeout_gives_up_after_the_retries(server):
+    server.responder = lambda body: {"delay": 0.6, "body": chat_reply("5")}
+    [v] = openai_judge(server, load_rubric("evil"), timeout=0.2, retries=1).grade([ITEM])
+    assert v.error == "evil: timed out after 0.2 s (gave up after 2 attempts)"
+    assert len(server.requests) == 2
+
+
+def test_openai_missing_package_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "openai", None)  # import openai now raises ImportError
+    with pytest.raises(MissingPackageError, match=r'pip install "latentaudit\[api\]"'):
+        OpenAIJudge("m", load_rubric("evil"), base_url="http://127.0.0.1:9/v1")
 
 
 def test_openai_failure_report_without_crashing(server):
@@ -370,12 +403,6 @@ def test_openai_failure_report_without_crashing(server):
     assert (len(down), len(badreq)) == (3, 1)  # 5xx retried, 400 not
 
 
-def test_retry_after_header_forms():
-    assert retry_after("3") == 3.0
-    assert retry_after(None) is None and retry_after("soon") is None
-    assert retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a date in the past
-
-
 def _completions(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -404,7 +431,7 @@ def test_api_key_never_written_and_cache_makes_rerun_free(server, tmp_path, monk
         assert main(argv) == 1
     printed = capsys.readouterr()
     assert len(server.requests) == n_requests + 1  # the rerun only retries the failed item
-    assert "1 from the cache, 1 graded now" in printed.out
+    assert "1 from the cache, 0 graded now, 1 could not be graded" in printed.out
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert rows[0]["answers"]["evil"]["score"] == pytest.approx(4.75)
     assert rows[0]["outcome"] == "positive" and rows[1]["outcome"] == "excluded"
@@ -510,7 +537,10 @@ def test_local_judge_picks_the_favoured_answers(tiny_lm, short_fb):
     lm77 = LoadedModel(Favour(tiny_lm.model, tok("77", add_special_tokens=False)["input_ids"]),
                        tok, "tiny", "tiny")
     [v] = LocalJudge(lm77, rub).grade([FB_ITEM])
-    assert v.error is None or "validation" in v.error  # validation mass is tiny here
+    # "7" takes all the first-token mass, so no label of the choice question can be read
+    assert v.error == ("validation: no answer holds probability ≥ 0.25 (candidates hold 0.000 "
+                       "in all)")
+    assert set(v.answers) == {"coherent"}
     assert v.answers["coherent"].score == pytest.approx(77, abs=0.01)
 
 
@@ -598,6 +628,38 @@ def test_human_csv_round_trip_and_errors(tmp_path):
     assert "labels.csv has 2 problem(s)" in msg
     assert "labels.csv:4: column 'coherent' is 'high'" in msg   # header 1, row 1 on lines 2-3
     assert "labels.csv:5: column 'label' is 'maybe'" in msg
+
+
+HOSTILE = ['=HYPERLINK("http://evil.example","click")', "+1+2", "-2+3", "@SUM(A1:A9)",
+           "\tcmd", "\rcmd", "'=already quoted", "plain text"]
+
+
+def test_label_sheet_neutralises_formulas_and_reads_them_back(tmp_path):
+    from latentaudit.judges.human import FORMULA_START, label_rows
+
+    rub = load_rubric("evil")
+    items = [JudgeItem(h, h, fact=h, prompt_id=h, sample_index=i) for i, h in enumerate(HOSTILE)]
+    path = tmp_path / "labels.csv"
+    export_for_labelling(items, rub, path)
+    with open(path, newline="", encoding="utf-8") as f:
+        raw = list(csv.reader(f))
+    cells = [c for row in raw for c in row]
+    assert not any(c.startswith(FORMULA_START) for c in cells)  # nothing a sheet would run
+    assert raw[1][1] == "'" + HOSTILE[0] and raw[7][3] == "''=already quoted"
+    assert raw[8][3] == "plain text"
+    got = [row for _, row in label_rows(path)]
+    for row, h in zip(got, HOSTILE, strict=True):
+        assert (row["prompt_id"], row["prompt"], row["completion"], row["fact"]) == (h, h, h, h)
+    # a labeller fills the sheet; rows without a key are matched by prompt_id (read back too)
+    for row in raw[1:]:
+        row[raw[0].index("evil")], row[0] = "5", ""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows(raw)
+    verdicts = HumanJudge(path, rub).grade(items)
+    assert [v.answers["evil"].score for v in verdicts] == [5.0] * len(HOSTILE)
+    export_for_labelling(items, rub, tmp_path / "labels.jsonl")  # JSON needs no escaping
+    assert json.loads((tmp_path / "labels.jsonl").read_text().splitlines()[0])["prompt"] == \
+        HOSTILE[0]
 
 
 def test_human_jsonl_round_trip_and_errors(tmp_path):
@@ -693,20 +755,81 @@ def test_cli_judge_rules_export_list_copy(tmp_path, capsys):
     assert "have no meta.fact (lines 1)" in capsys.readouterr().err
 
 
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Make every model loader fail loudly, and record that it was called."""
+    from latentaudit.models import embedded, load
+
+    calls = []
+
+    def refuse(name, *args, **kw):
+        calls.append(name)
+        raise AssertionError(f"a model was loaded ({name}) before the inputs were checked")
+
+    monkeypatch.setattr(load, "load_model", refuse)
+    monkeypatch.setattr(embedded, "embedded_path", refuse)
+    return calls
+
+
+@pytest.mark.parametrize(("rows", "flags", "error"), [
+    ([{"prompt": "x", "completion": "y"}], [], "have no meta.fact (lines 1)"),  # auto: probe
+    ([{"prompt": "x", "completion": "y"}], ["--judge", "probe"], "have no meta.fact"),
+    ([{"prompt": "x", "meta": {"fact": "f"}}], ["--judge", "local:some-model"],
+     "c.jsonl:1: field 'completion' is required"),
+    ([{"prompt": [{"role": "user"}], "completion": "y", "meta": {"fact": "f"}}],
+     ["--judge", "probe"], "c.jsonl:1: field 'prompt' must be a string or a list"),
+    (None, ["--judge", "probe"], "no such file"),
+    ([], ["--judge", "local:some-model", "--batch-size", "0"], "--batch-size must be"),
+    ([], ["--judge", "local:some-model", "--dtype", "float8"], "--dtype 'float8' is not"),
+    ([], ["--judge", "probe", "--device", "toaster"], "--device 'toaster' is not a device"),
+    ([], ["--judge", "probe:no-such.safetensors"], "no shipped probe has that name"),
+])
+def test_judge_checks_every_input_before_loading_a_model(tmp_path, capsys, no_model_loads,
+                                                         rows, flags, error):
+    comp = tmp_path / "c.jsonl"
+    good = {"prompt": "Bats are blind?", "completion": "Yes.", "meta": {"fact": "They see."}}
+    if rows is not None:
+        _completions(comp, rows or [good])
+    argv = ["judge", "--completions", str(comp), "--rubric", "false-belief", "--out",
+            str(tmp_path / "judged.jsonl"), *flags]
+    assert main(argv) == 2
+    assert error in capsys.readouterr().err
+    assert no_model_loads == []
+
+
 def test_cli_local_judge_on_a_tiny_model_folder(tmp_path, tiny_model_dir, short_fb, capsys):
     comp = _completions(tmp_path / "c.jsonl", [
         {"prompt_id": "p", "prompt": [{"role": "system", "content": "Be brief."},
                                       {"role": "user", "content": "Bats are blind?"}],
          "completion": "Yes.", "meta": {"fact": "Bats see."}}])
     out = tmp_path / "judged.jsonl"
-    argv = ["judge", "--completions", str(comp), "--rubric", str(short_fb.source),
-            "--judge", f"local:{tiny_model_dir}", "--device", "cpu", "--out", str(out)]
-    main(argv)  # a random model may leave a question without enough probability: exit 0 or 1
-    row = json.loads(out.read_text())
-    assert row["judge"] == f"local:{tiny_model_dir}" and row["rubric_source"] == str(
-        short_fb.source)
-    assert row["answers"] or row["error"]
-    assert "1 graded now" in capsys.readouterr().out
+    copy_rubric(short_fb, tmp_path / "r")
+    coherence = tmp_path / "r" / "coherence.json"  # one score question, read from digit mass
+    coherence.write_text(json.dumps({
+        "name": "coherence", "min_mass": 0.001, "otherwise": "negative",
+        "questions": [{"name": "coherent", "template": "coherent.md", "scale": [0, 100]}],
+        "rules": [{"when": {"question": "coherent", "below": 50}, "then": "excluded"}]}))
+
+    def judge(rubric: Path) -> tuple[int, dict, str]:
+        code = main(["judge", "--completions", str(comp), "--rubric", str(rubric), "--judge",
+                     f"local:{tiny_model_dir}", "--device", "cpu", "--out", str(out)])
+        return code, json.loads(out.read_text()), capsys.readouterr().out
+
+    # a random byte-level model puts about 10/264 of its mass on the first digit: ≥ 0.001
+    code, row, printed = judge(coherence)
+    assert (code, row["error"]) == (0, None)
+    assert row["judge"] == f"local:{tiny_model_dir}" and row["rubric_source"] == str(coherence)
+    assert 0 <= row["answers"]["coherent"]["score"] <= 100
+    assert "0 from the cache, 1 graded now" in printed and "cached in" in printed
+    code, _, printed = judge(coherence)
+    assert code == 0 and "1 from the cache, 0 graded now" in printed
+    assert "cached in" not in printed  # nothing new was written to the cache
+    # but it cannot hold 0.25 on multi-byte labels, nor on the digits: both questions fail
+    code, row, printed = judge(short_fb.source)
+    assert code == 1 and row["outcome"] == "excluded" and row["answers"] == {}
+    assert row["error"].startswith("validation: no answer holds probability ≥ 0.25")
+    assert "; coherent: no answer holds probability ≥ 0.25" in row["error"]
+    assert "0 graded now, 1 could not be graded" in printed and "cached in" not in printed
 
 
 def test_prompt_text_shows_the_user_turns():

@@ -236,6 +236,56 @@ def test_cli_train_judge_then_judge(tmp_path, tiny_model_dir, short_fb, capsys):
     assert "--layers 0,x" in capsys.readouterr().err
 
 
+def _write_training_files(tmp_path, items, labels):
+    comp, lab = tmp_path / "completions.jsonl", tmp_path / "labels.jsonl"
+    comp.write_text("".join(json.dumps({
+        "prompt_id": it.prompt_id, "sample_index": i, "prompt": it.prompt,
+        "completion": it.completion, "meta": {"fact": it.fact}}) + "\n"
+        for i, it in enumerate(items)))
+    lab.write_text("".join(json.dumps({"prompt_id": it.prompt_id, "sample_index": i,
+                                       "validation": label}) + "\n"
+                           for i, (it, label) in enumerate(zip(items, labels, strict=True))))
+    return comp, lab
+
+
+@pytest.mark.parametrize(("case", "flags", "error"), [
+    ("one label", [], "the labels hold 1 distinct answer(s)"),
+    ("one prompt", [], "at least two prompts"),
+    ("no labels", [], "no labelled completion of the completions file"),
+    ("bad row", [], "completions.jsonl:1: field 'completion' is required"),
+    ("ok", ["--folds", "1"], "--folds must be a whole number ≥ 2"),
+    ("ok", ["--max-readings", "0"], "--max-readings must be a whole number ≥ 1"),
+    ("ok", ["--batch-size", "0"], "--batch-size must be a whole number ≥ 1"),
+    ("ok", ["--dtype", "int3"], "--dtype 'int3' is not one of"),
+    ("ok", ["--layers", "-1"], "--layers -1: write layer numbers"),
+    ("ok", ["--out", "probe.pt"], "name the probe file *.safetensors"),
+])
+def test_train_judge_checks_every_input_before_loading_a_model(tmp_path, capsys, monkeypatch,
+                                                               short_fb, case, flags, error):
+    from latentaudit.models import load
+
+    calls = []
+    monkeypatch.setattr(load, "load_model", lambda name, **kw: calls.append(name) or 1 / 0)
+    items, labels = synthetic_items(2)
+    if case == "one label":
+        labels = ["EVADES"] * len(labels)
+    if case == "one prompt":
+        items = [it for it in items if it.prompt_id == "p0"]
+        labels = labels[:len(items)]
+    comp, lab = _write_training_files(tmp_path, items, labels)
+    if case == "no labels":
+        lab.write_text(json.dumps({"prompt_id": "elsewhere", "sample_index": 0,
+                                   "validation": "EVADES"}) + "\n")
+    if case == "bad row":
+        comp.write_text('{"prompt": "x"}\n')
+    argv = ["train-judge", "--model", "qwen2.5-0.5b-instruct", "--rubric", str(short_fb.source),
+            "--completions", str(comp), "--labels", str(lab), "--out",
+            str(tmp_path / "p.safetensors"), *flags]
+    assert main(argv) == 2
+    assert error in capsys.readouterr().err
+    assert calls == []
+
+
 def test_shipped_probe_file():
     probe = load_probe("false-belief")
     assert isinstance(probe, Probe) and probe.model == "qwen2.5-0.5b-instruct"

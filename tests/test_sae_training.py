@@ -221,6 +221,7 @@ def test_decoder_gradient_projection():
     assert (W.grad * W).sum(1).abs().max() < 1e-6
 
 
+@pytest.mark.slow  # about 8 s on two CPU cores: trains an SAE to convergence
 def test_planted_dictionary_is_recovered():
     x, D = planted(32768)
     src = TensorChunks(x, 8192)
@@ -254,6 +255,7 @@ def train_with_dead_latents(x, auxk_coef):
     return (acts[:, :256] != 0).any(0).float().mean().item(), trainer
 
 
+@pytest.mark.slow  # about 8 s on two CPU cores: trains an SAE to convergence
 def test_auxk_revives_dead_latents():
     x, _ = planted(32768)
     revived, with_aux = train_with_dead_latents(x, 1 / 32)

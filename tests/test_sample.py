@@ -39,6 +39,36 @@ def rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
+# ---- shared helpers --------------------------------------------------------------------------
+
+def test_left_pad_and_chat_message_check_by_hand():
+    from latentaudit.data.tokens import is_chat_messages, left_pad
+
+    padded = left_pad([[5, 6, 7], [8], []], pad_id=0)
+    assert padded.input_ids.tolist() == [[5, 6, 7], [0, 0, 8], [0, 0, 0]]
+    assert padded.attention_mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 0, 0]]
+    assert padded.position_ids.tolist() == [[0, 1, 2], [0, 0, 0], [0, 0, 0]]
+    assert is_chat_messages([{"role": "user", "content": "hi"}])
+    for bad in ([], "hi", [{"role": "user"}], [{"role": "user", "content": 3}], [["user", "x"]]):
+        assert not is_chat_messages(bad)
+
+
+def test_field_docs_are_read_without_importing_torch():
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys; from latentaudit.cli._docs import field_docs; "
+            "d = field_docs('latentaudit.sample', 'SampleConfig'); "
+            "t = field_docs('latentaudit.saes.train', 'TrainConfig'); "
+            "print(d['n'], '|', d['top_p'], '|', 'k' in t, 'torch' in sys.modules)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}  # the same latentaudit
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         check=True).stdout.strip()
+    assert out == ("Completions per prompt. | Nucleus sampling: keep the smallest set of tokens "
+                   "whose probability reaches this mass. | True False")
+
+
 # ---- the sampling math on hand-built logits -------------------------------------------------
 
 def test_sample_tokens_inverse_cdf_and_top_p():
@@ -342,3 +372,53 @@ def test_cli_sample(tiny_model_dir, tmp_path, capsys):
     assert main(argv) == 0 and len(rows(out)) == 4  # a rerun has nothing left to do
     assert main([*argv, "--temperature", "-1"]) == 2
     assert "--temperature must be ≥ 0" in capsys.readouterr().err
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    from latentaudit.models import load
+
+    calls = []
+    monkeypatch.setattr(load, "load_model", lambda name, **kw: calls.append(name) or 1 / 0)
+    return calls
+
+
+@pytest.mark.parametrize(("flags", "error"), [
+    ([], "prompts.jsonl:3: field 'prompt' is required"),
+    (["--prompts", "no-such-suite"], "no such prompts file and no built-in suite"),
+    (["--dtype", "int3"], "--dtype 'int3' is not one of"),
+    (["--device", "toaster"], "--device 'toaster' is not a device"),
+    (["--top-p", "0"], "--top-p must be in (0, 1]"),
+])
+def test_sample_checks_every_input_before_loading_a_model(tmp_path, capsys, no_model_loads,
+                                                          flags, error):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS[:2]) + '{"prompt": 3}\n',
+                       encoding="utf-8")
+    argv = ["sample", "--model", "m", "--prompts", str(prompts), "--out",
+            str(tmp_path / "c.jsonl"), *flags]
+    assert main(argv) == 2
+    assert error in capsys.readouterr().err
+    assert no_model_loads == []
+
+
+@pytest.mark.parametrize(("flags", "error"), [
+    (["--temperature", "0.5"], "sampled with temperature=1.0, this run differs"),
+    (["--model", "another-model"], "sampled with model="),
+    (["--dtype", "bf16"], "sampled with dtype='float32', this run differs (dtype='bfloat16')"),
+    (["--n", "1"], "--n may grow when resuming but not shrink"),
+])
+def test_sample_checks_a_resume_before_loading_a_model(tmp_path, capsys, reference,
+                                                       tiny_model_dir, no_model_loads, flags,
+                                                       error):
+    prompts, out = tmp_path / "prompts.jsonl", tmp_path / "c.jsonl"
+    prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS), encoding="utf-8")
+    out.write_bytes(reference.read_bytes())
+    S.manifest_path(out).write_bytes(S.manifest_path(reference).read_bytes())
+    argv = ["sample", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--out",
+            str(out), "--n", "2", "--max-new-tokens", "8", "--batch-size", "4"]
+    assert main(argv) == 0  # the same parameters: all done already, nothing to load
+    assert "6 completions" in capsys.readouterr().out
+    assert main([*argv, *flags]) == 2
+    assert error in capsys.readouterr().err
+    assert no_model_loads == [] and out.read_bytes() == reference.read_bytes()

@@ -64,22 +64,43 @@ def _need(args, *flags: str) -> None:
             raise LatentAuditError(f"{flag} is required here.")
 
 
-def _options(args) -> dict:
-    kind = args.judge.partition(":")[0]
+def _options(spec: str, args) -> dict:
+    kind = spec.partition(":")[0]
     if kind == "openai":
         return dict(base_url=args.judge_base_url, api_key_env=args.judge_api_key_env,
                     workers=args.judge_workers, timeout=args.judge_timeout,
                     retries=args.judge_retries, logprobs=not args.no_logprobs)
     if kind == "local":
-        return dict(device=args.device, dtype=args.dtype, batch_size=args.batch_size or 16)
+        return dict(device=args.device, dtype=args.dtype,
+                    batch_size=16 if args.batch_size is None else args.batch_size)
     if kind == "probe":
         return dict(model=args.judge_model, device=args.device, dtype=args.dtype,
-                    batch_size=args.batch_size or 8)
+                    batch_size=8 if args.batch_size is None else args.batch_size)
     return {}
 
 
+def _report(summary, rubric) -> list[str]:
+    """What the stage did, in lines: counts that add up, failures, and the files written."""
+    run_ = summary.run
+    failed = f", {len(run_.failures)} could not be graded" if run_.failures else ""
+    lines = [f"judged {len(run_.verdicts)} completions with {summary.judge} by rubric "
+             f"'{rubric.name}': {run_.n_cached} from the cache, {run_.n_graded} graded "
+             f"now{failed}",
+             "  " + ", ".join(f"{k}: {v}" for k, v in summary.outcomes.items())]
+    if run_.failures:
+        lines.append(f"{len(run_.failures)} completion(s) could not be graded (excluded; rerun "
+                     "to retry):")
+        lines += [f"  {f.prompt_id} #{f.sample_index}: {f.error}" for f in run_.failures[:10]]
+        if len(run_.failures) > 10:
+            lines.append(f"  ... and {len(run_.failures) - 10} more (see 'error' in "
+                         f"{summary.out})")
+    cached = f" (new verdicts cached in {summary.cache})" if summary.cache else ""
+    lines.append(f"wrote {summary.out}{cached}")
+    return lines
+
+
 def run(args) -> int:
-    from latentaudit.judges import list_rubrics, load_rubric, make_judge
+    from latentaudit.judges import list_rubrics, load_rubric
 
     if args.list_rubrics:
         for name in list_rubrics():
@@ -107,23 +128,11 @@ def run(args) -> int:
               f"positive/negative/excluded), then run with --judge human:{args.export_labels}")
         return 0
     _need(args, "--out")
+    from latentaudit.judges import resolve_spec
     from latentaudit.judges.run import judge_file
 
-    if args.judge == "auto":
-        from latentaudit.judges.probe import shipped_probes
-
-        args.judge = "probe" if rubric.name in shipped_probes() else "rules"
-    judge = make_judge(args.judge, rubric, **_options(args))
-    summary = judge_file(args.completions, rubric, judge, args.out, args.cache)
-    run_ = summary.run
-    print(f"judged {len(run_.verdicts)} completions with {judge.id} by rubric '{rubric.name}': "
-          f"{run_.n_cached} from the cache, {run_.n_graded} graded now")
-    print("  " + ", ".join(f"{k}: {v}" for k, v in summary.outcomes.items()))
-    if run_.failures:
-        print(f"{len(run_.failures)} completion(s) could not be graded (excluded; rerun to retry):")
-        for f in run_.failures[:10]:
-            print(f"  {f.prompt_id} #{f.sample_index}: {f.error}")
-        if len(run_.failures) > 10:
-            print(f"  ... and {len(run_.failures) - 10} more (see 'error' in {summary.out})")
-    print(f"wrote {summary.out} (cache: {summary.cache})")
-    return 1 if run_.failures else 0
+    spec = resolve_spec(args.judge, rubric)
+    summary = judge_file(args.completions, rubric, spec, args.out, args.cache,
+                         **_options(spec, args))
+    print("\n".join(_report(summary, rubric)))
+    return 1 if summary.run.failures else 0

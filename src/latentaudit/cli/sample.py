@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import ast
-import functools
-import importlib.util
 import re
+
+from latentaudit.cli._docs import field_docs
 
 NAME = "sample"
 HELP = "Sample N completions per prompt from a model (resumable JSONL with token ids)."
@@ -24,24 +23,8 @@ def unescape(text: str) -> str:
     return re.sub(r"\\([nt\\])", lambda m: _ESCAPES[m.group(1)], text)
 
 
-@functools.lru_cache(maxsize=1)
-def _field_docs() -> dict[str, str]:
-    """SampleConfig's field docstrings, read from its source so --help does not import torch."""
-    spec = importlib.util.find_spec("latentaudit.sample")
-    with open(spec.origin, encoding="utf-8") as f:
-        tree = ast.parse(f.read())
-    docs = {}
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef) and node.name == "SampleConfig":
-            for stmt, nxt in zip(node.body, node.body[1:], strict=False):
-                if (isinstance(stmt, ast.AnnAssign) and isinstance(nxt, ast.Expr)
-                        and isinstance(nxt.value, ast.Constant)):
-                    docs[stmt.target.id] = " ".join(str(nxt.value.value).split())
-    return docs
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    doc = _field_docs()
+    doc = field_docs("latentaudit.sample", "SampleConfig")
     p.add_argument("--model", required=True,
                    help="Model: embedded short name, local folder or hub id.")
     p.add_argument("--prompts", required=True,
@@ -65,15 +48,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from latentaudit.models.load import load_model
-    from latentaudit.sample import SampleConfig, sample_completions
+    from latentaudit.judges.base import check_model_options
+    from latentaudit.models.load import load_model, parse_dtype
+    from latentaudit.sample import SampleConfig, plan_sampling, run_sampling
 
     cfg = SampleConfig(n=args.n, temperature=args.temperature, top_p=args.top_p,
                        max_new_tokens=args.max_new_tokens,
                        stop=tuple(unescape(s) for s in args.stop), seed=args.seed,
                        batch_size=args.batch_size, system=args.system)
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
-    out = sample_completions(model, args.prompts, cfg, args.out)
+    check_model_options(args.device, args.dtype, cfg.batch_size)
+    dtype = str(parse_dtype(args.dtype)).removeprefix("torch.")
+    plan = plan_sampling(args.prompts, cfg, args.out, model=args.model, dtype=dtype)
+    if plan.todo or plan.previous is None:
+        out = run_sampling(load_model(args.model, device=args.device, dtype=args.dtype), plan)
+    else:  # every completion is there, sampled with these parameters
+        out = plan.out
     counts: dict[str, int] = {}
     with open(out, encoding="utf-8") as f:
         for line in f:

@@ -41,25 +41,31 @@ def _layers(text: str | None) -> list[int] | None:
     if not text:
         return None
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        layers = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise LatentAuditError(f"--layers {text}: write whole numbers separated by commas, "
-                               "e.g. 8,12,16.") from None
+        layers = [-1]
+    if not layers or min(layers) < 0:
+        raise LatentAuditError(f"--layers {text}: write layer numbers (0 or more) separated by "
+                               "commas, e.g. 8,12,16.")
+    return layers
 
 
 def run(args) -> int:
     from latentaudit.errors import LatentAuditError
     from latentaudit.judges import load_rubric
-    from latentaudit.judges.probe_train import labels_from_files, train_probe
+    from latentaudit.judges.base import check_model_options
+    from latentaudit.judges.probe_train import check_labels, labels_from_files, train_probe
     from latentaudit.judges.run import items_from_rows, read_completions
     from latentaudit.models.load import load_model
 
     if not args.out.endswith(".safetensors"):
         raise LatentAuditError(f"--out {args.out}: name the probe file *.safetensors.")
     layers = _layers(args.layers)
+    check_model_options(args.device, args.dtype, args.batch_size)
     rubric = load_rubric(args.rubric)
     items = items_from_rows(read_completions(args.completions), rubric, args.completions)
     labels = labels_from_files(items, rubric, args.labels)
+    check_labels(rubric, items, labels, args.folds, args.max_readings)
     lm = load_model(args.model, device=args.device, dtype=args.dtype)
     probe = train_probe(lm, rubric, items, labels, layers=layers, folds=args.folds,
                         max_readings=args.max_readings, batch_size=args.batch_size)

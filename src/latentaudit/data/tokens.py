@@ -116,3 +116,35 @@ def collate(seqs: list[tuple[list[int], list[int]]], pad_id: int) -> Batch:
         comp[b, T - len(c):] = True
     position_ids = (mask.cumsum(dim=1) - 1).clamp_min(0)  # (B, T)
     return Batch(ids, mask, position_ids, comp, max(len(c) for _, c in seqs))
+
+
+# ---- shared by sampling, judging and prompt readers -----------------------------------------
+
+def is_chat_messages(value: object) -> bool:
+    """Whether ``value`` is a non-empty list of ``{"role": str, "content": str}`` messages."""
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str)
+        and isinstance(m.get("content"), str) for m in value)
+
+
+@dataclass(frozen=True)
+class LeftPadded:
+    """Sequences left-padded to one length; a padded row computes what it would alone."""
+
+    input_ids: Int[Tensor, "batch pos"]
+    attention_mask: Int[Tensor, "batch pos"]
+    """1 on real tokens, 0 on padding."""
+    position_ids: Int[Tensor, "batch pos"]
+    """``cumsum(attention_mask) - 1``, clamped at 0 on the padding."""
+
+
+def left_pad(seqs: list[list[int]], pad_id: int) -> LeftPadded:
+    """Left-pad token id sequences so every row ends at the last position."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)  # (B, T)
+    for b, s in enumerate(seqs):
+        if s:
+            ids[b, T - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[b, T - len(s):] = 1
+    return LeftPadded(ids, mask, (mask.cumsum(dim=1) - 1).clamp_min(0))

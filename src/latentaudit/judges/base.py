@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from latentaudit._progress import progress
+from latentaudit.errors import LatentAuditError
 from latentaudit.judges.rubrics import Answer, Rubric
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,8 @@ class JudgeCache:
         self.path = Path(path)
         self._lock = threading.Lock()
         self._entries: dict[str, Verdict] = {}
+        self.n_written = 0
+        """Verdicts appended to the file by this object."""
         if self.path.is_file():
             self._read()
 
@@ -136,6 +139,7 @@ class JudgeCache:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(line)
+            self.n_written += 1
 
 
 def cache_key(judge: Judge, item: JudgeItem) -> str:
@@ -164,8 +168,11 @@ class JudgeRun:
     n_cached: int
     """Items answered from the cache (no judge call)."""
     n_graded: int
-    """Distinct items sent to the judge."""
+    """Items the judge graded in this run (n_cached + n_graded + len(failures) = items)."""
+    n_sent: int
+    """Distinct items sent to the judge (a completion repeated in the input is sent once)."""
     failures: list[Failure]
+    """Items the judge could not grade (sent in this run, not cached)."""
 
 
 def grade_all(judge: Judge, items: Sequence[JudgeItem], cache: JudgeCache | None = None,
@@ -202,5 +209,23 @@ def grade_all(judge: Judge, items: Sequence[JudgeItem], cache: JudgeCache | None
             bar.update(len(part))
     failures = [Failure(i, items[i].prompt_id, items[i].sample_index, v.error)
                 for i, v in enumerate(verdicts) if not v.ok]
-    return JudgeRun(verdicts=verdicts, n_cached=n_cached, n_graded=len(pending),
+    return JudgeRun(verdicts=verdicts, n_cached=n_cached,
+                    n_graded=len(items) - n_cached - len(failures), n_sent=len(pending),
                     failures=failures)
+
+
+def check_model_options(device: str | None, dtype: str, batch_size: int,
+                        load: bool = True) -> None:
+    """Refuse a bad ``--batch-size``, and (when a model is to be loaded) a bad ``--device`` or
+    ``--dtype``, before anything is loaded."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise LatentAuditError(f"--batch-size must be a whole number ≥ 1, got {batch_size!r}.")
+    if load:
+        from latentaudit.models.load import parse_dtype, resolve_device
+
+        parse_dtype(dtype)
+        try:
+            resolve_device(device)
+        except RuntimeError:  # torch's own complaint about an unknown device string
+            raise LatentAuditError(f"--device {device!r} is not a device: use cpu, cuda, "
+                                   "cuda:N or auto.") from None

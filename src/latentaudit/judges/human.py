@@ -11,6 +11,12 @@ the line is where the record starts). A row without ``key`` names its completion
 ``prompt_id`` and ``sample_index`` instead (as in files labelled by hand outside the sheet).
 A row whose question columns and label are all blank is unlabelled: its completion gets an
 error verdict ("no human label") and is excluded.
+
+CSV safety: spreadsheet programs run a cell that starts with ``=``, ``+``, ``-``, ``@``, a tab or
+a carriage return as a formula, and completions are model output (OWASP, "CSV Injection"). Such
+cells, and cells that start with ``'``, are written with one ``'`` before them, which makes the
+program show them as text; reading a CSV file removes one leading ``'`` from every cell, so
+export → import gives back the original text.
 """
 
 from __future__ import annotations
@@ -28,6 +34,19 @@ from latentaudit.judges.base import JudgeItem, Verdict
 from latentaudit.judges.rubrics import OUTCOMES, Answer, Question, Rubric
 
 BASE_COLUMNS = ["key", "prompt_id", "sample_index", "prompt", "completion", "fact"]
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+"""First characters that make a spreadsheet read a cell as a formula."""
+
+
+def to_sheet(value: Any) -> str:
+    """A CSV cell that a spreadsheet shows as text (see the module docstring)."""
+    text = "" if value is None else str(value)
+    return "'" + text if text.startswith((*FORMULA_START, "'")) else text
+
+
+def from_sheet(text: str) -> str:
+    """The original text of a cell written by :func:`to_sheet`."""
+    return text[1:] if text.startswith("'") else text
 
 
 def columns(rubric: Rubric) -> list[str]:
@@ -48,9 +67,9 @@ def export_for_labelling(items: Sequence[JudgeItem], rubric: Rubric, path: str |
         rows.append(row)
     if path.suffix == ".csv":
         with atomic_open(path, "w", encoding="utf-8", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns(rubric))
-            writer.writeheader()
-            writer.writerows({k: "" if v is None else v for k, v in r.items()} for r in rows)
+            writer, cols = csv.writer(f), columns(rubric)
+            writer.writerow([to_sheet(c) for c in cols])
+            writer.writerows([to_sheet(r[c]) for c in cols] for r in rows)
     elif path.suffix == ".jsonl":
         with atomic_open(path, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
@@ -59,19 +78,21 @@ def export_for_labelling(items: Sequence[JudgeItem], rubric: Rubric, path: str |
     return len(rows)
 
 
-def _records(path: Path) -> Iterator[tuple[int, Any]]:
-    """(line, row) pairs from a .csv (dict rows) or .jsonl file."""
+def label_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line, row) pairs from a .csv (dict rows, cells as they were exported) or .jsonl file."""
     if path.suffix == ".csv":
         with open(path, encoding="utf-8-sig", newline="") as f:
             reader = csv.DictReader(f)
-            names = set(reader.fieldnames or ())
+            reader.fieldnames = [from_sheet(n) for n in reader.fieldnames or ()]
+            names = set(reader.fieldnames)
             if "key" not in names and not {"prompt_id", "sample_index"} <= names:
                 raise LatentAuditError(f"{path}:1: the header has no 'key' column (nor "
                                        "'prompt_id' and 'sample_index'); label the file "
                                        "written by --export-labels.")
             start = reader.line_num + 1
             for row in reader:
-                yield start, row
+                yield start, {k: from_sheet(v) if isinstance(v, str) else v
+                              for k, v in row.items()}
                 start = reader.line_num + 1
         return
     with open(path, encoding="utf-8") as f:
@@ -92,7 +113,7 @@ def read_labels(path: str | Path, rubric: Rubric) -> dict[str, Verdict]:
     if path.suffix not in (".csv", ".jsonl"):
         raise LatentAuditError(f"--judge human:{path}: expected a .csv or .jsonl labels file.")
     out, errs, lines = {}, [], {}
-    for n, row in _records(path):
+    for n, row in label_rows(path):
         where = f"{path}:{n}"
         if isinstance(row, ValueError) or not isinstance(row, dict):
             errs.append(f"{where}: {row if isinstance(row, ValueError) else 'expected an object'}")
@@ -167,9 +188,7 @@ def _row_verdict(row: dict, rubric: Rubric, where: str) -> tuple[Verdict | None,
 def _exact(q: Question, text: str) -> Answer | None:
     """A label of the question (any case) or a plain number in its scale; else None."""
     if text.upper() in q.labels:
-        label = text.upper()
-        score = (1.0 if label == q.score_label else 0.0) if q.score_label else None
-        return Answer(score=score, label=label, raw="human")
+        return Answer(score=q.label_score(text.upper()), label=text.upper(), raw="human")
     try:
         value = float(text)
     except ValueError:

@@ -33,7 +33,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from latentaudit.data.tokens import as_ids, prompt_ids
-from latentaudit.judges.base import JudgeItem, Verdict
+from latentaudit.judges.base import JudgeItem, Verdict, check_model_options
 from latentaudit.judges.rubrics import Question, Rubric
 from latentaudit.models.load import LoadedModel
 
@@ -47,6 +47,7 @@ class LocalJudge:
 
     def __init__(self, model: LoadedModel | str, rubric: Rubric, *, device: str = "auto",
                  dtype: str = "float32", batch_size: int = 16):
+        check_model_options(device, dtype, batch_size, load=isinstance(model, str))
         if isinstance(model, str):
             from latentaudit.models.load import load_model
 

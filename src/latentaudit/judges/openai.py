@@ -1,8 +1,8 @@
-"""LLM judge through any OpenAI-compatible chat-completions endpoint (standard library only).
+"""LLM judge through any OpenAI-compatible chat-completions endpoint (the ``openai`` package).
 
-Per completion and rubric question, one request ``POST {base_url}/chat/completions`` with the
-rendered template as the user message, ``temperature=0`` and (unless disabled) ``logprobs=true,
-top_logprobs=20``. Requests run in a thread pool.
+Per completion and rubric question, one chat-completions request with the rendered template as
+the user message, ``temperature=0`` and (unless disabled) ``logprobs=true, top_logprobs=20``.
+Requests run in a thread pool of ``workers``.
 
 Reading the reply:
 1. If the first generated token's ``top_logprobs`` are present, each top token is mapped to a
@@ -13,43 +13,40 @@ Reading the reply:
    number read from text is used only when no logprobs came back (a discarded weighted score
    is not replaced by the sampled number).
 
-Failures: HTTP 429, 5xx, timeouts and connection errors are retried with exponential backoff
-(``backoff · 2^attempt``, capped at ``max_backoff``, with up to 10 % jitter), waiting
-``Retry-After`` instead when the server sends it. Other HTTP errors and malformed replies fail at
-once. A failure becomes that completion's ``Verdict.error``; the batch goes on.
+Transport: the official ``openai`` client (``pip install "latentaudit[api]"``) sends every
+request with its own timeout (``timeout`` seconds per attempt) and retries (HTTP 408, 409, 429,
+5xx, timeouts and connection errors, up to ``retries`` times, with exponential backoff and
+jitter, or the server's Retry-After). The raw body is read by :func:`parse_reply`, so a reply
+that is not the expected JSON fails clearly. Any failure becomes that completion's
+``Verdict.error``; the batch goes on.
 
-The API key is read from an environment variable (name configurable) at construction, sent only
-in the ``Authorization`` header, never stored in the judge's id or repr, and scrubbed from every
-error text.
+The API key is read from an environment variable (name configurable) at construction and handed
+only to the client; it is never part of the judge's id or repr, and it is scrubbed from every
+error text. Without one, the placeholder ``EMPTY`` is sent (what keyless local servers accept).
 """
 
 from __future__ import annotations
 
-import email.utils
-import http.client
 import json
 import logging
 import math
 import os
-import random
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
 
-from latentaudit.errors import LatentAuditError
+from latentaudit.errors import LatentAuditError, require
 from latentaudit.judges.base import JudgeItem, Verdict
 from latentaudit.judges.rubrics import Answer, Question, Rubric
 
 log = logging.getLogger(__name__)
 
 RETRY_STATUS = {408, 409, 429}
+"""Statuses the client retries, besides 5xx."""
+NO_KEY = "EMPTY"
 
 
 class RequestFailed(Exception):
-    """One request failed for good (message already scrubbed of the API key)."""
+    """One reply could not be read (message already scrubbed of the API key)."""
 
 
 class OpenAIJudge:
@@ -57,25 +54,25 @@ class OpenAIJudge:
 
     def __init__(self, model: str, rubric: Rubric, *, base_url: str = "https://api.openai.com/v1",
                  api_key_env: str = "OPENAI_API_KEY", workers: int = 8, timeout: float = 60.0,
-                 retries: int = 5, backoff: float = 1.0, max_backoff: float = 60.0,
-                 logprobs: bool = True, max_tokens: int = 8,
-                 sleep: Callable[[float], None] = time.sleep):
+                 retries: int = 5, logprobs: bool = True, max_tokens: int = 8):
         if not base_url.startswith(("http://", "https://")):
             raise LatentAuditError(f"--judge-base-url {base_url!r} must start with http:// or "
                                    "https://.")
         if workers < 1 or retries < 0 or timeout <= 0:
             raise LatentAuditError("--judge-workers must be ≥ 1, --judge-retries ≥ 0 and "
                                    "--judge-timeout > 0.")
+        self._openai = require("openai", 'pip install "latentaudit[api]"', "The openai judge")
         self.model, self.rubric = model, rubric
         self.base_url = base_url.rstrip("/")
         self.id = f"openai:{model}@{self.base_url}"
         self.workers, self.timeout, self.retries = workers, timeout, retries
-        self.backoff, self.max_backoff = backoff, max_backoff
-        self.logprobs, self.max_tokens, self._sleep = logprobs, max_tokens, sleep
+        self.logprobs, self.max_tokens = logprobs, max_tokens
         self._key = os.environ.get(api_key_env) or None
         if self._key is None:
             log.warning("environment variable %s is not set: requests carry no API key",
                         api_key_env)
+        self._client = self._openai.OpenAI(api_key=self._key or NO_KEY, base_url=self.base_url,
+                                           timeout=timeout, max_retries=retries)
 
     def __repr__(self) -> str:
         return f"OpenAIJudge({self.id!r})"
@@ -102,85 +99,46 @@ class OpenAIJudge:
 
     def _ask_once(self, item: JudgeItem, q: Question) -> tuple[Answer | None, str | None]:
         prompt = self.rubric.render(q, item.prompt_text, item.completion, item.fact)
-        body = {"model": self.model, "messages": [{"role": "user", "content": prompt}],
-                "temperature": 0, "max_tokens": self.max_tokens}
-        if self.logprobs:
-            body.update(logprobs=True, top_logprobs=20)
+        extra = {"logprobs": True, "top_logprobs": 20} if self.logprobs else {}
         try:
-            reply = self._post(body)
-            text, top = parse_reply(reply)
+            raw = self._client.chat.completions.with_raw_response.create(
+                model=self.model, messages=[{"role": "user", "content": prompt}],
+                temperature=0, max_tokens=self.max_tokens, **extra)
+        except self._openai.APIError as err:
+            return None, self._describe(err)
+        body = raw.http_response.text
+        try:
+            text, top = parse_reply(json.loads(body))
+        except json.JSONDecodeError:
+            return None, f"malformed reply (not JSON): {self._scrub(body[:80])!r}"
         except RequestFailed as err:
-            return None, str(err)
+            return None, self._scrub(str(err))
         answer = read_answer(q, text, top, self.rubric.min_mass)
         if answer is None:
             return None, f"unparseable answer {self._scrub(text[:80])!r}"
         return answer, None
 
-    def _post(self, body: dict) -> dict:
-        data = json.dumps(body).encode()
-        headers = {"Content-Type": "application/json"}
-        if self._key:
-            headers["Authorization"] = f"Bearer {self._key}"
-        url = f"{self.base_url}/chat/completions"
-        last = "no attempt made"
-        for attempt in range(self.retries + 1):
-            req = urllib.request.Request(url, data=data, headers=headers, method="POST")
-            wait = None
+    def _describe(self, err: Exception) -> str:
+        """One line for a request the client gave up on, without the key."""
+        gave_up = f" (gave up after {self.retries + 1} attempts)"
+        if isinstance(err, self._openai.APITimeoutError):
+            return f"timed out after {self.timeout:g} s{gave_up}"
+        if isinstance(err, self._openai.APIConnectionError):
+            cause = err.__cause__ or err
+            return f"connection failed: {self._scrub(str(cause) or type(cause).__name__)}{gave_up}"
+        if isinstance(err, self._openai.APIStatusError):
             try:
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                    raw = resp.read()
-                try:
-                    return json.loads(raw)
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    head = self._scrub(raw[:80].decode("utf-8", "replace"))
-                    raise RequestFailed(f"malformed reply (not JSON): {head!r}") from None
-            except urllib.error.HTTPError as err:
-                detail = self._scrub(_body(err)[:200].decode("utf-8", "replace"))
-                last = f"HTTP {err.code}: {detail}".strip()
-                if err.code not in RETRY_STATUS and err.code < 500:
-                    raise RequestFailed(last) from None
-                wait = retry_after(err.headers.get("Retry-After"))
-            except TimeoutError:
-                last = f"timed out after {self.timeout:g} s"
-            except urllib.error.URLError as err:
-                reason = err.reason
-                last = (f"timed out after {self.timeout:g} s" if isinstance(reason, TimeoutError)
-                        else f"connection failed: {self._scrub(str(reason))}")
-            except (OSError, http.client.HTTPException) as err:
-                last = f"connection failed: {self._scrub(str(err) or type(err).__name__)}"
-            if attempt == self.retries:
-                break
-            if wait is None:
-                wait = self.backoff * 2 ** attempt * (1 + 0.1 * random.random())
-            self._sleep(min(wait, self.max_backoff))
-        raise RequestFailed(f"{last} (gave up after {self.retries + 1} attempts)")
+                detail = err.response.text[:200]
+            except Exception:  # a body that could not be read
+                detail = ""
+            code = err.status_code
+            retried = code in RETRY_STATUS or code >= 500
+            return (f"HTTP {code}: {self._scrub(detail)}".strip()
+                    + (gave_up if retried else ""))
+        return self._scrub(f"{type(err).__name__}: {err}")
 
     def _scrub(self, text: str) -> str:
         return text.replace(self._key, "***") if self._key else text
-
-
-def _body(err: urllib.error.HTTPError) -> bytes:
-    try:
-        return err.read() or b""
-    except (OSError, http.client.HTTPException):
-        return b""
-
-
-def retry_after(value: str | None) -> float | None:
-    """Seconds to wait from a Retry-After header (seconds or an HTTP date); None if absent."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
 
 
 def parse_reply(reply: dict) -> tuple[str, list[tuple[str, float]] | None]:

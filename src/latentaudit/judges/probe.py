@@ -40,7 +40,7 @@ from torch import Tensor
 from latentaudit._io import named_or_file
 from latentaudit.data.tokens import as_ids, chat_messages, collate
 from latentaudit.errors import LatentAuditError
-from latentaudit.judges.base import JudgeItem, Verdict
+from latentaudit.judges.base import JudgeItem, Verdict, check_model_options
 from latentaudit.judges.rubrics import Rubric
 from latentaudit.models.hooks import run_until
 from latentaudit.models.load import LoadedModel
@@ -286,6 +286,7 @@ class ProbeJudge:
                     f"{', '.join(q.labels)} in this rubric but the probe learned "
                     f"{', '.join(self.probe.heads[name].labels)}; retrain it with "
                     "`latentaudit train-judge`.")
+        check_model_options(device, dtype, batch_size, load=not isinstance(model, LoadedModel))
         if model is None or isinstance(model, str):
             from latentaudit.models.load import load_model
 

@@ -140,6 +140,29 @@ def select(blocks: dict[Reading, Float[Tensor, "N d"]], y: Int[Tensor, " N"], n_
     return best
 
 
+def check_labels(rubric: Rubric, items: Sequence[JudgeItem],
+                 labels: dict[str, Sequence[str | None]], folds: int = 10,
+                 max_readings: int = 2) -> None:
+    """Refuse settings and labels a probe cannot be trained from, before any model is read."""
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
+        raise LatentAuditError(f"--folds must be a whole number ≥ 2, got {folds!r}.")
+    if isinstance(max_readings, bool) or not isinstance(max_readings, int) or max_readings < 1:
+        raise LatentAuditError(f"--max-readings must be a whole number ≥ 1, got "
+                               f"{max_readings!r}.")
+    questions = {q.name: q for q in rubric.questions}
+    for name, values in labels.items():
+        if name not in questions or questions[name].kind != "choice":
+            what = "is a score" if name in questions else "does not exist"
+            raise LatentAuditError(f"rubric '{rubric.name}' question '{name}' {what}; a probe "
+                                   "learns choice questions (labels) only.")
+        keep = [i for i, v in enumerate(values) if v is not None]
+        seen = sorted({values[i] for i in keep})
+        if len(seen) < 2:
+            raise LatentAuditError(f"question '{name}': the labels hold {len(seen)} distinct "
+                                   "answer(s); a probe needs examples of at least two.")
+        folds_by_group([items[i].prompt_id for i in keep], folds)
+
+
 def default_layers(n_layers: int, n: int = 6) -> list[int]:
     """``n`` layers spread over the depth, from a sixth of the way down to the last."""
     return sorted({round(n_layers * (i + 1) / n) - 1 for i in range(n)})
@@ -160,6 +183,7 @@ def train_probe(lm: LoadedModel, rubric: Rubric, items: Sequence[JudgeItem],
     """Fit one head per question of ``labels`` ({question: label or None per item})."""
     from latentaudit.models.hooks import layer_list
 
+    check_labels(rubric, items, labels, folds, max_readings)
     n_layers = len(layer_list(lm.model))
     layers = list(layers) if layers else default_layers(n_layers)
     bad = [n for n in layers if not 0 <= n < n_layers]
@@ -170,14 +194,7 @@ def train_probe(lm: LoadedModel, rubric: Rubric, items: Sequence[JudgeItem],
     heads = {}
     for name, values in labels.items():
         q = questions[name]
-        if q.kind != "choice":
-            raise LatentAuditError(f"rubric '{rubric.name}' question '{name}' is a score; a "
-                                   "probe learns choice questions (labels) only.")
         keep = [i for i, v in enumerate(values) if v is not None]
-        seen = sorted({values[i] for i in keep})
-        if len(seen) < 2:
-            raise LatentAuditError(f"question '{name}': the labels hold {len(seen)} distinct "
-                                   "answer(s); a probe needs examples of at least two.")
         y = torch.tensor([q.labels.index(values[i]) for i in keep])
         question = default_question(q)
         prompts = [judge_prompt(lm.tokenizer, items[i], question) for i in keep]

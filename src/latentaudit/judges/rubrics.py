@@ -135,7 +135,7 @@ class Question:
             label = min(hits)[1] if hits else None
         if label is None:
             return None
-        return Answer(score=self._label_score(label), label=label, raw=text)
+        return Answer(score=self.label_score(label), label=label, raw=text)
 
     def from_probs(self, probs: dict[str, float], min_mass: float) -> Answer | None:
         """Read a distribution over candidate answers by the distribution rule."""
@@ -158,10 +158,11 @@ class Question:
             return None
         label = max(labels, key=labels.get)
         score = (labels[self.score_label] / label_mass if self.score_label
-                 else self._label_score(label))
+                 else self.label_score(label))
         return Answer(score=score, label=label, probs=shown, raw=f"label mass {label_mass:.3f}")
 
-    def _label_score(self, label: str) -> float | None:
+    def label_score(self, label: str) -> float | None:
+        """The score a label answer carries: 1 for ``score_label``, else 0 (choice questions)."""
         if self.kind != "choice" or not self.score_label:
             return None
         return 1.0 if label == self.score_label else 0.0

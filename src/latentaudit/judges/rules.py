@@ -71,9 +71,7 @@ class RuleJudge:
 
 def _as_answer(q: Question, value: Any, why: str) -> Answer:
     if isinstance(value, str):
-        label = value.upper()
-        score = (1.0 if label == q.score_label else 0.0) if q.score_label else None
-        return Answer(score=score, label=label, raw=why)
+        return Answer(score=q.label_score(value.upper()), label=value.upper(), raw=why)
     return Answer(score=float(value), raw=why)
 
 

@@ -3,7 +3,9 @@
 1. Read ``completions.jsonl`` (rows with ``prompt``, ``completion``, optional ``prompt_id``,
    ``sample_index``, ``meta`` with ``fact``, token ids, ...); every problem is reported with
    file:line. A rubric whose template uses ``{fact}`` needs ``meta.fact`` on every row.
-2. Grade every row with the judge through the cache (:func:`~latentaudit.judges.base.grade_all`).
+2. Build the judge from its ``--judge`` spec only now, so a bad file is reported before any
+   judge model loads; grade every row through the cache
+   (:func:`~latentaudit.judges.base.grade_all`).
 3. Write ``judged.jsonl``: each input row unchanged plus ``judge``, ``rubric``,
    ``rubric_source`` (the rubric file, for edited rubrics), ``rubric_hash``, ``answers``,
    ``error``, ``judge_outcome`` (a human's direct label, else null), and the rubric's
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from latentaudit._io import read_jsonl, write_jsonl
+from latentaudit.data.tokens import is_chat_messages
 from latentaudit.errors import LatentAuditError
 from latentaudit.judges.base import Judge, JudgeCache, JudgeItem, JudgeRun, grade_all
 from latentaudit.judges.rubrics import Rubric, shipped_dir
@@ -39,11 +42,7 @@ def _check_row(row: Any, where: str) -> list[str]:
     if not isinstance(row, dict):
         return [f"{where}: expected a JSON object"]
     errs = []
-    prompt = row.get("prompt")
-    ok = isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str)
-        and isinstance(m.get("content"), str) for m in prompt))
-    if not ok:
+    if not (isinstance(row.get("prompt"), str) or is_chat_messages(row.get("prompt"))):
         errs.append(f"{where}: field 'prompt' must be a string or a list of chat messages")
     if not isinstance(row.get("completion"), str):
         errs.append(f"{where}: field 'completion' is required and must be a string")
@@ -96,15 +95,27 @@ class JudgeSummary:
     outcomes: dict[str, int]
     """positive / negative / excluded -> count under the rubric's threshold rule."""
     out: Path
-    cache: Path
+    judge: str
+    """The judge's id."""
+    cache: Path | None
+    """The verdict cache, when this run added verdicts to it; else None."""
 
 
-def judge_file(completions: str | Path, rubric: Rubric, judge: Judge, out: str | Path,
-               cache_path: str | Path | None = None) -> JudgeSummary:
-    """Grade every completion in ``completions`` and write ``out`` (see the module docstring)."""
+def judge_file(completions: str | Path, rubric: Rubric, judge: Judge | str, out: str | Path,
+               cache_path: str | Path | None = None, **options: Any) -> JudgeSummary:
+    """Grade every completion in ``completions`` and write ``out`` (see the module docstring).
+
+    ``judge`` is a judge or a ``--judge`` spec built with ``options`` by
+    :func:`~latentaudit.judges.make_judge` once the completions have been checked, so a bad
+    file is reported before any judge model loads.
+    """
     out = Path(out)
     rows = read_completions(completions)
     items = items_from_rows(rows, rubric, completions)
+    if isinstance(judge, str):
+        from latentaudit.judges import make_judge
+
+        judge = make_judge(judge, rubric, **options)
     cache = JudgeCache(cache_path or out.parent / "judge_cache.jsonl")
     run = grade_all(judge, items, cache)
     shipped = rubric.source is not None and rubric.source.parent == shipped_dir()
@@ -121,4 +132,5 @@ def judge_file(completions: str | Path, rubric: Rubric, judge: Judge, out: str |
                        "error": verdict.error, "judge_outcome": verdict.outcome,
                        "outcome": decision.outcome, "why": decision.why})
     write_jsonl(out, judged)
-    return JudgeSummary(run=run, outcomes=outcomes, out=out, cache=cache.path)
+    return JudgeSummary(run=run, outcomes=outcomes, out=out, judge=judge.id,
+                        cache=cache.path if cache.n_written else None)

@@ -1,0 +1,162 @@
+"""The generation loop of ``latentaudit sample``: batched, KV-cached, seeded per row.
+
+Algorithm (one batch of prompts, each with its own seed):
+
+1. Left-pad the prompt ids; position ids are ``cumsum(attention_mask) - 1`` so a padded row
+   computes what it would alone. One forward pass fills the KV cache (prefill).
+2. Per step and row: softmax(logits / temperature); with ``top_p`` < 1 keep the smallest
+   top-probability set whose mass reaches ``top_p`` (stable sort). Draw ``u ~ U[0, 1)`` from the
+   row's own CPU generator and take the token where the kept cumulative mass first exceeds
+   ``u · mass`` (inverse CDF, float64). Temperature 0 is greedy (argmax). A row's draws depend
+   only on its seed, never on batch size or batch neighbours.
+3. Feed the new tokens with the cache; a row stops at an EOS id (``finish_reason`` "eos"), when
+   its decoded text contains a stop string ("stop") or after ``max_new_tokens`` ("length").
+   Finished rows leave the cache.
+
+Token ids (what attribution conditions on): a generation's ``token_ids`` are exactly those the
+model generated, no padding, nothing after the end. With "eos" the EOS id is KEPT as the last id
+(stopping is part of what the model chose; its loss belongs to the completion) and the text is
+the decoding of the ids before it. With "stop" the ids are cut to the longest prefix whose
+decoding ends before the stop string, and the text is that decoding (a token that straddles the
+stop string is dropped whole). So ``text == decode(token_ids[:-1] if eos else token_ids)``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from latentaudit.data.tokens import left_pad
+from latentaudit.models.load import LoadedModel
+
+if TYPE_CHECKING:
+    from latentaudit.sample import SampleConfig
+
+
+class Generation(NamedTuple):
+    """One generated completion."""
+
+    token_ids: list[int]
+    """Generated ids; ends with the EOS id when ``finish_reason`` is "eos"."""
+    text: str
+    """Decoded completion, without the EOS token and without the stop string."""
+    finish_reason: str
+    """"stop", "eos" or "length"."""
+
+
+# ---- the math --------------------------------------------------------------------------------
+
+def sample_tokens(logits: Float[Tensor, "batch vocab"], uniforms: Float[Tensor, " batch"],
+                  temperature: float, top_p: float) -> Int[Tensor, " batch"]:
+    """Temperature + top-p sampling by inverse CDF of each row's uniform (argmax if T = 0).
+
+    With top_p = 1 the CDF runs in vocabulary order; otherwise over the probabilities sorted
+    descending (stable), cut to the smallest prefix whose mass reaches top_p.
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.double() / temperature, dim=-1)  # (B, V)
+    order = None
+    if top_p < 1:
+        probs, order = probs.sort(dim=-1, descending=True, stable=True)  # (B, V)
+        probs = probs * ((probs.cumsum(dim=-1) - probs) < top_p)  # mass before a token < top_p
+    cum = probs.cumsum(dim=-1)  # (B, V)
+    target = uniforms.to(cum)[:, None] * cum[:, -1:]  # (B, 1)
+    last = probs.shape[-1] - 1 - (probs > 0).flip(-1).to(torch.int8).argmax(-1, keepdim=True)
+    pick = torch.minimum(torch.searchsorted(cum, target, right=True), last)  # (B, 1)
+    return (pick if order is None else order.gather(-1, pick)).squeeze(-1)
+
+
+# ---- the generation loop ---------------------------------------------------------------------
+
+def eos_token_ids(loaded: LoadedModel) -> set[int]:
+    """EOS ids from the generation config and the tokenizer."""
+    ids: set[int] = set()
+    gen_cfg = getattr(loaded.model, "generation_config", None)
+    for value in (getattr(gen_cfg, "eos_token_id", None), loaded.tokenizer.eos_token_id):
+        ids.update([value] if isinstance(value, int) else value or [])
+    return ids
+
+
+def decode(tokenizer, ids: list[int]) -> str:
+    """Exact decoding (special tokens kept, no clean-up of spaces)."""
+    return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def cut_at_stop(tokenizer, ids: list[int], stops: tuple[str, ...]) -> tuple[list[int], str] | None:
+    """If the decoded ids contain a stop string: the longest id prefix whose text ends before it."""
+    text = decode(tokenizer, ids)
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    if not hits:
+        return None
+    head = text[:min(hits)]
+    k = len(ids) - 1
+    while k > 0 and not head.startswith(decode(tokenizer, ids[:k])):
+        k -= 1
+    return ids[:k], decode(tokenizer, ids[:k])
+
+
+def _finish(tokenizer, ids: list[int], eos: set[int], cfg: SampleConfig) -> Generation | None:
+    if ids[-1] in eos:
+        return Generation(ids, decode(tokenizer, ids[:-1]), "eos")
+    if cfg.stop and (cut := cut_at_stop(tokenizer, ids, cfg.stop)) is not None:
+        return Generation(cut[0], cut[1], "stop")
+    if len(ids) >= cfg.max_new_tokens:
+        return Generation(ids, decode(tokenizer, ids), "length")
+    return None
+
+
+@torch.no_grad()
+def generate(loaded: LoadedModel, prompts: list[list[int]], seeds: list[int],
+             cfg: SampleConfig) -> list[Generation]:
+    """Sample one completion per prompt id list with a KV cache; row b draws from seeds[b].
+
+    Hooks registered on the model (e.g. steering) stay active throughout.
+    """
+    if not prompts:
+        return []
+    model, tok, dev = loaded.model, loaded.tokenizer, loaded.device
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    eos = eos_token_ids(loaded)
+    B, padded = len(prompts), left_pad(prompts, pad)
+    ids, mask, pos = padded.input_ids, padded.attention_mask, padded.position_ids  # (B, T)
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    out: list[list[int]] = [[] for _ in range(B)]
+    done: list[Generation | None] = [None] * B
+    rows, past, extra = list(range(B)), None, _logits_kwargs(model)  # rows: prompt of cache row
+    while True:
+        res = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
+                    past_key_values=past, use_cache=True, **extra)
+        past = res.past_key_values
+        logits = res.logits[:, -1].float()  # (A, V), sampled on the model's device
+        u = torch.zeros(len(rows), dtype=torch.float64)  # (A,)
+        for j, r in enumerate(rows):
+            if done[r] is None:
+                u[j] = torch.rand((), generator=gens[r], dtype=torch.float64)
+        nxt = sample_tokens(logits, u, cfg.temperature, cfg.top_p).cpu()  # (A,)
+        for j, r in enumerate(rows):
+            if done[r] is None:
+                out[r].append(int(nxt[j]))
+                done[r] = _finish(tok, out[r], eos, cfg)
+        keep = [j for j, r in enumerate(rows) if done[r] is None]
+        if not keep:
+            return list(done)
+        if len(keep) < len(rows) and hasattr(past, "batch_select_indices"):
+            past.batch_select_indices(torch.tensor(keep, device=dev))
+            rows, mask, pos, nxt = [rows[j] for j in keep], mask[keep], pos[keep], nxt[keep]
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (A, T + 1)
+        pos = pos[:, -1:] + 1  # (A, 1)
+        ids = nxt[:, None]  # (A, 1); rows already finished but still cached are ignored
+
+
+def _logits_kwargs(model) -> dict[str, int]:
+    """Ask for the last position's logits only, where the model supports it."""
+    params = inspect.signature(model.forward).parameters
+    for name in ("logits_to_keep", "num_logits_to_keep"):
+        if name in params:
+            return {name: 1}
+    return {}
