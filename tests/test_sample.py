@@ -58,9 +58,9 @@ def test_field_docs_are_read_without_importing_torch():
     import subprocess
     import sys
 
-    code = ("import sys; from latentaudit.cli._docs import field_docs; "
-            "d = field_docs('latentaudit.sample', 'SampleConfig'); "
-            "t = field_docs('latentaudit.saes.train', 'TrainConfig'); "
+    code = ("import sys; from latentaudit.cli import field_docs; "
+            "d = field_docs('sample.py', 'SampleConfig'); "
+            "t = field_docs('saes/train.py', 'TrainConfig'); "
             "print(d['n'], '|', d['top_p'], '|', 'k' in t, 'torch' in sys.modules)")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}  # the same latentaudit
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import re
 
-from latentaudit.cli._docs import field_docs
-
 NAME = "sample"
 HELP = "Sample N completions per prompt from a model (resumable JSONL with token ids)."
 DESCRIPTION = (
@@ -24,7 +22,9 @@ def unescape(text: str) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    doc = field_docs("latentaudit.sample", "SampleConfig")
+    from latentaudit.cli import field_docs
+
+    doc = field_docs("sample.py", "SampleConfig")
     p.add_argument("--model", required=True,
                    help="Model: embedded short name, local folder or hub id.")
     p.add_argument("--prompts", required=True,

@@ -103,28 +103,18 @@ def collate(seqs: list[tuple[list[int], list[int]]], pad_id: int) -> Batch:
     """Left-pad (prompt ids, completion ids) pairs into one :class:`Batch`."""
     import torch
 
-    lengths = [len(p) + len(c) for p, c in seqs]
-    T = max(lengths)
-    B = len(seqs)
-    ids = torch.full((B, T), pad_id, dtype=torch.long)  # (B, T)
-    mask = torch.zeros((B, T), dtype=torch.long)
-    comp = torch.zeros((B, T), dtype=torch.bool)
-    for b, (p, c) in enumerate(seqs):
-        n = len(p) + len(c)
-        ids[b, T - n:] = torch.tensor(p + c, dtype=torch.long)
-        mask[b, T - n:] = 1
+    padded = left_pad([p + c for p, c in seqs], pad_id)
+    B, T = padded.input_ids.shape
+    comp = torch.zeros((B, T), dtype=torch.bool)  # (B, T)
+    for b, (_, c) in enumerate(seqs):
         comp[b, T - len(c):] = True
-    position_ids = (mask.cumsum(dim=1) - 1).clamp_min(0)  # (B, T)
-    return Batch(ids, mask, position_ids, comp, max(len(c) for _, c in seqs))
+    return Batch(padded.input_ids, padded.attention_mask, padded.position_ids, comp,
+                 max(len(c) for _, c in seqs))
 
-
-# ---- shared by sampling, judging and prompt readers -----------------------------------------
 
 def is_chat_messages(value: object) -> bool:
     """Whether ``value`` is a non-empty list of ``{"role": str, "content": str}`` messages."""
-    return isinstance(value, list) and bool(value) and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str)
-        and isinstance(m.get("content"), str) for m in value)
+    return not message_problems(value, "")
 
 
 @dataclass(frozen=True)
@@ -140,6 +130,8 @@ class LeftPadded:
 
 def left_pad(seqs: list[list[int]], pad_id: int) -> LeftPadded:
     """Left-pad token id sequences so every row ends at the last position."""
+    import torch
+
     T = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)  # (B, T)
     mask = torch.zeros((len(seqs), T), dtype=torch.long)  # (B, T)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from latentaudit._io import named_or_file, read_jsonl
+from latentaudit.data.tokens import is_chat_messages
 from latentaudit.errors import LatentAuditError
 
 FIELDS = ("prompt_id", "prompt", "system", "meta")
@@ -78,10 +79,7 @@ def _parse(row: Any, where: str) -> tuple[SuitePrompt | None, list[str]]:
     pid, prompt, system = row.get("prompt_id"), row.get("prompt"), row.get("system")
     if not isinstance(pid, str) or not pid.strip():
         errs.append(f"{where}: field 'prompt_id' is required and must be a non-empty string")
-    messages_ok = isinstance(prompt, list) and prompt and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str)
-        and isinstance(m.get("content"), str) for m in prompt)
-    if not ((isinstance(prompt, str) and prompt.strip()) or messages_ok):
+    if not ((isinstance(prompt, str) and prompt.strip()) or is_chat_messages(prompt)):
         errs.append(f"{where}: field 'prompt' is required: a non-empty string (or a list of "
                     "{'role', 'content'} chat messages)")
     if system is not None and not isinstance(system, str):
