@@ -506,11 +506,17 @@ def test_sae_evaluate_cli_on_texts(tiny_model_dir, tmp_path, capsys):
     want = evaluate_sae(loaded.model, sae, text_sequences(str(text), loaded.tokenizer,
                                                           EvalConfig(200, 62)), 1, mean,
                         ce_sequences=1)
-    assert main(argv) == 0
+    assert main([*argv, "--record"]) == 0
     [row] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert row["text"] == str(text) and row["fvu"] < 1e-10 and row["ce_increase"] == 0.0
     assert row["tokens"] == want.tokens and row["ce_tokens"] == want.ce_tokens
     assert row["ce_clean"] == pytest.approx(want.ce.clean)
+    recorded = json.loads((tmp_path / "exact" / "cfg.json").read_text())["evaluation"]
+    assert recorded["results"][str(text)]["fvu"] == row["fvu"]
+    assert "sae evaluate" in recorded["command"] and load_sae(tmp_path / "exact").d_sae == 64
+    # a missing text fails before the model loads
+    assert main([*argv[:-7], "--text", str(tmp_path / "none.txt")]) == 2
+    assert "none.txt: no such file" in capsys.readouterr().err
 
 
 def test_decoder_gradient_projection_records_no_graph():

@@ -70,6 +70,9 @@ def _add_evaluate(ev: argparse.ArgumentParser) -> None:
     ev.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     ev.add_argument("--dtype", default="float32", help="Model dtype: float32 or bfloat16.")
     ev.add_argument("--json", action="store_true", help="Print one JSON object per line.")
+    ev.add_argument("--record", action="store_true",
+                    help="Also store the results, with this command, under 'evaluation' in each "
+                         "SAE's cfg.json (latentaudit format only).")
 
 
 def _load(args: argparse.Namespace):
@@ -122,7 +125,7 @@ def _convert(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from latentaudit.errors import LatentAuditError
     from latentaudit.models.load import load_model, resolve_device
-    from latentaudit.saes.evaluate import EvalConfig, evaluate_on_texts
+    from latentaudit.saes.evaluate import EvalConfig, evaluate_on_texts, text_documents
     from latentaudit.saes.formats import load_sae
     from latentaudit.saes.shipped import resolve_sae_path
 
@@ -137,9 +140,19 @@ def _evaluate(args: argparse.Namespace) -> int:
     if first.mean_activation is None:
         raise LatentAuditError(f"{args.paths[0]} stores no mean activation ā for the mean-"
                                "ablation baseline: list an SAE that has one first.")
+    if args.record:
+        foreign = [p for p, s in saes.items() if s.info.source_format != "latentaudit"]
+        if foreign:
+            raise LatentAuditError(f"--record writes into latentaudit's cfg.json, and {foreign[0]}"
+                                   " is in another format: convert it with `latentaudit sae "
+                                   "convert` first.")
+    for text in args.text:
+        text_documents(text)  # a missing corpus or file fails before the model loads
     loaded = load_model(args.model, device=str(resolve_device(args.device)), dtype=args.dtype)
     rows = [r.row() for r in evaluate_on_texts(loaded, saes, layer, args.text, cfg,
                                                first.mean_activation)]
+    if args.record:
+        _record(saes, rows, args)
     for r in rows:
         if args.json:
             print(json.dumps(r))
@@ -149,6 +162,28 @@ def _evaluate(args: argparse.Namespace) -> int:
                   f" nats = {r['ce_increase_pct']:.1f}% of mean ablation ({r['ce_tokens']:,} "
                   "tokens)")
     return 0
+
+
+def _record(saes: dict, rows: list[dict], args: argparse.Namespace) -> None:
+    """Store each SAE's rows (keyed by text) and the command under 'evaluation' in its cfg."""
+    import shlex
+    from pathlib import Path
+
+    from latentaudit._io import write_json
+    from latentaudit.saes.sae import CONFIG_FILE
+
+    command = shlex.join(["latentaudit", "sae", "evaluate", *args.paths, "--model", args.model,
+                          "--text", *args.text, "--tokens", str(args.tokens),
+                          "--ce-tokens", str(args.ce_tokens)])
+    for name, sae in saes.items():
+        path = Path(sae.info.source_path)
+        cfg_file = (path if path.is_dir() else path.parent) / CONFIG_FILE
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+        results = cfg.get("evaluation", {}).get("results", {})
+        results.update({r["text"]: {k: v for k, v in r.items() if k not in ("sae", "text")}
+                        for r in rows if r["sae"] == name})
+        cfg["evaluation"] = {"command": command, "results": results}
+        write_json(cfg_file, cfg)
 
 
 def run(args: argparse.Namespace) -> int:
