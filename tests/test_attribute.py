@@ -147,6 +147,7 @@ def test_pair_weights_by_hand_2x2():
 
 # -- the engine against the independent route ---------------------------------------------------
 
+@pytest.mark.slow  # the reference route is an unbatched full-logit autograd pass
 @pytest.mark.parametrize("positions", ["all", "completion"])
 def test_engine_matches_independent_route(positions):
     lm = loaded()

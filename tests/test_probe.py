@@ -96,6 +96,7 @@ def test_cross_validation_never_sees_held_out_labels():
     assert (pred == y).float().mean() > 0.85
 
 
+@pytest.mark.slow  # greedy selection over many cross-validated fits
 def test_select_finds_the_planted_reading():
     g = torch.Generator().manual_seed(2)
     n = 90
@@ -150,6 +151,7 @@ def test_read_features_pools_by_hand_and_ignores_padding(tiny_lm):
                        torch.tensor([[4.5, 5.5, 6.5]]))
 
 
+@pytest.mark.slow  # trains a probe by cross-validation on a tiny model
 def test_probe_trains_round_trips_and_judges(tmp_path, tiny_lm, short_fb):
     items, labels = synthetic_items()
     probe = train_probe(tiny_lm, short_fb, items, {"validation": labels}, layers=[0, 1],
@@ -174,6 +176,7 @@ def test_probe_trains_round_trips_and_judges(tmp_path, tiny_lm, short_fb):
     assert grade_all(judge, items, JudgeCache(tmp_path / "cache.jsonl")).n_graded == 0
 
 
+@pytest.mark.slow  # several cross-validated fits on a tiny model
 def test_probe_errors(tmp_path, tiny_lm, short_fb):
     items, labels = synthetic_items(2)
     probe = train_probe(tiny_lm, short_fb, items, {"validation": labels}, layers=[1],
@@ -206,6 +209,7 @@ def test_probe_errors(tmp_path, tiny_lm, short_fb):
         train_probe(tiny_lm, short_fb, items, {"coherent": labels}, layers=[1])
 
 
+@pytest.mark.slow  # trains a probe by cross-validation, then judges, through the CLI
 def test_cli_train_judge_then_judge(tmp_path, tiny_model_dir, short_fb, capsys):
     items, labels = synthetic_items(4)
     comp = tmp_path / "completions.jsonl"
