@@ -513,7 +513,8 @@ def test_sae_evaluate_cli_on_texts(tiny_model_dir, tmp_path, capsys):
     assert row["ce_clean"] == pytest.approx(want.ce.clean)
     recorded = json.loads((tmp_path / "exact" / "cfg.json").read_text())["evaluation"]
     assert recorded["results"][str(text)]["fvu"] == row["fvu"]
-    assert "sae evaluate" in recorded["command"] and load_sae(tmp_path / "exact").d_sae == 64
+    assert "sae evaluate" in recorded["results"][str(text)]["command"]
+    assert load_sae(tmp_path / "exact").d_sae == 64
     # a missing text fails before the model loads
     assert main([*argv[:-7], "--text", str(tmp_path / "none.txt")]) == 2
     assert "none.txt: no such file" in capsys.readouterr().err

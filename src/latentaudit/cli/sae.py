@@ -165,7 +165,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _record(saes: dict, rows: list[dict], args: argparse.Namespace) -> None:
-    """Store each SAE's rows (keyed by text) and the command under 'evaluation' in its cfg."""
+    """Store each SAE's rows under 'evaluation' in its cfg, keyed by text, each with the
+    command that reproduces it (results for other texts are kept)."""
     import shlex
     from pathlib import Path
 
@@ -180,9 +181,9 @@ def _record(saes: dict, rows: list[dict], args: argparse.Namespace) -> None:
         cfg_file = (path if path.is_dir() else path.parent) / CONFIG_FILE
         cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
         results = cfg.get("evaluation", {}).get("results", {})
-        results.update({r["text"]: {k: v for k, v in r.items() if k not in ("sae", "text")}
-                        for r in rows if r["sae"] == name})
-        cfg["evaluation"] = {"command": command, "results": results}
+        results.update({r["text"]: {**{k: v for k, v in r.items() if k not in ("sae", "text")},
+                                    "command": command} for r in rows if r["sae"] == name})
+        cfg["evaluation"] = {"results": results}
         write_json(cfg_file, cfg)
 
 
