@@ -130,7 +130,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from latentaudit.saes.shipped import resolve_sae_path
 
     cfg = EvalConfig(tokens=args.tokens, ce_tokens=args.ce_tokens, batch_size=args.batch_size)
-    saes = {p: load_sae(resolve_sae_path(p, args.model), layer=args.layer) for p in args.paths}
+    saes = {p: load_sae(resolve_sae_path(p, args.model), layer=args.layer, dtype="fp32")
+            for p in args.paths}  # fp16 matmuls are slow on CPUs
     layers = {s.info.layer for s in saes.values()}
     if args.layer is None and (len(layers) != 1 or None in layers):
         raise LatentAuditError(f"the SAEs record layers {sorted(map(str, layers))}: give the "
