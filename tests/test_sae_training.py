@@ -439,12 +439,12 @@ def test_train_sae_cli_resumes_a_killed_run(tiny_model_dir, tmp_path, monkeypatc
 
 def test_train_sae_checks_the_corpus_before_loading_the_model(tmp_path, monkeypatch, capsys):
     from latentaudit.cli import main
-    from latentaudit.models import load as load_mod
+    from latentaudit.saes import pipeline
 
     def no_model(*a, **k):
         raise AssertionError("the model was loaded before the corpus was checked")
 
-    monkeypatch.setattr(load_mod, "load_model", no_model)
+    monkeypatch.setattr(pipeline, "load_model", no_model)
     argv = ["train-sae", "--model", "qwen2.5-0.5b-instruct", "--layer", "0", "--d-sae", "16",
             "--k", "2", "--tokens", "256", "--batch-size", "64", "--out", str(tmp_path / "o"),
             "--corpus", str(tmp_path / "missing.txt"), "--device", "cpu"]

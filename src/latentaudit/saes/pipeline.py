@@ -21,11 +21,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from latentaudit.data.corpus import load_corpus
 from latentaudit.errors import LatentAuditError
-from latentaudit.saes.harvest import HarvestConfig
-from latentaudit.saes.metrics import Evaluation
-from latentaudit.saes.sae import SAE
-from latentaudit.saes.train import TrainConfig
+from latentaudit.models.load import load_model, resolve_device
+from latentaudit.saes.harvest import HarvestConfig, harvest, token_sequences
+from latentaudit.saes.metrics import Evaluation, evaluate_sae
+from latentaudit.saes.sae import SAE, SAEInfo
+from latentaudit.saes.train import CHECKPOINT, TrainConfig, Trainer
 
 STARTED = ("cfg.json", "activations/manifest.json", "checkpoint/checkpoint.json")
 """Files whose presence means OUT already holds a run."""
@@ -58,8 +60,6 @@ def describe_corpus(paths: Sequence[str | os.PathLike] | None) -> str:
 
 
 def _texts(paths: Sequence[str | os.PathLike] | None, split: str) -> Iterator[str]:
-    from latentaudit.data.corpus import load_corpus
-
     return (doc.text for doc in load_corpus(list(paths) if paths else None, split=split))
 
 
@@ -68,12 +68,6 @@ def train_sae(model: str, out: str | os.PathLike, harvest_cfg: HarvestConfig,
               eval_sequences: int = 32, device: str = "auto", dtype: str = "auto",
               resume: bool = False, command: str = "") -> TrainSAEResult:
     """Harvest, train, evaluate and save an SAE into ``out`` (see the module docstring)."""
-    from latentaudit.models.load import load_model, resolve_device
-    from latentaudit.saes.harvest import ActivationStore, harvest, token_sequences
-    from latentaudit.saes.metrics import evaluate_sae
-    from latentaudit.saes.sae import SAEInfo
-    from latentaudit.saes.train import CHECKPOINT, Trainer
-
     out = Path(out)
     check_output(out, resume)
     if eval_sequences < 1:
@@ -97,7 +91,7 @@ def train_sae(model: str, out: str | os.PathLike, harvest_cfg: HarvestConfig,
         source += f", minus its first {eval_sequences} sequences"
     if not eval_seqs:
         raise LatentAuditError(f"The {source} holds no text of at least two tokens.")
-    store: ActivationStore = harvest(loaded, seqs, out / "activations", harvest_cfg,
+    store = harvest(loaded, seqs, out / "activations", harvest_cfg,
                                      source=source)
     ckpt = out / "checkpoint"
     if resume and (ckpt / CHECKPOINT).exists():
