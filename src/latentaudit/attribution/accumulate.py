@@ -89,7 +89,7 @@ def run_batches(model: LoadedModel, saes: dict[int, SAE], plan: Plan, cfg: Attri
             batch = collate([plan.seqs[j] for j in idx], plan.pad_id).to(device)
             w = torch.tensor([plan.weights[j] for j in idx], device=device)  # (B,)
             positive = torch.tensor([plan.positive[j] for j in idx], device=device)  # (B,)
-            batch_losses, per_layer = _forward_backward(lm, batch, layers, keep_arg)
+            batch_losses, per_layer = forward_backward(lm, batch, layers, keep_arg)
             losses[idx] = batch_losses.double().cpu()
             mask = batch.attention_mask.bool() if cfg.positions == "all" else batch.completion_mask
             for L, (a, g) in per_layer.items():
@@ -128,8 +128,16 @@ def _latent_sums(sae: SAE, acts: Tensor, positive: Tensor) -> tuple[Tensor, Tens
     return pos, neg
 
 
-def _forward_backward(model, batch: Batch, layers: list[int], keep_arg: bool):
-    """One forward (logits only where needed) and one backward to the hooked activations."""
+def forward_backward(model, batch: Batch, layers: list[int], keep_arg: bool | None = None
+                     ) -> tuple[Tensor, dict[int, tuple[Tensor, Tensor]]]:
+    """One forward (logits only where needed) and one backward to the hooked activations.
+
+    Returns ℓ_C of each row and {layer: (a, g)} with a and g = ∂Σℓ/∂a of shape (B, T, D).
+    ``keep_arg``: whether the model's forward takes ``logits_to_keep`` (None: look it up). The
+    explain stage reuses this for its per-token attribution maps.
+    """
+    if keep_arg is None:
+        keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
     k = batch.n_completion
     kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                   position_ids=batch.position_ids, use_cache=False)

@@ -25,7 +25,7 @@ from latentaudit.attribution.config import (
 from latentaudit.attribution.math import center, deltas_from_moments
 from latentaudit.attribution.plan import Inputs, Plan
 from latentaudit.errors import LatentAuditError
-from latentaudit.explain import logit_lens, token_strings, unembedding
+from latentaudit.explain.lens import logit_lens, token_strings, unembedding
 from latentaudit.models.load import LoadedModel
 from latentaudit.saes.sae import SAE
 

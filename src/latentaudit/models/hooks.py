@@ -133,3 +133,30 @@ def run_until(model: nn.Module, layers: Sequence[int], **inputs) -> dict[int, Te
         except StopForward:
             pass
     return dict(store)
+
+
+@contextlib.contextmanager
+def capture_layer_inputs(model: nn.Module, layers: Sequence[int]
+                         ) -> Iterator[dict[int, tuple[tuple, dict]]]:
+    """Record the (args, kwargs) each of ``layers`` is called with into the yielded dict.
+
+    A decoder layer's call carries what the model prepared for it (attention mask, rotary
+    position embeddings, position ids), whatever the architecture; replaying the calls with a new
+    hidden state runs only the layers above a hook point (:mod:`latentaudit.models.upper`).
+    """
+    calls: dict[int, tuple[tuple, dict]] = {}
+
+    def make(layer: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict):
+            calls[layer] = (args, dict(kwargs))
+        return hook
+
+    handles = []
+    try:
+        for layer in sorted(set(layers)):
+            handles.append(layer_module(model, layer).register_forward_pre_hook(
+                make(layer), with_kwargs=True))
+        yield calls
+    finally:
+        for h in handles:
+            h.remove()

@@ -1,0 +1,71 @@
+"""Latents that rank high for several behaviours: the same model and SAE, several attribution runs.
+
+1. Read each run folder and check that they share the model and, layer by layer, the SAE file.
+2. Take the top ``top_k`` latents of every layer of every run (its ranking.jsonl).
+3. Keep the latents in the top of at least ``min_runs`` runs; show each one's rank and
+   Δ-attribution in every run side by side (rank None where it is outside that run's top),
+   most shared first, then by mean rank over the runs where it is in the top.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from latentaudit.errors import LatentAuditError
+from latentaudit.explain.run import RunFolder, read_run
+
+SCHEMA_VERSION = 1
+
+
+def check_same_model(runs: Sequence[RunFolder]) -> None:
+    """Step 1: one model, and the same SAE path at every layer the runs share."""
+    first = runs[0]
+    for run in runs[1:]:
+        if run.model_name != first.model_name:
+            raise LatentAuditError(
+                f"--across: {run.path} ran on model '{run.model_name}' but {first.path} on "
+                f"'{first.model_name}': compare runs of one model.")
+        for L in set(run.layers) & set(first.layers):
+            if run.sae_path(L) != first.sae_path(L):
+                raise LatentAuditError(
+                    f"--across: layer {L} of {run.path} used the SAE {run.sae_path(L)} but "
+                    f"{first.path} used {first.sae_path(L)}: compare runs of one SAE.")
+
+
+def shared_latents(runs: Sequence[RunFolder], top_k: int, min_runs: int = 2) -> list[dict]:
+    """Steps 2–3 as rows: ``layer``, ``latent``, ``runs_in_top``, ``ranks`` and
+    ``delta_attribution`` (one entry per run, in the order given)."""
+    tops = [{(r["layer"], r["latent"]): r["rank"] for r in run.ranking if r["rank"] <= top_k}
+            for run in runs]
+    keys = sorted({k for top in tops for k in top})
+    rows = []
+    for layer, latent in keys:
+        ranks = [top.get((layer, latent)) for top in tops]
+        hits = [r for r in ranks if r is not None]
+        if len(hits) < min_runs:
+            continue
+        deltas = []
+        for run in runs:
+            t = run.tensor("delta_attribution", layer) if layer in run.layers else None
+            deltas.append(None if t is None or latent >= t.numel() else float(t[latent]))
+        rows.append({"layer": layer, "latent": latent, "runs_in_top": len(hits),
+                     "mean_rank": sum(hits) / len(hits), "ranks": ranks,
+                     "delta_attribution": deltas})
+    return sorted(rows, key=lambda r: (-r["runs_in_top"], r["mean_rank"], r["layer"],
+                                       r["latent"]))
+
+
+def across_runs(runs: Sequence[str | os.PathLike], top_k: int = 20,
+                min_runs: int = 2) -> dict:
+    """The content of ``across.json`` for several run folders of one model and SAE."""
+    if len(runs) < 2:
+        raise LatentAuditError("--across needs at least two run folders.")
+    if not 2 <= min_runs <= len(runs):
+        raise LatentAuditError(f"--min-runs must be between 2 and the number of runs "
+                               f"({len(runs)}), got {min_runs}.")
+    folders = [read_run(r) for r in runs]
+    check_same_model(folders)
+    return {"schema_version": SCHEMA_VERSION, "runs": [str(r.path) for r in folders],
+            "model": folders[0].model_name, "top_k": top_k, "min_runs": min_runs,
+            "latents": shared_latents(folders, top_k, min_runs)}

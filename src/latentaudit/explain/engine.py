@@ -1,0 +1,223 @@
+"""The explain driver: check inputs → load the model → lens, examples, maps, exact → write.
+
+Everything that can be checked without the model (the run folder, the latents, the SAE files,
+the dataset, the reference text unless cached, the options, the interpretation client) is
+checked before it loads.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from latentaudit.errors import LatentAuditError
+from latentaudit.explain import examples as ex
+from latentaudit.explain.config import ExplainConfig
+from latentaudit.explain.exact import ExactChange, ExactCheck, exact_changes, exact_check
+from latentaudit.explain.maps import CompletionMap, completion_maps, sample_pairs
+from latentaudit.explain.output import ExplainResult, assemble, write_explain
+from latentaudit.explain.run import RunFolder, choose_latents, read_run
+from latentaudit.models import load as model_load
+from latentaudit.models.load import LoadedModel
+from latentaudit.saes.sae import SAE
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Inputs:
+    """Everything explain needs that does not depend on the model."""
+
+    run: RunFolder
+    chosen: dict[int, list[int]]
+    """{layer: latents explained}, in ranking order (or as given)."""
+    scored: dict[int, list[int]]
+    """{layer: latents whose exact effect is measured}: the explained ones and the top
+    ``rescore`` of the ranking."""
+    saes: dict[int, SAE]
+    data: list | None
+    """The run's completions (None when neither maps nor the exact check need them)."""
+    pairs: list[tuple[int, int]]
+    """The sampled pairs, in sampled order (maps use them all, the exact check the first
+    ``exact_pairs``)."""
+    keys: dict[int, str]
+    """{layer: cache key of the examples pass}."""
+    model_name: str
+    given: bool
+    """Whether the latents were given (else the top of the ranking)."""
+
+
+def check_inputs(run: str | os.PathLike, latents: Sequence[int] | None, layer: int | None,
+                 cfg: ExplainConfig, model_name: str | None, dtype: str,
+                 sae: SAE | str | os.PathLike | None, data: str | os.PathLike | None,
+                 cache_dir) -> Inputs:
+    """Read the run and every input of the stage, with one clear error for any problem."""
+    folder = read_run(run)
+    chosen = choose_latents(folder, cfg.top_k, latents, layer)
+    scored = {L: list(dict.fromkeys(ids + ([r["latent"] for r in folder.ranked(L)][:cfg.rescore]
+                                           if cfg.exact_pairs else [])))
+              for L, ids in chosen.items()}
+    saes = {L: _load_sae(folder, L, sae if len(chosen) == 1 else None) for L in chosen}
+    data_rows, pairs = _load_data(folder, data, cfg)
+    name = model_name or folder.model_name
+    from latentaudit.models.embedded import canonical
+
+    name = canonical(name)
+    dtype_name = str(model_load.parse_dtype(dtype)).replace("torch.", "")
+    keys = {L: ex.cache_key(s, name, dtype_name, L, cfg, cache_dir) for L, s in saes.items()}
+    if not all(ex.is_cached(k, cache_dir) for k in keys.values()):
+        from latentaudit.saes.evaluate import text_documents
+
+        text_documents(cfg.corpus)  # a missing corpus fails here, before the model loads
+    return Inputs(folder, chosen, scored, saes, data_rows, pairs, keys, name,
+                  latents is not None)
+
+
+def _load_sae(run: RunFolder, layer: int, given) -> SAE:
+    from latentaudit.saes import load_sae
+
+    if isinstance(given, SAE):
+        sae = given
+    else:
+        path = given or run.sae_path(layer)
+        if not Path(path).exists():
+            raise LatentAuditError(
+                f"{run.path / 'manifest.json'}: the SAE of layer {layer} ({path}, field "
+                f"'saes.{layer}.path') does not exist: pass --sae with its path.")
+        sae = load_sae(path, dtype="fp32")
+    d_sae = run.delta_attribution(layer).numel()
+    if sae.d_sae != d_sae:
+        raise LatentAuditError(
+            f"{sae.info.source_path or 'the SAE'} has d_sae={sae.d_sae} but the run's layer "
+            f"{layer} has {d_sae} latents: pass the SAE the run used (--sae).")
+    return sae
+
+
+def _load_data(run: RunFolder, data, cfg: ExplainConfig):
+    if not cfg.maps and not cfg.exact_pairs:
+        return None, []
+    from latentaudit.data.behaviour import dataset_hash, load_pairs
+
+    path = data or run.dataset_path
+    if path is None:
+        raise LatentAuditError(f"{run.path / 'manifest.json'} names no dataset file (field "
+                               "'dataset'): pass --data, or --no-maps --exact-pairs 0.")
+    if not Path(path).is_file():
+        raise LatentAuditError(f"the run's dataset {path} (field 'dataset.path' of "
+                               f"{run.path / 'manifest.json'}) does not exist: pass --data.")
+    want = (run.manifest.get("dataset") or {}).get("sha256")
+    if want and dataset_hash(path) != want:
+        log.warning("%s is not the file the run attributed (sha256 differs): the maps and the "
+                    "exact check describe this file", path)
+    rows, pairing = load_pairs(path, run.option.get("pairing", "all"))
+    return rows, sample_pairs(pairing.pairs, 0, cfg.seed)
+
+
+def explain_latents(run: str | os.PathLike, latents: Sequence[int] | None = None,
+                    cfg: ExplainConfig | None = None, *, layer: int | None = None,
+                    model: LoadedModel | str | None = None,
+                    sae: SAE | str | os.PathLike | None = None,
+                    data: str | os.PathLike | None = None, out: str | os.PathLike | None = None,
+                    cache_dir: str | os.PathLike | None = None, device: str = "auto",
+                    dtype: str = "float32") -> ExplainResult:
+    """Explain the top latents of an attribution run (or ``latents`` at ``layer``) and write
+    ``<run>/explain/`` (or ``out``); see :mod:`latentaudit.explain` for the files.
+
+    model: a :class:`~latentaudit.models.load.LoadedModel` or a name (default: the run's model),
+    loaded on ``device`` in ``dtype`` after every other input checked out. sae / data replace the
+    run's SAE (one layer) and dataset when they have moved. cache_dir: where the per-SAE example
+    cache lives (default ``$LATENTAUDIT_CACHE``, else ``~/.cache/latentaudit``).
+    """
+    cfg = cfg or ExplainConfig()
+    if not isinstance(model, LoadedModel):
+        model_load.resolve_device(device)
+    loaded_dtype = dtype if not isinstance(model, LoadedModel) else \
+        str(next(model.model.parameters()).dtype).replace("torch.", "")
+    name = model.name if isinstance(model, LoadedModel) else model
+    inputs = check_inputs(run, latents, layer, cfg, name, loaded_dtype, sae, data, cache_dir)
+    out = Path(out) if out else inputs.run.path / "explain"
+    interpreter = _interpreter(cfg, out)
+    if not isinstance(model, LoadedModel):
+        model = model_load.load_model(inputs.model_name, device=device, dtype=dtype)
+    for L, s in inputs.saes.items():
+        s.to(model.device)
+        s.check_fits(model.d_model, model_name=model.name)
+    corpus = {L: ex.corpus_examples(model, s, L, cfg, inputs.keys[L], cache_dir)
+              for L, s in inputs.saes.items()}
+    maps, exact = _maps_and_exact(model, inputs, cfg)
+    result = assemble(model, inputs, cfg, corpus, maps, exact, interpreter, out)
+    write_explain(result)
+    return result
+
+
+def _interpreter(cfg: ExplainConfig, out: Path):
+    if cfg.interpret_model is None:
+        return None
+    from latentaudit.explain.interpret import Interpreter
+
+    return Interpreter(cfg.interpret_model, base_url=cfg.interpret_base_url,
+                       api_key_env=cfg.interpret_api_key_env, timeout=cfg.interpret_timeout,
+                       cache=out / "interpret_cache.jsonl")
+
+
+class LayerExact(NamedTuple):
+    """The exact check of one layer."""
+
+    check: ExactCheck
+    change: ExactChange
+    completions: list[int]
+    """Dataset indices of the completions measured (rows of ``change``)."""
+    pairs: list[tuple[int, int]]
+    """The sampled pairs, as dataset indices."""
+
+
+@dataclass
+class Maps:
+    """Per-token maps of the sampled completions (steps of :mod:`.maps`)."""
+
+    rows: list[int]
+    """Dataset indices of the mapped completions, in map order."""
+    pairs: list[tuple[int, int]]
+    """The sampled pairs whose completions are mapped (dataset indices)."""
+    maps: list[CompletionMap]
+    columns: dict[int, list[int]]
+    """{layer: latents}, the order of each layer's δ columns."""
+
+
+def _maps_and_exact(model: LoadedModel, inputs: Inputs, cfg: ExplainConfig
+                    ) -> tuple[Maps | None, dict[int, LayerExact]]:
+    """Maps of the sampled completions, then the exact check of each layer."""
+    if inputs.data is None:
+        return None, {}
+    from latentaudit.attribution.plan import encode_completions
+
+    n_map = (len(inputs.pairs) if not cfg.map_pairs else cfg.map_pairs) if cfg.maps else 0
+    exact_pairs = inputs.pairs[:cfg.exact_pairs]
+    pairs = inputs.pairs[:max(n_map, len(exact_pairs))]
+    rows = sorted({i for pair in pairs for i in pair})
+    max_len = getattr(model.model.config, "max_position_embeddings", None)
+    seqs = encode_completions(model.tokenizer, [inputs.data[i] for i in rows], max_len)
+    run = inputs.run
+    a_bars = {L: run.tensor("a_bar", L).to(model.device) for L in inputs.scored}
+    dirs = {L: s.decoder_directions()[inputs.scored[L]].to(model.device)
+            for L, s in inputs.saes.items()}
+    positions = run.option.get("positions", "all")
+    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+    maps = completion_maps(model, seqs, dirs, a_bars, positions, cfg.batch_size, pad)
+    at = {i: r for r, i in enumerate(rows)}
+    exact = {}
+    for L in inputs.scored if exact_pairs else []:
+        used = sorted({i for pair in exact_pairs for i in pair})
+        change = exact_changes(model.model, L, [seqs[at[i]] for i in used], dirs[L], a_bars[L],
+                               positions, cfg.exact_batch_size)
+        first = torch.stack([maps[at[i]].deltas[L].sum(0) for i in used])  # (C, n)
+        where = {i: r for r, i in enumerate(used)}
+        check = exact_check(change.change, first, [(where[p], where[q]) for p, q in exact_pairs])
+        exact[L] = LayerExact(check, change, used, list(exact_pairs))
+    return Maps(rows, pairs, maps, dict(inputs.scored)), exact
