@@ -65,9 +65,10 @@ def token_deltas(grads: Float[Tensor, "pos d_model"], acts: Float[Tensor, "pos d
 
 def completion_losses(logits: Float[Tensor, "batch k vocab"], targets: Tensor,
                       target_mask: Bool[Tensor, "batch k"]) -> Float[Tensor, " batch"]:
-    """Mean cross-entropy of each row's completion tokens (positions where target_mask)."""
+    """Mean cross-entropy of each row's completion tokens (positions where target_mask), in
+    float32 at least."""
     ce = torch.nn.functional.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+        _wide(logits).reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
     ce = ce.view(targets.shape) * target_mask  # (B, k)
     return ce.sum(1) / target_mask.sum(1).clamp_min(1)
 

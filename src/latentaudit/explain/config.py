@@ -35,6 +35,8 @@ class ExplainConfig:
     """Tokens in each logit-lens list (cosine, promoted, suppressed)."""
     through_final_norm: bool = False
     """Pass decoder directions through the model's final norm before the unembedding."""
+    maps: bool = True
+    """Per-token attribution maps on the completions of sampled pairs of the run."""
     map_pairs: int = 16
     """Pairs of the run whose completions get per-token attribution maps (0: every pair)."""
     exact_pairs: int = 8

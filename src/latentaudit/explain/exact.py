@@ -37,8 +37,9 @@ ROUTES = ("upper-layers", "full-forward")
 def ablate(hidden: Float[Tensor, "pos d_model"], a_bar: Float[Tensor, " d_model"],
            directions: Float[Tensor, "n d_model"], mask: Bool[Tensor, " pos"]
            ) -> Float[Tensor, "n pos d_model"]:
-    """One copy of ``hidden`` per direction with that direction mean-ablated where ``mask``."""
-    h = hidden.float()
+    """One copy of ``hidden`` per direction with that direction mean-ablated where ``mask``
+    (computed in float32 at least, returned in ``hidden``'s dtype)."""
+    h = hidden if hidden.dtype == torch.float64 else hidden.float()
     d = directions.to(h)  # (n, D)
     proj = ((h - a_bar.to(h)) @ d.T) * mask[:, None].to(h)  # (T, n)
     return (h[None] - proj.T[:, :, None] * d[:, None, :]).to(hidden.dtype)  # (n, T, D)

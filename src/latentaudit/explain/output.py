@@ -28,8 +28,6 @@ if TYPE_CHECKING:
     from latentaudit.explain.examples import CorpusExamples
 
 SCHEMA_VERSION = 1
-DIR_FILES = ("manifest.json", "latents.jsonl", "completions.jsonl", "token_maps.safetensors",
-             "exact.json")
 
 
 @dataclass
@@ -210,6 +208,11 @@ def write_explain(result: ExplainResult) -> None:
     if result.exact:
         write_json(out / "exact.json", result.exact)
     write_json(out / "manifest.json", result.manifest)
+    stale = {"token_maps.safetensors": not result.token_maps,
+             "completions.jsonl": not result.token_maps, "exact.json": not result.exact}
+    for name, old in stale.items():
+        if old:  # left by an earlier run with other options: it would not match this one
+            (out / name).unlink(missing_ok=True)
 
 
 def corpus_manifest(cfg: ExplainConfig, corpus: dict[int, CorpusExamples]) -> dict:

@@ -1,0 +1,160 @@
+"""``latentaudit explain``: read the latents of an attribution run, and check δ against the exact
+effect."""
+
+from __future__ import annotations
+
+import argparse
+
+from latentaudit.cli import field_docs
+
+NAME = "explain"
+HELP = "Explain a run's top latents: logit lens, top-activating text, per-token maps, exact check."
+DESCRIPTION = (
+    "Explain the top latents of an attribution run (--from RUN, the --out folder of `latentaudit "
+    "attribute`) or given ones (--latents): their logit lens, top-activating examples and "
+    "activation density on reference text (cached per SAE), per-token attribution maps on the "
+    "run's completions, and the exact mean-ablation effect against the first-order δ (Spearman ρ; "
+    "--rescore K re-ranks the top K by it). Writes RUN/explain/. With --across RUN1 RUN2 ..., "
+    "lists the latents in the top of several runs of one model and SAE instead.")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    doc = field_docs("explain/config.py", "ExplainConfig")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--from", dest="run", metavar="RUN",
+                     help="Run folder of `latentaudit attribute` (its --out).")
+    src.add_argument("--across", nargs="+", metavar="RUN",
+                     help="Two or more run folders of one model and SAE: list the latents in "
+                          "the top --top-k of at least --min-runs of them.")
+    p.add_argument("--latents", help="Latent ids to explain, e.g. 12,87 (default: the top "
+                                     "--top-k of the run's ranking).")
+    p.add_argument("--layer", type=int, help="Layer of --latents when the run has several.")
+    p.add_argument("--top-k", type=int, default=20, help=doc["top_k"])
+    p.add_argument("--model", help="Model (default: the run's); embedded name, folder or hub id.")
+    p.add_argument("--sae", help="SAE path or 'default', when the run's SAE file has moved.")
+    p.add_argument("--data", help="Behaviour dataset, when the run's file has moved.")
+    p.add_argument("--out", help="Output folder (default RUN/explain); with --across, a file "
+                                 "for across.json.")
+    p.add_argument("--corpus", default="held-out", help=doc["corpus"])
+    p.add_argument("--corpus-tokens", type=int, default=100_000, help=doc["corpus_tokens"])
+    p.add_argument("--context-len", type=int, default=128, help=doc["context_len"])
+    p.add_argument("--skip-first", type=int, default=1, help=doc["skip_first"])
+    p.add_argument("--examples", type=int, default=20, help=doc["examples"])
+    p.add_argument("--context-before", type=int, default=16, help=doc["context_before"])
+    p.add_argument("--context-after", type=int, default=4, help=doc["context_after"])
+    p.add_argument("--batch-size", type=int, default=8, help=doc["batch_size"])
+    p.add_argument("--lens-tokens", type=int, default=10, help=doc["lens_tokens"])
+    p.add_argument("--through-final-norm", action="store_true", help=doc["through_final_norm"])
+    p.add_argument("--no-maps", action="store_true",
+                   help="Skip the per-token attribution maps (the exact check still maps its "
+                        "own sample).")
+    p.add_argument("--map-pairs", type=int, default=16, help=doc["map_pairs"])
+    p.add_argument("--exact-pairs", type=int, default=8, help=doc["exact_pairs"])
+    p.add_argument("--exact-batch-size", type=int, default=32, help=doc["exact_batch_size"])
+    p.add_argument("--rescore", type=int, default=0, metavar="K", help=doc["rescore"])
+    p.add_argument("--seed", type=int, default=0, help=doc["seed"])
+    p.add_argument("--interpret-model", help=doc["interpret_model"])
+    p.add_argument("--interpret-base-url", default="https://api.openai.com/v1",
+                   help=doc["interpret_base_url"])
+    p.add_argument("--interpret-api-key-env", default="OPENAI_API_KEY",
+                   help=doc["interpret_api_key_env"])
+    p.add_argument("--interpret-timeout", type=float, default=60.0,
+                   help=doc["interpret_timeout"])
+    p.add_argument("--min-runs", type=int, default=2,
+                   help="With --across: the fewest runs a latent must be in the top of.")
+    p.add_argument("--cache-dir", help="Cache folder (default $LATENTAUDIT_CACHE or "
+                                       "~/.cache/latentaudit).")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps.")
+    p.add_argument("--dtype", default="float32", help="Model dtype: float32 or bfloat16.")
+    p.add_argument("--show", type=int, default=10, help="Latents printed in the summary.")
+
+
+def config_from_args(args: argparse.Namespace):
+    """The :class:`~latentaudit.explain.ExplainConfig` the flags ask for."""
+    from latentaudit.explain import ExplainConfig
+
+    return ExplainConfig(
+        top_k=args.top_k, examples=args.examples, corpus=args.corpus,
+        corpus_tokens=args.corpus_tokens, context_len=args.context_len,
+        skip_first=args.skip_first, context_before=args.context_before,
+        context_after=args.context_after, batch_size=args.batch_size,
+        lens_tokens=args.lens_tokens, through_final_norm=args.through_final_norm,
+        maps=not args.no_maps, map_pairs=args.map_pairs, exact_pairs=args.exact_pairs,
+        exact_batch_size=args.exact_batch_size, rescore=args.rescore, seed=args.seed,
+        interpret_model=args.interpret_model, interpret_base_url=args.interpret_base_url,
+        interpret_api_key_env=args.interpret_api_key_env,
+        interpret_timeout=args.interpret_timeout)
+
+
+def run(args: argparse.Namespace) -> int:
+    from latentaudit.errors import LatentAuditError
+
+    if args.show < 0:
+        raise LatentAuditError(f"--show must be at least 0, got {args.show}.")
+    if args.across:
+        return _across(args)
+    from latentaudit.explain import explain_latents
+    from latentaudit.explain.run import parse_latents, read_run
+    from latentaudit.saes.shipped import resolve_sae_path
+
+    cfg = config_from_args(args)
+    latents = parse_latents(args.latents) if args.latents is not None else None
+    model = args.model or read_run(args.run).model_name
+    sae = resolve_sae_path(args.sae, model) if args.sae else None
+    result = explain_latents(args.run, latents, cfg, layer=args.layer, model=args.model, sae=sae,
+                             data=args.data, out=args.out, cache_dir=args.cache_dir,
+                             device=args.device, dtype=args.dtype)
+    _print_summary(result, args.show)
+    print(f"\nwrote {result.out}/ (" + ", ".join(sorted(p.name for p in result.out.iterdir()
+                                                      if not p.name.startswith("."))) + ")")
+    return 0
+
+
+def _print_summary(result, show: int) -> None:
+    m = result.manifest
+    corpus = m["corpus"]
+    print(f"{len(result.latents)} latents; examples from {corpus['tokens']} tokens of "
+          f"'{corpus['spec']}'")
+    for warning in corpus["content_warnings"]:
+        print(f"content warning: {warning}")
+    for L, e in m["exactness"].items():
+        rho = "n/a" if e["spearman"] is None else f"{e['spearman']:.2f}"
+        per = e["spearman_per_completion_mean"]
+        print(f"layer {L}: exact vs first-order Δ over {e['pairs']} pairs: Spearman {rho}"
+              + ("" if per is None else f" (per completion, mean {per:.2f})")
+              + f" [{e['route']}]")
+    print(f"\n{'rank':>4} {'final':>5} {'layer':>5} {'latent':>7} {'Δ-attr':>10} {'exact Δ':>10} "
+          f"{'freq':>7}  promoted / top example")
+    for r in result.latents[:show]:
+        exact = "-" if r["exact_delta"] is None else f"{r['exact_delta']:.3e}"
+        promoted = " ".join(repr(t["token"]) for t in r["logit_lens"]["promoted"][:4])
+        ex = r["top_examples"][0] if r["top_examples"] else None
+        text = "" if ex is None else "".join(ex["tokens"][max(0, ex["max_index"] - 6):
+                                                          ex["max_index"] + 1])
+        print(f"{r['rank'] or '-':>4} {r['final_rank'] or '-':>5} {r['layer']:>5} "
+              f"{r['latent']:>7} {r['delta_attribution']:>10.3e} {exact:>10} "
+              f"{r['density']['frequency']:>7.4f}  {promoted} | {text!r}")
+        if r["explanation"]:
+            print(f"{'':>46}{r['explanation']}")
+
+
+def _across(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from latentaudit._io import write_json
+    from latentaudit.explain import across_runs
+
+    table = across_runs(args.across, top_k=args.top_k, min_runs=args.min_runs)
+    rows = table["latents"]
+    print(f"{len(rows)} latent(s) in the top {args.top_k} of at least {args.min_runs} of "
+          f"{len(args.across)} runs")
+    if rows:
+        names = [Path(r).name or str(r) for r in table["runs"]]
+        print(f"{'layer':>5} {'latent':>7}  " + "  ".join(f"{n[:12]:>12}" for n in names))
+        for r in rows:
+            print(f"{r['layer']:>5} {r['latent']:>7}  " + "  ".join(
+                f"{'-' if k is None else k:>12}" for k in r["ranks"]))
+    if args.out:
+        write_json(args.out, table)
+        print(f"\nwrote {args.out}")
+    return 0
