@@ -169,8 +169,8 @@ def test_token_map_sums_to_the_completion_delta():
     sae = random_sae(32, 12, layer=1).double()
     comp = make_data()[0]
     delta, _ = reference_delta(lm, comp, 1, sae, sae.mean_activation)
-    from latentaudit.explain.maps import completion_maps
     from latentaudit.attribution.plan import encode_completions
+    from latentaudit.explain.maps import completion_maps
 
     seqs = encode_completions(lm.tokenizer, [comp], None)
     dirs = sae.decoder_directions(torch.float64)

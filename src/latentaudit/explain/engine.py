@@ -24,6 +24,7 @@ from latentaudit.explain.maps import CompletionMap, completion_maps, sample_pair
 from latentaudit.explain.output import ExplainResult, assemble, write_explain
 from latentaudit.explain.run import RunFolder, choose_latents, read_run
 from latentaudit.models import load as model_load
+from latentaudit.models.hooks import layer_module
 from latentaudit.models.load import LoadedModel
 from latentaudit.saes.sae import SAE
 
@@ -148,6 +149,7 @@ def explain_latents(run: str | os.PathLike, latents: Sequence[int] | None = None
     for L, s in inputs.saes.items():
         s.to(model.device)
         s.check_fits(model.d_model, model_name=model.name)
+        layer_module(model.model, L)  # a clear error for a layer the model lacks
     corpus = {L: ex.corpus_examples(model, s, L, cfg, inputs.keys[L], cache_dir)
               for L, s in inputs.saes.items()}
     maps, exact = _maps_and_exact(model, inputs, cfg)
