@@ -394,7 +394,7 @@ def test_bad_inputs_fail_before_the_model_loads(tiny_run, tmp_path, monkeypatch)
         (dict(run=tmp_path / "nope"), "no such run folder"),
         (dict(latents=[40]), "out of range"),
         (dict(cfg=small_cfg(tmp_path / "missing.txt")), "no such file"),
-        (dict(data=tmp_path / "missing.jsonl"), "does not exist"),
+        (dict(data=tmp_path / "missing.jsonl"), "--data .*: no such file"),
         (dict(layer=3, latents=[1]), "--layer 3 is not a layer"),
     ]
     for kw, match in cases:

@@ -62,8 +62,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=doc["interpret_timeout"])
     p.add_argument("--min-runs", type=int, default=2,
                    help="With --across: the fewest runs a latent must be in the top of.")
-    p.add_argument("--cache-dir", help="Cache folder (default $LATENTAUDIT_CACHE or "
-                                       "~/.cache/latentaudit).")
+    p.add_argument("--cache-dir", help="Folder of the top-activating-examples cache (default "
+                                       "$LATENTAUDIT_CACHE or ~/.cache/latentaudit).")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps.")
     p.add_argument("--dtype", default="float32", help="Model dtype: float32 or bfloat16.")
     p.add_argument("--show", type=int, default=10, help="Latents printed in the summary.")

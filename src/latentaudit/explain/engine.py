@@ -71,7 +71,7 @@ def check_inputs(run: str | os.PathLike, latents: Sequence[int] | None, layer: i
 
     name = canonical(name)
     dtype_name = str(model_load.parse_dtype(dtype)).replace("torch.", "")
-    keys = {L: ex.cache_key(s, name, dtype_name, L, cfg, cache_dir) for L, s in saes.items()}
+    keys = {L: ex.cache_key(s, name, dtype_name, L, cfg) for L, s in saes.items()}
     if not all(ex.is_cached(k, cache_dir) for k in keys.values()):
         from latentaudit.saes.evaluate import text_documents
 
@@ -105,7 +105,9 @@ def _load_data(run: RunFolder, data, cfg: ExplainConfig):
         return None, []
     from latentaudit.data.behaviour import dataset_hash, load_pairs
 
-    path = data or run.dataset_path
+    if data is not None and not Path(data).is_file():
+        raise LatentAuditError(f"--data {data}: no such file.")
+    path = data or _run_file(run)
     if path is None:
         raise LatentAuditError(f"{run.path / 'manifest.json'} names no dataset file (field "
                                "'dataset'): pass --data, or --no-maps --exact-pairs 0.")
@@ -118,6 +120,18 @@ def _load_data(run: RunFolder, data, cfg: ExplainConfig):
                     "exact check describe this file", path)
     rows, pairing = load_pairs(path, run.option.get("pairing", "all"))
     return rows, sample_pairs(pairing.pairs, 0, cfg.seed)
+
+
+def _run_file(run: RunFolder) -> str | None:
+    """The run's dataset path; a relative one is tried from the working directory, then from the
+    run folder's parent (where `attribute` usually ran) and the run folder."""
+    path = run.dataset_path
+    if path is None or Path(path).is_absolute() or Path(path).is_file():
+        return path
+    for base in (run.path.parent, run.path):
+        if (base / path).is_file():
+            return str(base / path)
+    return path
 
 
 def explain_latents(run: str | os.PathLike, latents: Sequence[int] | None = None,

@@ -107,10 +107,10 @@ def sae_fingerprint(sae: SAE) -> str:
     return h.hexdigest()
 
 
-def corpus_fingerprint(spec: str, cache_dir: str | os.PathLike | None) -> dict:
+def corpus_fingerprint(spec: str) -> dict:
     """What identifies the corpus text: pinned integrities of built-in sources, file hashes."""
     if spec in BUILT_IN_TEXTS or spec in SOURCES:
-        cached = read_manifest(corpus_dir(cache_dir))["sources"]
+        cached = read_manifest(corpus_dir())["sources"]
         names = BUILT_IN_TEXTS.get(spec, [spec]) or [n for n in TRAINING_SOURCES if n in cached]
         return {n: [cached.get(n, {}).get("integrity"), cached.get(n, {}).get("cleaner_version")]
                 for n in names}
@@ -120,12 +120,11 @@ def corpus_fingerprint(spec: str, cache_dir: str | os.PathLike | None) -> dict:
     return {str(f): sha256_file(f) for f in files if f.is_file()}
 
 
-def cache_key(sae: SAE, model_name: str, dtype: str, layer: int, cfg: ExplainConfig,
-              cache_dir: str | os.PathLike | None) -> str:
+def cache_key(sae: SAE, model_name: str, dtype: str, layer: int, cfg: ExplainConfig) -> str:
     """The key of the per-SAE cache (step 3 of the module docstring)."""
     blob = {"version": EXAMPLES_VERSION, "sae": sae_fingerprint(sae), "model": model_name,
             "dtype": dtype, "layer": layer, "corpus": cfg.corpus,
-            "corpus_files": corpus_fingerprint(cfg.corpus, cache_dir),
+            "corpus_files": corpus_fingerprint(cfg.corpus),
             "corpus_tokens": cfg.corpus_tokens, "context_len": cfg.context_len,
             "skip_first": cfg.skip_first, "examples": cfg.examples,
             "before": cfg.context_before, "after": cfg.context_after}
@@ -133,6 +132,7 @@ def cache_key(sae: SAE, model_name: str, dtype: str, layer: int, cfg: ExplainCon
 
 
 def cache_path(key: str, cache_dir: str | os.PathLike | None) -> Path:
+    """The cache file: ``<cache_dir or $LATENTAUDIT_CACHE>/explain/examples-<key>.safetensors``."""
     root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     return root / "explain" / f"examples-{key}.safetensors"
 
