@@ -127,6 +127,17 @@ def test_pair_sampling_and_weights():
     assert pair_weights(pairs) == {0: 0.5, 1: 0.25, 2: 0.25, 3: -0.5, 4: -0.5}
 
 
+def test_map_summary_by_hand():
+    from latentaudit.explain.maps import CompletionMap, map_summary
+
+    pos = CompletionMap([1, 2, 3], 1, 0.0, {0: torch.tensor([[5.0], [1.0], [2.0]])})
+    neg = CompletionMap([1, 2], 1, 0.0, {0: torch.tensor([[0.0], [-1.0]])})
+    got = map_summary([pos, neg], [True, False], 0, 0, [["a", "b", "c"], ["a", "b"]], [7, 9], 1)
+    assert got == {"mean_positive": 8.0, "mean_negative": -1.0,  # prompt position 0 not listed
+                   "top_tokens": [{"completion": 0, "line": 7, "position": 2, "token": "c",
+                                   "delta": 2.0}]}
+
+
 def test_final_order_rescores_only_the_top():
     assert final_order([5, 6, 7, 8], {5: 0.1, 6: 0.3, 7: 0.2}, 3) == [6, 7, 5, 8]
     assert final_order([5, 6, 7, 8], {}, 0) == [5, 6, 7, 8]

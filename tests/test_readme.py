@@ -1,8 +1,8 @@
 """Every code block of README.md, as written.
 
 Python blocks run on tiny fixtures: ``la.load_model`` loads a tiny saved model (whatever name the
-block asks for, with the block's own device and dtype), ``la.load_sae`` a tiny saved SAE, and the
-working folder holds a small ``data.jsonl``. Bash blocks and inline ``latentaudit ...`` spans are
+block asks for, with the block's own device and dtype), ``la.load_sae`` a tiny saved SAE, the
+working folder holds a small ``data.jsonl`` and ``corpus.txt``, and the cache is a fresh folder. Bash blocks and inline ``latentaudit ...`` spans are
 checked against the real argument parser: every subcommand and every ``--flag`` they name must
 exist, each value listed as ``a|b|c`` for a flag with choices must be one of them, and commands
 without placeholders must parse. Nothing in the bash blocks is run.
@@ -68,6 +68,8 @@ def test_python_block_runs_as_written(line, code, fixtures, tmp_path, monkeypatc
     monkeypatch.setattr(saes, "load_sae", lambda path, **kw: real_load_sae(sae_dir, **kw))
     (tmp_path / "data.jsonl").write_text("".join(
         json.dumps({"prompt": p, "completion": c, "label": lab}) + "\n" for p, c, lab in DATA))
+    (tmp_path / "corpus.txt").write_text("The sky is blue and two plus two is four. " * 20)
+    monkeypatch.setenv("LATENTAUDIT_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
     exec(compile(code, f"README.md:{line}", "exec"), {"__name__": "__readme__"})
 

@@ -40,8 +40,10 @@ Files in ``<run>/explain/`` (schema_version 1):
   ``density`` ({``tokens``, ``fired``, ``frequency``, ``histogram``: counts per bin}),
   ``top_examples`` ([{``activation``, ``sequence``, ``position``, ``max_index`` (index of the
   activating token in the window), ``token_ids``, ``tokens``, ``activations``}], largest first),
-  ``attribution_map`` ({``mean_positive``, ``mean_negative`` (mean δ_i(C)), ``top_tokens``:
-  [{completion, line, position, in_completion, token, delta}]} or null) and ``explanation``.
+  ``attribution_map`` ({``mean_positive``, ``mean_negative`` (mean δ_i(C) over the mapped
+  positive / negative completions), ``top_tokens``: the completion tokens of positive completions
+  with the largest δ_{i,t}, [{completion (row of completions.jsonl), line, position, token,
+  delta}]} or null) and ``explanation`` (null unless --interpret-model).
 - ``token_maps.safetensors``: ``token_delta`` float32 [tokens, columns] (δ_{i,t} of every mapped
   completion, stacked), ``token_ids`` int64 [tokens], ``offsets`` int64 [completions + 1]
   (completion c is rows offsets[c]:offsets[c+1]), ``layers`` and ``latents`` int64 [columns].

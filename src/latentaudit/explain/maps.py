@@ -86,20 +86,20 @@ def completion_maps(loaded, seqs: Sequence[tuple[list[int], list[int]]],
 
 def map_summary(maps: Sequence[CompletionMap], positive: Sequence[bool], layer: int, column: int,
                 tokens: Sequence[Sequence[str]], lines: Sequence[int], top: int = 10) -> dict:
-    """Mean δ_i(C) over positive and negative completions, and the ``top`` tokens of positive
-    completions with the largest δ_{i,t}."""
+    """Mean δ_i(C) over positive and negative completions, and the ``top`` completion tokens
+    of positive completions with the largest δ_{i,t} (the tokens of the bad completions the
+    latent drives; prompt positions stay in the full map)."""
     sums = [float(m.deltas[layer][:, column].sum()) for m in maps]
     pos = [s for s, p in zip(sums, positive, strict=True) if p]
     neg = [s for s, p in zip(sums, positive, strict=True) if not p]
     cands = [(float(m.deltas[layer][t, column]), c, t)
              for c, (m, p) in enumerate(zip(maps, positive, strict=True)) if p
-             for t in range(len(m.token_ids))]
+             for t in range(m.n_prompt, len(m.token_ids))]
     best = sorted(cands, key=lambda x: -x[0])[:top]
     return {"mean_positive": sum(pos) / len(pos) if pos else None,
             "mean_negative": sum(neg) / len(neg) if neg else None,
             "top_tokens": [{"completion": c, "line": lines[c], "position": t,
-                            "in_completion": t >= maps[c].n_prompt, "token": tokens[c][t],
-                            "delta": v} for v, c, t in best]}
+                            "token": tokens[c][t], "delta": v} for v, c, t in best]}
 
 
 def stack_maps(maps: Sequence[CompletionMap], columns: Sequence[tuple[int, int]]
