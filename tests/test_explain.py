@@ -416,3 +416,30 @@ def test_bad_inputs_fail_before_the_model_loads(tiny_run, tmp_path, monkeypatch)
                             cache_dir=tmp_path, **args)
     with pytest.raises(LatentAuditError, match="--rescore needs"):
         ExplainConfig(rescore=5, exact_pairs=0)
+
+
+def test_a_run_of_two_layers(tiny_run, tmp_path):
+    lm, root, corpus = tiny_run
+    from latentaudit.saes import load_sae
+
+    saes = {L: load_sae(random_sae(32, 24, seed=L, layer=L).save(tmp_path / f"sae{L}"),
+                        dtype="fp32").double() for L in (0, 2)}
+    result = attribute(lm, saes, root / "data.jsonl", AttributionConfig(batch_size=4))
+    write_run(tmp_path / "run", result)
+    res = explain_latents(tmp_path / "run", None, small_cfg(corpus, top_k=3), model=lm,
+                          cache_dir=tmp_path)
+    assert [(r["layer"], r["rank"]) for r in res.latents] == [(0, 1), (0, 2), (0, 3), (2, 1),
+                                                               (2, 2), (2, 3)]
+    maps, w = res.token_maps, torch.tensor([c["weight"] for c in res.completions])
+    per = torch.stack([maps["token_delta"][a:b].double().sum(0) for a, b in
+                       zip(maps["offsets"][:-1], maps["offsets"][1:], strict=True)])
+    for col, (L, i) in enumerate(zip(maps["layers"].tolist(), maps["latents"].tolist(),
+                                     strict=True)):
+        want = result.layers[L].delta_attribution[i].double()
+        torch.testing.assert_close(w.double() @ per[:, col], want, rtol=1e-4, atol=1e-7)
+    assert set(res.exact["layers"]) == {"0", "2"}
+    with pytest.raises(LatentAuditError, match="pass --layer with --latents"):
+        explain_latents(tmp_path / "run", [1], small_cfg(corpus), model=lm)
+    with pytest.raises(LatentAuditError, match="--sae replaces the SAE of one layer"):
+        explain_latents(tmp_path / "run", None, small_cfg(corpus), model=lm,
+                        sae=tmp_path / "sae0")

@@ -2,10 +2,11 @@
 
 Python blocks run on tiny fixtures: ``la.load_model`` loads a tiny saved model (whatever name the
 block asks for, with the block's own device and dtype), ``la.load_sae`` a tiny saved SAE, the
-working folder holds a small ``data.jsonl`` and ``corpus.txt``, and the cache is a fresh folder. Bash blocks and inline ``latentaudit ...`` spans are
-checked against the real argument parser: every subcommand and every ``--flag`` they name must
-exist, each value listed as ``a|b|c`` for a flag with choices must be one of them, and commands
-without placeholders must parse. Nothing in the bash blocks is run.
+working folder holds a small ``data.jsonl`` and ``corpus.txt``, and the cache is a fresh folder.
+Bash blocks and inline ``latentaudit ...`` spans are checked against the real argument parser:
+every subcommand and every ``--flag`` they name must exist, each value listed as ``a|b|c`` for a
+flag with choices must be one of them, and commands without placeholders must parse. Nothing in
+the bash blocks is run.
 """
 
 from __future__ import annotations

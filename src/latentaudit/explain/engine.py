@@ -64,7 +64,10 @@ def check_inputs(run: str | os.PathLike, latents: Sequence[int] | None, layer: i
     scored = {L: list(dict.fromkeys(ids + ([r["latent"] for r in folder.ranked(L)][:cfg.rescore]
                                            if cfg.exact_pairs else [])))
               for L, ids in chosen.items()}
-    saes = {L: _load_sae(folder, L, sae if len(chosen) == 1 else None) for L in chosen}
+    if sae is not None and len(chosen) > 1:
+        raise LatentAuditError(f"--sae replaces the SAE of one layer but the run {folder.path} "
+                               f"has layers {', '.join(map(str, chosen))}: pass --layer too.")
+    saes = {L: _load_sae(folder, L, sae) for L in chosen}
     data_rows, pairs = _load_data(folder, data, cfg)
     name = model_name or folder.model_name
     from latentaudit.models.embedded import canonical
