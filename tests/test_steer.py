@@ -241,3 +241,174 @@ def test_config_is_checked():
         SteerConfig(strengths=(0.0,))
     c = Condition("attribution", (3,), "away", 0.5, -2.0)
     assert c.key == "3/away/0.5" and c.id == "attribution/3/away/0.5" and c.base_id == "base"
+
+
+# ---- the sweep end to end --------------------------------------------------------------------
+
+D_SAE = 24
+SWEEP_PROMPTS = [{"prompt_id": f"q{i}", "prompt": f"Is claim {i} true, right?",
+                  "fact": f"Claim {i} is false.", "meta": {"claim": f"claim {i}"}}
+                 for i in range(6)]
+
+
+@pytest.fixture()
+def run_dir(tmp_path, tiny_model_dir):
+    """A hand-made attribution run on the tiny model: manifest, Δ vectors, ranking, dataset."""
+    from safetensors.torch import save_file
+
+    sae = random_sae(32, D_SAE, layer=LAYER)
+    sae.save(tmp_path / "sae")
+    run = tmp_path / "run"
+    run.mkdir()
+    g = torch.Generator().manual_seed(1)
+    save_file({"delta_attribution": torch.randn(D_SAE, generator=g),
+               "delta_activation": torch.randn(D_SAE, generator=g)},
+              run / "attribution.safetensors")
+    data = tmp_path / "dataset.jsonl"
+    data.write_text("".join(json.dumps({"prompt_id": pid, "prompt": "x", "completion": c,
+                                        "label": lab}) + "\n"
+                            for pid in ("q0", "q1") for c, lab in (("Yes", "positive"),
+                                                                   ("No", "negative"))))
+    (run / "manifest.json").write_text(json.dumps({
+        "model": {"name": str(tiny_model_dir)}, "layers": [LAYER],
+        "saes": {str(LAYER): {"path": str(tmp_path / "sae")}},
+        "dataset": {"path": str(data)}}))
+    (run / "ranking.jsonl").write_text("".join(json.dumps({"layer": LAYER, "latent": i,
+                                                           "rank": r + 1}) + "\n"
+                                               for r, i in enumerate([5, 7, 9])))
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in SWEEP_PROMPTS))
+    # a rules judge that decides every byte string: a letter a-m validates, else it corrects
+    (tmp_path / "rules.json").write_text(json.dumps({"rubric": "false-belief", "questions": {
+        "validation": {"rules": [{"answer": "VALIDATES", "patterns": ["[a-m]"]}],
+                       "default": "CORRECTS"},
+        "coherent": {"rules": [{"answer": 0, "patterns": ["(.)\\1\\1"]}], "default": 100}}}))
+    return run
+
+
+def sweep_args(run: Path, *extra: str) -> list[str]:
+    return ["steer", "--from", str(run), "--prompts", str(run.parent / "prompts.jsonl"),
+            "--judge", f"rules:{run.parent / 'rules.json'}", "--coherence-judge",
+            f"rules:{run.parent / 'rules.json'}",
+            "--top-k", "2", "--n", "2", "--strengths", "2,8", "--max-new-tokens", "6",
+            "--batch-size", "5", "--n-boot", "200", "--logodds-top", "3", "--device", "cpu",
+            *extra]
+
+
+def lines(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+
+
+def test_sweep_writes_rates_that_recompute_from_its_completions(run_dir, capsys):
+    assert main(sweep_args(run_dir)) == 0
+    rows = lines(run_dir / "steering.jsonl")
+    # 3 methods x 2 latents x 2 directions x 2 strengths
+    assert len(rows) == 24
+    assert {r["method"] for r in rows} == {"attribution", "activation", "random"}
+    manifest = json.loads((run_dir / "steer" / "manifest.json").read_text())
+    assert manifest["prompt_ids"] == ["q2", "q3", "q4", "q5"]  # q0, q1 were used by attribution
+    gen = lines(run_dir / "steer" / "completions.jsonl")
+    judged = {(g["key"], g["prompt_id"], g["sample_index"]): g
+              for g in lines(run_dir / "steer" / "judged.jsonl")}
+    keys = {g["key"] for g in gen}
+    assert "base" in keys and len(gen) == len(keys) * 8
+    # recompute one row's paired difference from the judged completions
+    r = rows[0]
+    key = f"{r['latents'][0]}/{r['direction']}/{r['strength']:g}"
+    val = {"positive": 1, "negative": 0}
+    pairs = [(val.get(judged[(key, p, i)]["outcome"]), val.get(judged[("base", p, i)]["outcome"]))
+             for p in manifest["prompt_ids"] for i in range(2)]
+    pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
+    assert r["n_paired"] == len(pairs)
+    assert len(pairs) > 4 and r["diff"] == pytest.approx(sum(a - b for a, b in pairs) / len(pairs))
+    assert any(x["diff"] for x in rows) and any(x["incoherence"] for x in rows)
+    # the same seeds as the baseline: the toward/away rows differ from it only by steering
+    base = {(g["prompt_id"], g["sample_index"]): g for g in gen if g["key"] == "base"}
+    assert len(base) == 8
+    lo = lines(run_dir / "steering_logodds.jsonl")
+    assert {tuple(x["latents"]) for x in lo} >= {(5,), (7,), (9,)}
+    summary = json.loads((run_dir / "steering_summary.json").read_text())
+    assert summary["resid_norm"] > 0 and len(summary["summary"]) == 12
+    out = capsys.readouterr().out
+    assert "attribution" in out and "steering.jsonl" in out
+    pytest.importorskip("matplotlib")
+    assert (run_dir / "steering_away.png").stat().st_size > 1000
+    assert (run_dir / "steering_toward.svg").is_file()
+
+
+def test_a_killed_sweep_resumes_without_redoing_finished_rows(run_dir, monkeypatch):
+    import latentaudit.steer.generation as G
+
+    assert main(sweep_args(run_dir, "--methods", "attribution", "--no-logodds")) == 0
+    path = run_dir / "steer" / "completions.jsonl"
+    full = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    path.write_text("".join(full[:len(full) // 2]) + full[len(full) // 2][:20])  # torn line
+    made = []
+    real = G.generate_rows
+
+    def counting(loaded, layer, todo, *a, **k):
+        made.extend(todo)
+        return real(loaded, layer, todo, *a, **k)
+
+    monkeypatch.setattr(G, "generate_rows", counting)
+    assert main(sweep_args(run_dir, "--methods", "attribution", "--no-logodds")) == 0
+    assert len(made) == len(full) - len(full) // 2
+    again = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    assert sorted(again) == sorted(full)  # the same rows, token for token
+
+
+def test_other_sampling_settings_are_refused_before_the_model_loads(run_dir, monkeypatch):
+    assert main(sweep_args(run_dir, "--methods", "random", "--directions", "away",
+                           "--no-logodds")) == 0
+    import latentaudit.models.load as L
+
+    monkeypatch.setattr(L, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    with pytest.raises(LatentAuditError, match="temperature"):
+        from latentaudit.steer import SteerConfig, plan_steering
+
+        plan_steering(SteerConfig(temperature=0.5), run=run_dir,
+                      prompts=run_dir.parent / "prompts.jsonl", judge="rules",
+                      coherence_judge=f"rules:{run_dir.parent / 'rules.json'}")
+    assert main(["steer", "--from", str(run_dir / "nope")]) == 2
+
+
+def test_strength_search_keeps_one_strength_per_latent(run_dir):
+    assert main(sweep_args(run_dir, "--methods", "attribution,random", "--search",
+                           "--search-n", "4", "--max-incoherence", "0.1", "--no-logodds")) == 0
+    rows = lines(run_dir / "steering.jsonl")
+    assert len(rows) == 2 * 2 * 2 and all(r["searched"] for r in rows)
+    assert all(r["strength"] in (2.0, 8.0) for r in rows)
+
+
+def test_model_diff_activation_equals_a_direct_computation(loaded):
+    from latentaudit.steer.diff import mean_completion_activation
+
+    sae = random_sae(32, D_SAE, layer=0)
+    tok = loaded.tokenizer
+    seqs = [(tok("Q: hi")["input_ids"], tok("yes it is")["input_ids"]),
+            (tok("Q: a longer prompt")["input_ids"], tok("no")["input_ids"])]
+    got = mean_completion_activation(loaded, sae, 0, seqs, batch_size=2)
+    feats = []
+    with torch.no_grad():  # hidden_states[1]: layer 0's output (the last entry is normed)
+        for p, q in seqs:
+            hs = loaded.model(input_ids=torch.tensor([p + q]), output_hidden_states=True)
+            feats.append(sae.encode(hs.hidden_states[1][0, len(p):]))
+    want = torch.cat(feats).mean(0)
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_sweep_with_a_model_diff_and_a_toward_model(run_dir, tmp_path):
+    from tiny import save_tiny
+
+    other = save_tiny(tmp_path / "other", seed=1)
+    assert main(sweep_args(run_dir, "--methods", "model-diff,random", "--base-model", str(other),
+                           "--toward-model", str(other), "--strengths", "4")) == 0
+    rows = lines(run_dir / "steering.jsonl")
+    assert {r["method"] for r in rows} == {"model-diff", "random"}
+    assert {r["model"] for r in rows if r["direction"] == "toward"} == {"toward"}
+    gen = lines(run_dir / "steer" / "completions.jsonl")
+    assert {"base", "base@toward"} <= {g["key"] for g in gen}
+    from safetensors.torch import load_file
+
+    diff = load_file(run_dir / "steer" / "model_diff.safetensors")
+    top = diff["model_diff"].argsort(descending=True)[:2].tolist()
+    assert sorted({r["latents"][0] for r in rows if r["method"] == "model-diff"}) == sorted(top)

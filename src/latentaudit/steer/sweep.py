@@ -236,6 +236,7 @@ def run_steering(plan: SteerPlan, model=None, *, device: str = "auto",
     generate_missing(ctx, conds, units)
     rows = read_rows(ctx.path)
     graded = grade(ctx, [rows[k] for k in rows if k[0] in {c.key for c in conds}])
+    write_jsonl(plan.work / "judged.jsonl", graded.values())
     table = condition_table(conds, graded, units, cfg, {r["key"]: r for r in lo_rows})
     summary = summarise(table)
     write_jsonl(plan.out / "steering.jsonl", table)
