@@ -163,10 +163,11 @@ def test_log_odds_by_hand():
 
 def test_signature_drops_tokens_that_open_both_sides():
     tok = tiny_tokenizer()
-    sig = signature_ids(tok, {"positive": ["Yes", "That's right"], "negative": ["No", "That's a "
-                                                                                     "myth"]})
-    assert sig.positive == (tok("Y")["input_ids"][0],) and sig.negative == (tok("N")["input_ids"][0],)
-    assert sig.dropped == (tok("T")["input_ids"][0],)
+    sig = signature_ids(tok, {"positive": ["Yes", "That's right"],
+                              "negative": ["No", "That's a myth"]})
+    first = {c: tok(c)["input_ids"][0] for c in "YNT"}
+    assert (sig.positive, sig.negative, sig.dropped) == ((first["Y"],), (first["N"],),
+                                                         (first["T"],))
     with pytest.raises(LatentAuditError, match="distinct opening word"):
         signature_ids(tok, {"positive": ["Yes"], "negative": ["Yeah"]})
 

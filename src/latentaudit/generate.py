@@ -10,7 +10,8 @@ Algorithm (one batch of prompts, each with its own seed):
    ``u · mass`` (inverse CDF, float64). Temperature 0 is greedy (argmax). A row's draws depend
    only on its seed, never on batch size or batch neighbours.
 3. Feed the new tokens with the cache (a :class:`~latentaudit.models.hooks.RowSteering` adds
-   its row's vector at the prefill and at every step, and follows the rows that remain); a row stops at an EOS id (``finish_reason`` "eos"), when
+   its row's vector at the prefill and at every step, and follows the rows that remain); a row
+   stops at an EOS id (``finish_reason`` "eos"), when
    its decoded text contains a stop string ("stop") or after ``max_new_tokens`` ("length").
    Finished rows leave the cache.
 

@@ -46,7 +46,7 @@ def search_strengths(ctx: Context, conds: Sequence[Condition],
     for c in steered:
         arms.setdefault((c.method, c.latents, c.direction, c.model), []).append(c)
     out = [c for c in conds if c.method == "base"]
-    for arm, cs in arms.items():
+    for cs in arms.values():
         inc = {c.strength: incoherence([graded.get((c.key, p, i)) for p, i in trial])
                for c in cs}
         best = pick_strength(inc, cfg.max_incoherence)

@@ -33,7 +33,6 @@ from typing import Any
 import torch
 
 from latentaudit._io import write_json, write_jsonl
-from latentaudit._progress import progress
 from latentaudit.errors import LatentAuditError
 from latentaudit.judges.rubrics import Rubric, load_rubric
 from latentaudit.steer.config import Condition, SteerConfig
@@ -97,8 +96,8 @@ def plan_steering(cfg: SteerConfig, *, run: str | os.PathLike | None = None,
                   judge_options: dict[str, Any] | None = None) -> SteerPlan:
     """Check every input of a sweep (step 1 of the module docstring)."""
     from latentaudit.judges import BACKENDS, resolve_spec
-    from latentaudit.sample import read_prompts
     from latentaudit.saes.shipped import resolve_sae_path
+    from latentaudit.sample import read_prompts
 
     info = read_run(run) if run is not None else None
     if info is None and not latents:
