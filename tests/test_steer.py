@@ -413,3 +413,13 @@ def test_sweep_with_a_model_diff_and_a_toward_model(run_dir, tmp_path):
     diff = load_file(run_dir / "steer" / "model_diff.safetensors")
     top = diff["model_diff"].argsort(descending=True)[:2].tolist()
     assert sorted({r["latents"][0] for r in rows if r["method"] == "model-diff"}) == sorted(top)
+
+
+def test_logodds_only_samples_nothing(run_dir, capsys):
+    assert main(sweep_args(run_dir, "--logodds-only")) == 0
+    assert not (run_dir / "steer" / "completions.jsonl").exists()
+    rows = lines(run_dir / "steering_logodds.jsonl")
+    # 2 latents x 3 methods + the 3 ranking latents (some may coincide), x 2 directions x 2
+    assert len({(tuple(r["latents"]), r["direction"], r["strength"]) for r in rows}) == len(rows)
+    assert {5, 7, 9} <= {r["latents"][0] for r in rows}
+    assert "mean Δlog-odds" in capsys.readouterr().out

@@ -92,6 +92,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--random-seed", type=int, default=0, help=doc["random_seed"])
     p.add_argument("--no-logodds", action="store_true", help="Skip the first-token log-odds check.")
     p.add_argument("--logodds-top", type=int, default=100, help=doc["logodds_top"])
+    p.add_argument("--logodds-only", action="store_true", help=doc["logodds_only"])
 
 
 def config_from_args(args: argparse.Namespace):
@@ -104,7 +105,8 @@ def config_from_args(args: argparse.Namespace):
         max_prompts=args.max_prompts, temperature=args.temperature, top_p=args.top_p,
         max_new_tokens=args.max_new_tokens, seed=args.seed, batch_size=args.batch_size,
         system=args.system, n_boot=args.n_boot, level=args.level, random_seed=args.random_seed,
-        logodds=not args.no_logodds, logodds_top=args.logodds_top)
+        logodds=not args.no_logodds, logodds_top=args.logodds_top,
+        logodds_only=args.logodds_only)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -124,13 +126,26 @@ def run(args: argparse.Namespace) -> int:
     print(f"steering on {len(plan.prompts)} held-out prompts ({plan.excluded_prompts} used by "
           f"attribution left out), {cfg.n} completions each per condition")
     result = run_steering(plan, device=args.device, dtype=args.dtype)
-    for line in summary_lines(result):
+    for line in summary_lines(result) if not cfg.logodds_only else logodds_lines(result):
         print(line)
     files = ["steering.jsonl", "steering_summary.json"]
     files += ["steering_logodds.jsonl"] if result.logodds else []
     files += [f.name for f in result.figures]
     print(f"\nwrote {', '.join(files)} into {result.out}")
     return 0
+
+
+def logodds_lines(result) -> list[str]:
+    """Mean first-token log-odds change per selection method, direction and strength."""
+    groups: dict[tuple, list[float]] = {}
+    for r in result.logodds:
+        groups.setdefault((r["method"], r["direction"], r["strength"]), []).append(r["change"])
+    lines = [f"{'method':<12} {'direction':<9} {'strength':>8} {'latents':>7} "
+             f"{'mean Δlog-odds':>14} {'min':>8} {'max':>8}"]
+    for (m, d, s), v in groups.items():
+        lines.append(f"{m:<12} {d:<9} {s:>8g} {len(v):>7} {sum(v) / len(v):>+14.3f} "
+                     f"{min(v):>+8.3f} {max(v):>+8.3f}")
+    return lines
 
 
 def summary_lines(result) -> list[str]:

@@ -64,6 +64,9 @@ class SteerConfig:
     """The log-odds check also covers this many latents of the run's ranking (0: the sweep's
     latents only)."""
 
+    logodds_only: bool = False
+    """Run only the log-odds check (no sampling, no judge): a cheap first look."""
+
     def __post_init__(self) -> None:
         self.methods, self.directions = tuple(self.methods), tuple(self.directions)
         self.strengths = tuple(float(s) for s in self.strengths)
@@ -92,6 +95,8 @@ class SteerConfig:
             raise LatentAuditError("--max-incoherence must be in [0, 1].")
         if not self.temperature >= 0 or not 0 < self.top_p <= 1:
             raise LatentAuditError("--temperature must be ≥ 0 and --top-p in (0, 1].")
+        if self.logodds_only and not self.logodds:
+            raise LatentAuditError("--logodds-only and --no-logodds contradict each other.")
         if not 0.5 <= self.level < 1:
             raise LatentAuditError("--level must be in [0.5, 1).")
 

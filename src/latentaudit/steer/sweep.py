@@ -232,6 +232,12 @@ def run_steering(plan: SteerPlan, model=None, *, device: str = "auto",
     if cfg.logodds and plan.rubric.first_token:
         lo_rows = logodds.check(ctx, conds, _ranking_latents(plan))
         write_jsonl(plan.out / "steering_logodds.jsonl", lo_rows)
+    if cfg.logodds_only:
+        if not lo_rows:
+            raise LatentAuditError(f"--logodds-only: the rubric '{plan.rubric.name}' declares no "
+                                   "first_token signature.")
+        return SteerResult(rows=[], summary=[], logodds=lo_rows, sets=sets, resid_norm=rbar,
+                           out=plan.out, figures=[])
     generate_missing(ctx, conds, units)
     rows = read_rows(ctx.path)
     graded = grade(ctx, [rows[k] for k in rows if k[0] in {c.key for c in conds}])
