@@ -139,7 +139,7 @@ def _generate(loaded: LoadedModel, prompts: list[list[int]], seeds: list[int],
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     out: list[list[int]] = [[] for _ in range(B)]
     done: list[Generation | None] = [None] * B
-    rows, past, extra = list(range(B)), None, _logits_kwargs(model)  # rows: prompt of cache row
+    rows, past, extra = list(range(B)), None, last_logits_only(model)  # rows: prompt of cache row
     while True:
         res = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
                     past_key_values=past, use_cache=True, **extra)
@@ -167,7 +167,7 @@ def _generate(loaded: LoadedModel, prompts: list[list[int]], seeds: list[int],
         ids = nxt[:, None]  # (A, 1); rows already finished but still cached are ignored
 
 
-def _logits_kwargs(model) -> dict[str, int]:
+def last_logits_only(model) -> dict[str, int]:
     """Ask for the last position's logits only, where the model supports it."""
     params = inspect.signature(model.forward).parameters
     for name in ("logits_to_keep", "num_logits_to_keep"):

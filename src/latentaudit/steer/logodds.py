@@ -27,6 +27,7 @@ from torch import Tensor
 from latentaudit._progress import progress
 from latentaudit.data.tokens import left_pad
 from latentaudit.errors import LatentAuditError
+from latentaudit.generate import last_logits_only
 from latentaudit.models.hooks import RowSteering, steer_resid
 from latentaudit.models.load import LoadedModel
 
@@ -81,7 +82,8 @@ def next_token_logits(loaded: LoadedModel, prompts: Sequence[Sequence[int]],
     with steer_resid(loaded.model, steering):
         out = loaded.model(input_ids=batch.input_ids.to(dev),
                            attention_mask=batch.attention_mask.to(dev),
-                           position_ids=batch.position_ids.to(dev), use_cache=False)
+                           position_ids=batch.position_ids.to(dev), use_cache=False,
+                           **last_logits_only(loaded.model))
     return out.logits[:, -1].float().cpu()
 
 

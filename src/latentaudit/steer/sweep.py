@@ -131,6 +131,7 @@ def plan_steering(cfg: SteerConfig, *, run: str | os.PathLike | None = None,
                 "run was made from, so its prompts are left out of steering.")
         used = used_prompt_ids(dataset)
     held = [p for p in all_prompts if p.prompt_id not in used]
+    n_used = len(all_prompts) - len(held)
     if cfg.max_prompts:
         held = held[:cfg.max_prompts]
     if not held:
@@ -142,7 +143,7 @@ def plan_steering(cfg: SteerConfig, *, run: str | os.PathLike | None = None,
     plan = SteerPlan(cfg=cfg, out=out, model=model, sae_path=str(sae_path), layer=int(layer),
                      prompts=held, rubric=rub, judge=judge, coherence_judge=coherence_judge,
                      run=info, given=latents, toward_model=toward_model, base_model=base_model,
-                     excluded_prompts=len(all_prompts) - len(held),
+                     excluded_prompts=n_used,
                      judge_options=judge_options or {})
     _check_previous(plan)
     return plan
@@ -287,9 +288,9 @@ def _sample_config(cfg: SteerConfig):
 
 
 def _encode_all(loaded, plan: SteerPlan, scfg) -> dict[str, list[int]]:
-    from latentaudit.sample import _encode
+    from latentaudit.sample import encode_row_prompt
 
-    return {p.prompt_id: _encode(loaded, p, scfg) for p in plan.prompts}
+    return {p.prompt_id: encode_row_prompt(loaded, p, scfg) for p in plan.prompts}
 
 
 def _resid_norm(plan: SteerPlan, loaded, enc: dict[str, list[int]]) -> float:
