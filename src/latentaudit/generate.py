@@ -9,7 +9,9 @@ Algorithm (one batch of prompts, each with its own seed):
    row's own CPU generator and take the token where the kept cumulative mass first exceeds
    ``u · mass`` (inverse CDF, float64). Temperature 0 is greedy (argmax). A row's draws depend
    only on its seed, never on batch size or batch neighbours.
-3. Feed the new tokens with the cache; a row stops at an EOS id (``finish_reason`` "eos"), when
+3. Feed the new tokens with the cache (a :class:`~latentaudit.models.hooks.RowSteering` adds
+   its row's vector at the prefill and at every step, and follows the rows that remain); a row
+   stops at an EOS id (``finish_reason`` "eos"), when
    its decoded text contains a stop string ("stop") or after ``max_new_tokens`` ("length").
    Finished rows leave the cache.
 
@@ -31,6 +33,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from latentaudit.data.tokens import left_pad
+from latentaudit.models.hooks import RowSteering, steer_resid
 from latentaudit.models.load import LoadedModel
 
 if TYPE_CHECKING:
@@ -112,13 +115,22 @@ def _finish(tokenizer, ids: list[int], eos: set[int], cfg: SampleConfig) -> Gene
 
 @torch.no_grad()
 def generate(loaded: LoadedModel, prompts: list[list[int]], seeds: list[int],
-             cfg: SampleConfig) -> list[Generation]:
+             cfg: SampleConfig, steering: RowSteering | None = None) -> list[Generation]:
     """Sample one completion per prompt id list with a KV cache; row b draws from seeds[b].
 
-    Hooks registered on the model (e.g. steering) stay active throughout.
+    ``steering``: one vector per prompt, added to its layer's output at every position of row b
+    (None: unsteered). Hooks registered on the model stay active throughout.
     """
     if not prompts:
         return []
+    if steering is not None:
+        steering = RowSteering(steering.layer, steering.vectors)  # selected rows stay ours
+    with steer_resid(loaded.model, steering):
+        return _generate(loaded, prompts, seeds, cfg, steering)
+
+
+def _generate(loaded: LoadedModel, prompts: list[list[int]], seeds: list[int],
+              cfg: SampleConfig, steering: RowSteering | None) -> list[Generation]:
     model, tok, dev = loaded.model, loaded.tokenizer, loaded.device
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     eos = eos_token_ids(loaded)
@@ -127,7 +139,7 @@ def generate(loaded: LoadedModel, prompts: list[list[int]], seeds: list[int],
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     out: list[list[int]] = [[] for _ in range(B)]
     done: list[Generation | None] = [None] * B
-    rows, past, extra = list(range(B)), None, _logits_kwargs(model)  # rows: prompt of cache row
+    rows, past, extra = list(range(B)), None, last_logits_only(model)  # rows: prompt of cache row
     while True:
         res = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
                     past_key_values=past, use_cache=True, **extra)
@@ -147,13 +159,15 @@ def generate(loaded: LoadedModel, prompts: list[list[int]], seeds: list[int],
             return list(done)
         if len(keep) < len(rows) and hasattr(past, "batch_select_indices"):
             past.batch_select_indices(torch.tensor(keep, device=dev))
+            if steering is not None:
+                steering.select(keep)
             rows, mask, pos, nxt = [rows[j] for j in keep], mask[keep], pos[keep], nxt[keep]
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (A, T + 1)
         pos = pos[:, -1:] + 1  # (A, 1)
         ids = nxt[:, None]  # (A, 1); rows already finished but still cached are ignored
 
 
-def _logits_kwargs(model) -> dict[str, int]:
+def last_logits_only(model) -> dict[str, int]:
     """Ask for the last position's logits only, where the model supports it."""
     params = inspect.signature(model.forward).parameters
     for name in ("logits_to_keep", "num_logits_to_keep"):

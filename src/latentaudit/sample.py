@@ -281,7 +281,8 @@ def _row(loaded: LoadedModel, p: Prompt, index: int, ids: list[int], g: Generati
             "finish_reason": g.finish_reason, "meta": {**p.meta, "sampling": sampling}}
 
 
-def _encode(loaded: LoadedModel, p: Prompt, cfg: SampleConfig) -> list[int]:
+def encode_row_prompt(loaded: LoadedModel, p: Prompt, cfg: SampleConfig) -> list[int]:
+    """A prompt row's token ids (its own system prompt, else the config's); never empty."""
     ids = encode_prompt(loaded.tokenizer, p.prompt, p.system if p.system is not None
                         else cfg.system)
     if not ids:
@@ -313,7 +314,7 @@ def run_sampling(model: LoadedModel, plan: SamplePlan) -> Path:
             batch = todo[k:k + cfg.batch_size]
             for p, _ in batch:
                 if p.prompt_id not in encoded:
-                    encoded[p.prompt_id] = _encode(model, p, cfg)
+                    encoded[p.prompt_id] = encode_row_prompt(model, p, cfg)
             ids = [encoded[p.prompt_id] for p, _ in batch]
             seeds = [sample_seed(cfg.seed, p.prompt_id, i) for p, i in batch]
             gens = generate(model, ids, seeds, cfg)

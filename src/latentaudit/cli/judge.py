@@ -27,17 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "one, else its rules.")
     p.add_argument("--out", help="Output judged JSONL.")
     p.add_argument("--cache", help="Verdict cache (default: judge_cache.jsonl next to --out).")
-    p.add_argument("--judge-base-url", default="https://api.openai.com/v1",
-                   help="Base URL of the OpenAI-compatible endpoint (openai judge).")
-    p.add_argument("--judge-api-key-env", default="OPENAI_API_KEY",
-                   help="Name of the environment variable holding the API key (never written "
-                        "anywhere).")
-    p.add_argument("--judge-workers", type=int, default=8, help="Concurrent requests.")
-    p.add_argument("--judge-timeout", type=float, default=60.0, help="Seconds per request.")
-    p.add_argument("--judge-retries", type=int, default=5,
-                   help="Retries on 429 / 5xx / timeouts, with exponential backoff.")
-    p.add_argument("--no-logprobs", action="store_true",
-                   help="Do not ask the endpoint for logprobs (read the text answer only).")
+    add_api_options(p)
     p.add_argument("--judge-model",
                    help="probe judge: the local model to read (default: the one it was "
                         "trained on), e.g. another folder holding the same model.")
@@ -56,6 +46,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "and stop.")
 
 
+def add_api_options(p: argparse.ArgumentParser) -> None:
+    """The flags of an OpenAI-compatible judge (shared by every command that judges)."""
+    p.add_argument("--judge-base-url", default="https://api.openai.com/v1",
+                   help="Base URL of the OpenAI-compatible endpoint (openai judge).")
+    p.add_argument("--judge-api-key-env", default="OPENAI_API_KEY",
+                   help="Name of the environment variable holding the API key (never written "
+                        "anywhere).")
+    p.add_argument("--judge-workers", type=int, default=8, help="Concurrent requests.")
+    p.add_argument("--judge-timeout", type=float, default=60.0, help="Seconds per request.")
+    p.add_argument("--judge-retries", type=int, default=5,
+                   help="Retries on 429 / 5xx / timeouts, with exponential backoff.")
+    p.add_argument("--no-logprobs", action="store_true",
+                   help="Do not ask the endpoint for logprobs (read the text answer only).")
+
+
 def _need(args, *flags: str) -> None:
     from latentaudit.errors import LatentAuditError
 
@@ -64,7 +69,8 @@ def _need(args, *flags: str) -> None:
             raise LatentAuditError(f"{flag} is required here.")
 
 
-def _options(spec: str, args) -> dict:
+def judge_options(spec: str, args) -> dict:
+    """Constructor options of the judge backend ``spec`` names, from the flags."""
     kind = spec.partition(":")[0]
     if kind == "openai":
         return dict(base_url=args.judge_base_url, api_key_env=args.judge_api_key_env,
@@ -133,6 +139,6 @@ def run(args) -> int:
 
     spec = resolve_spec(args.judge, rubric)
     summary = judge_file(args.completions, rubric, spec, args.out, args.cache,
-                         **_options(spec, args))
+                         **judge_options(spec, args))
     print("\n".join(_report(summary, rubric)))
     return 1 if summary.run.failures else 0

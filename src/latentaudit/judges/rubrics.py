@@ -192,6 +192,9 @@ class Rubric:
     source: Path | None = None
     files: list[Path] = field(default_factory=list)
     """Every file the rubric was read from (for --copy-rubric)."""
+    first_token: dict[str, tuple[str, ...]] | None = None
+    """Opening phrases of a positive and of a negative reply (``{"positive": [...],
+    "negative": [...]}``): the next-token log-odds check of ``latentaudit steer``."""
 
     @property
     def prompt_hash(self) -> str:
@@ -317,7 +320,22 @@ def _build(spec: Any, path: Path) -> Rubric:
         files.append(rule_judge)
     return Rubric(name=spec["name"], questions=questions, rules=rules, otherwise=otherwise,
                   min_mass=float(min_mass), score=score, description=spec.get("description", ""),
-                  rule_judge=rule_judge, source=path, files=files)
+                  rule_judge=rule_judge, source=path, files=files,
+                  first_token=_first_token(spec.get("first_token"), path))
+
+
+def _first_token(value: Any, path: Path) -> dict[str, tuple[str, ...]] | None:
+    """The optional ``first_token`` signature: non-empty phrase lists for both outcomes."""
+    if value is None:
+        return None
+    ok = isinstance(value, dict) and set(value) == {"positive", "negative"} and all(
+        isinstance(v, list) and v and all(isinstance(x, str) and x.strip() for x in v)
+        for v in value.values())
+    if not ok:
+        raise LatentAuditError(
+            f"{path}: field 'first_token' must be {{\"positive\": [phrases], \"negative\": "
+            "[phrases]}} with non-empty phrase lists.")
+    return {k: tuple(v) for k, v in value.items()}
 
 
 def _question(q: Any, i: int, path: Path, files: list[Path]) -> Question:

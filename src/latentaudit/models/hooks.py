@@ -5,6 +5,12 @@ Face ``hidden_states[L + 1]`` and SAELens ``blocks.L.hook_resid_post``. Decoder 
 generically as the ``ModuleList`` whose length is ``num_hidden_layers``; :data:`LAYER_PATHS` lists
 the architectures where that search needs help. Every context manager here removes exactly the
 handles it registered, in ``finally``.
+
+Steering (:class:`RowSteering`, :func:`steer_resid`) is one more residual hook: row b of the
+batch gets ``vectors[b]`` added at every position of every forward pass (a prefill over the
+prompt, then one decoding step per new token with the KV cache), so one batch can carry a
+different steering condition per row. :meth:`RowSteering.select` follows the batch when
+finished rows leave the cache.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import contextlib
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
+from jaxtyping import Float
 from torch import Tensor, nn
 
 from latentaudit.errors import LatentAuditError
@@ -160,3 +167,33 @@ def capture_layer_inputs(model: nn.Module, layers: Sequence[int]
     finally:
         for h in handles:
             h.remove()
+
+
+class RowSteering:
+    """Per-row vectors added to resid_post of one layer: ``vectors[b]`` goes to every position of
+    batch row b. ``select(rows)`` keeps the rows still generating, in cache order."""
+
+    def __init__(self, layer: int, vectors: Float[Tensor, "batch d_model"]):
+        self.layer = layer
+        self.vectors = vectors
+
+    def select(self, rows: Sequence[int] | Tensor) -> None:
+        self.vectors = self.vectors[torch.as_tensor(rows, device=self.vectors.device)]
+
+    def add(self, hidden: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        if hidden.shape[0] != self.vectors.shape[0]:
+            raise LatentAuditError(
+                f"steering holds {self.vectors.shape[0]} row(s) but the layer saw a batch of "
+                f"{hidden.shape[0]}; give one vector per batch row.")
+        return hidden + self.vectors.to(hidden.device, hidden.dtype)[:, None, :]
+
+
+@contextlib.contextmanager
+def steer_resid(model: nn.Module, steering: RowSteering | None) -> Iterator[None]:
+    """Add ``steering``'s per-row vectors to its layer's output while the context is open
+    (nothing when ``steering`` is None)."""
+    if steering is None:
+        yield
+        return
+    with resid_hooks(model, {steering.layer: steering.add}):
+        yield

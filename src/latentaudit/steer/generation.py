@@ -1,0 +1,157 @@
+"""Generate the steered completions of many conditions, resumably (step 6 of the sweep).
+
+A row is (condition key, prompt, sample index). Its seed is the sampler's seed of (prompt,
+sample), the same under every condition (common random numbers). Rows are batched whatever their
+condition; each carries its condition's vector (:class:`~latentaudit.models.hooks.RowSteering`).
+Each finished batch is appended to the JSONL file and fsynced; rows already in the file are
+skipped, and a torn last line from a kill is cut off.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from latentaudit._progress import progress
+from latentaudit.errors import LatentAuditError
+from latentaudit.generate import generate
+from latentaudit.models.hooks import RowSteering
+from latentaudit.models.load import LoadedModel
+from latentaudit.sample import SampleConfig, sample_seed
+from latentaudit.steer.config import Condition
+
+log = logging.getLogger(__name__)
+Row = tuple[str, str, int]  # (condition key, prompt_id, sample_index)
+
+
+def read_rows(path: Path) -> dict[Row, dict[str, Any]]:
+    """The rows already generated, by (key, prompt_id, sample_index); a torn tail is cut off."""
+    if not path.is_file():
+        return {}
+    with open(path, "rb+") as f:
+        data = f.read()
+        good = data.rfind(b"\n") + 1
+        if good < len(data):
+            log.warning("%s: dropping a torn last line (an interrupted write)", path)
+            f.truncate(good)
+    rows = {}
+    for n, line in enumerate(data[:good].splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            rows[(row["key"], row["prompt_id"], int(row["sample_index"]))] = row
+        except (ValueError, KeyError, TypeError):
+            raise LatentAuditError(f"{path}:{n}: not a steered-completion row; move the file "
+                                   "away to generate again.") from None
+    return rows
+
+
+def generate_rows(loaded: LoadedModel, layer: int, todo: Sequence[tuple[Condition, str, int]],
+                  prompt_ids: dict[str, list[int]], vectors: dict[str, Float[Tensor, " d_model"]],
+                  cfg: SampleConfig, path: Path, desc: str = "steer") -> int:
+    """Generate ``todo`` rows (condition, prompt_id, sample_index) into ``path``; returns count."""
+    if not todo:
+        return 0
+    with open(path, "a", encoding="utf-8") as f, \
+            progress(total=len(todo), desc=desc, unit="completion") as bar:
+        for start in range(0, len(todo), cfg.batch_size):
+            batch = todo[start:start + cfg.batch_size]
+            seeds = [sample_seed(cfg.seed, pid, i) for _, pid, i in batch]
+            steering = RowSteering(layer, torch.stack([vectors[c.key] for c, _, _ in batch]))
+            gens = generate(loaded, [prompt_ids[pid] for _, pid, _ in batch], seeds, cfg,
+                            steering=steering)
+            f.write("".join(json.dumps(
+                {"key": c.key, "prompt_id": pid, "sample_index": i, "completion": g.text,
+                 "completion_token_ids": g.token_ids, "finish_reason": g.finish_reason},
+                ensure_ascii=False) + "\n" for (c, pid, i), g in zip(batch, gens, strict=True)))
+            f.flush()
+            os.fsync(f.fileno())
+            bar.update(len(batch))
+    return len(todo)
+
+
+# ---- the sweep's view: which rows are missing, and their grades -------------------------------
+
+@dataclass
+class Context:
+    """What the sweep's steps share once the models are loaded."""
+
+    plan: Any
+    """The :class:`~latentaudit.steer.sweep.SteerPlan`."""
+    models: dict[str, LoadedModel]
+    enc: dict[str, dict[str, list[int]]]
+    """Prompt token ids per model key and prompt_id."""
+    dirs: Float[Tensor, "d_sae d_model"]
+    rbar: float | None
+    scfg: SampleConfig
+    path: Path
+    judges: dict[str, Any] = field(default_factory=dict)
+
+
+def generate_missing(ctx: Context, conds: Sequence[Condition],
+                     units: Sequence[tuple[str, int]]) -> int:
+    """Generate every (condition, unit) row not yet in the file, per model; returns the count."""
+    from latentaudit.steer.vectors import condition_vectors
+
+    done = read_rows(ctx.path)
+    uniq = {c.key: c for c in conds}
+    n = 0
+    for name, loaded in ctx.models.items():
+        mine = [c for c in uniq.values() if c.model == name]
+        vecs = dict(zip([c.key for c in mine], condition_vectors(mine, ctx.dirs), strict=True))
+        todo = [(c, p, i) for c in mine for p, i in units if (c.key, p, i) not in done]
+        n += generate_rows(loaded, ctx.plan.layer, todo, ctx.enc[name], vecs, ctx.scfg, ctx.path,
+                           desc="steer" if name == "main" else f"steer ({name})")
+    return n
+
+
+def grade(ctx: Context, rows: Sequence[dict[str, Any]],
+          coherence_only: bool = False) -> dict[Row, dict[str, Any]]:
+    """Grade generated rows (judge cache in the work folder), by (key, prompt_id, sample)."""
+    from latentaudit.judges.base import JudgeCache, JudgeItem
+    from latentaudit.steer.grade import grade_rows
+
+    plan = ctx.plan
+    prompts = {p.prompt_id: p for p in plan.prompts}
+    items = [JudgeItem(prompt=prompts[r["prompt_id"]].prompt, completion=r["completion"],
+                       fact=prompts[r["prompt_id"]].meta.get("fact"), prompt_id=r["prompt_id"],
+                       sample_index=r["sample_index"],
+                       claim=prompts[r["prompt_id"]].meta.get("claim"),
+                       system=prompts[r["prompt_id"]].system or plan.cfg.system) for r in rows]
+    cache = JudgeCache(plan.work / "judge_cache.jsonl")
+    coherence = _judge(ctx, plan.coherence_judge) if plan.coherence_judge else None
+    main = coherence if coherence_only and coherence is not None else _judge(ctx, plan.judge)
+    graded = grade_rows(rows, items, plan.rubric, main, coherence, cache)
+    return {(g["key"], g["prompt_id"], g["sample_index"]): g for g in graded}
+
+
+def _judge(ctx: Context, spec: str):
+    """Build a judge once; a probe for the model under study shares the loaded model."""
+    if spec in ctx.judges:
+        return ctx.judges[spec]
+    from latentaudit.judges import make_judge, resolve_spec
+    from latentaudit.models.embedded import canonical
+
+    plan, loaded = ctx.plan, ctx.models["main"]
+    kind, _, arg = resolve_spec(spec, plan.rubric).partition(":")
+    options = dict(plan.judge_options)
+    if kind == "probe":
+        from latentaudit.judges.probe import load_probe
+
+        probe = load_probe(arg or plan.rubric.name)
+        if canonical(probe.model) == canonical(loaded.name):
+            options = {"model": loaded, "batch_size": options.get("batch_size", 8)}
+    elif kind in ("rules", "human"):
+        options = {}
+    ctx.judges[spec] = make_judge(spec, plan.rubric, **options)
+    return ctx.judges[spec]

@@ -1,0 +1,146 @@
+"""The fast deterministic check: how steering moves the first token of the reply.
+
+Where a rubric declares a first-token signature (``first_token``: opening phrases of a positive
+and of a negative reply, e.g. false-belief's "Yes / Indeed / Correct" vs "No / Actually / Not
+quite"), one forward pass per prompt, with no sampling, tells which way a steering vector pushes:
+
+1. Signature ids: the first token of each phrase tokenised on its own (no leading space, as a
+   reply starts right after the chat template's generation prefix).
+   A token that opens phrases of both sides says nothing and is dropped from both.
+2. log-odds(prompt) = logsumexp_{t ∈ pos} log p(t) − logsumexp_{t ∈ neg} log p(t) at the first
+   reply position, from the logits of the last prompt token.
+3. Change = log-odds steered − log-odds unsteered, per prompt; a condition's value is the mean
+   over prompts with a prompt-bootstrap interval. Many conditions share one batched forward
+   (one row per prompt × condition, each row with its own steering vector).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from latentaudit._progress import progress
+from latentaudit.data.tokens import left_pad
+from latentaudit.errors import LatentAuditError
+from latentaudit.generate import last_logits_only
+from latentaudit.models.hooks import RowSteering, steer_resid
+from latentaudit.models.load import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+class Signature(NamedTuple):
+    """First-token ids of positive and of negative replies."""
+
+    positive: tuple[int, ...]
+    negative: tuple[int, ...]
+    dropped: tuple[int, ...]
+    """Ids that open phrases of both sides (left out of both)."""
+
+
+def signature_ids(tokenizer, phrases: dict[str, Sequence[str]]) -> Signature:
+    """The first token id of every phrase, split by side, ambiguous ids dropped."""
+    first = {side: {_first_id(tokenizer, p) for p in phrases[side]}
+             for side in ("positive", "negative")}
+    both = first["positive"] & first["negative"]
+    pos, neg = sorted(first["positive"] - both), sorted(first["negative"] - both)
+    if not pos or not neg:
+        raise LatentAuditError(
+            "the rubric's first_token phrases leave no token on one side once the tokens "
+            "opening phrases of both sides are dropped; give each side a distinct opening word.")
+    return Signature(tuple(pos), tuple(neg), tuple(sorted(both)))
+
+
+def _first_id(tokenizer, phrase: str) -> int:
+    ids = tokenizer(phrase, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise LatentAuditError(f"first_token phrase {phrase!r} has no tokens.")
+    return int(ids[0])
+
+
+def log_odds(logits: Float[Tensor, "batch vocab"], positive: Sequence[int],
+             negative: Sequence[int]) -> Float[Tensor, " batch"]:
+    """logsumexp of log p over ``positive`` ids minus the same over ``negative`` ids."""
+    logp = torch.log_softmax(logits.double(), dim=-1)  # (B, V)
+    pos = torch.logsumexp(logp[:, list(positive)], dim=-1)
+    neg = torch.logsumexp(logp[:, list(negative)], dim=-1)
+    return pos - neg
+
+
+@torch.no_grad()
+def next_token_logits(loaded: LoadedModel, prompts: Sequence[Sequence[int]],
+                      steering: RowSteering | None = None) -> Float[Tensor, "batch vocab"]:
+    """Logits of the token after each prompt (left-padded batch, optional per-row steering)."""
+    pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+    batch = left_pad([list(p) for p in prompts], pad)
+    dev = loaded.device
+    with steer_resid(loaded.model, steering):
+        out = loaded.model(input_ids=batch.input_ids.to(dev),
+                           attention_mask=batch.attention_mask.to(dev),
+                           position_ids=batch.position_ids.to(dev), use_cache=False,
+                           **last_logits_only(loaded.model))
+    return out.logits[:, -1].float().cpu()
+
+
+def log_odds_rows(loaded: LoadedModel, layer: int, prompts: Sequence[Sequence[int]],
+                  vectors: Float[Tensor, "rows d_model"], prompt_index: Int[Tensor, " rows"],
+                  sig: Signature, batch_size: int) -> Float[Tensor, " rows"]:
+    """Log-odds of every (prompt_index[r], vectors[r]) row, ``batch_size`` rows per forward."""
+    out = []
+    with progress(total=len(prompt_index), desc="log-odds check", unit="row") as bar:
+        for start in range(0, len(prompt_index), batch_size):
+            idx = prompt_index[start:start + batch_size]
+            steering = RowSteering(layer, vectors[start:start + batch_size])
+            logits = next_token_logits(loaded, [prompts[int(i)] for i in idx], steering)
+            out.append(log_odds(logits, sig.positive, sig.negative))
+            bar.update(len(idx))
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+
+def check(ctx, conds, ranking: Sequence[int]) -> list[dict]:
+    """The log-odds change of every steered condition, plus each ``ranking`` latent at every
+    direction and strength, on every held-out prompt (step 3 of the module docstring)."""
+    from latentaudit.steer import stats
+    from latentaudit.steer.config import Condition
+    from latentaudit.steer.vectors import condition_vectors
+
+    plan, cfg = ctx.plan, ctx.plan.cfg
+    targets = {c.key: c for c in conds if c.method != "base"}
+    for i in ranking:
+        for direction in cfg.directions:
+            model = "toward" if direction == "toward" and "toward" in ctx.models else "main"
+            for s in cfg.strengths:
+                sign = -1.0 if direction == "away" else 1.0
+                c = Condition("ranking", (i,), direction, s,
+                              sign * s * (ctx.rbar if ctx.rbar is not None else 1.0), model)
+                targets.setdefault(c.key, c)
+    out = []
+    pids = [p.prompt_id for p in plan.prompts]
+    for name, loaded in ctx.models.items():
+        mine = [Condition("base", model=name)] + [c for c in targets.values() if c.model == name]
+        if len(mine) == 1:
+            continue
+        sig = signature_ids(loaded.tokenizer, plan.rubric.first_token)
+        vecs = condition_vectors(mine, ctx.dirs)  # (C, D)
+        C, P = len(mine), len(pids)
+        cond_idx = torch.arange(C).repeat(P)  # prompt-major: a batch shares its prompt
+        prompt_idx = torch.arange(P).repeat_interleave(C)
+        values = log_odds_rows(loaded, plan.layer, [ctx.enc[name][p] for p in pids],
+                               vecs[cond_idx], prompt_idx, sig, cfg.batch_size)
+        grid = values.view(P, C).T  # (C, P)
+        for c, row in zip(mine[1:], grid[1:] - grid[0], strict=True):
+            sums, counts = row.numpy(), torch.ones(P, dtype=torch.float64).numpy()
+            est = stats.ratio_estimate(sums, counts, stats.draw_weights(P, cfg.n_boot, cfg.seed),
+                                       cfg.level)
+            out.append({"key": c.key, "method": c.method, "latents": list(c.latents),
+                        "direction": c.direction, "strength": c.strength, "alpha": c.alpha,
+                        "model": name, "change": est.value, "ci": [est.lo, est.hi],
+                        "n_prompts": P, "base_logodds": float(grid[0].mean()),
+                        "signature": {"positive": list(sig.positive),
+                                      "negative": list(sig.negative)}})
+    return out

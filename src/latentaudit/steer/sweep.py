@@ -1,0 +1,309 @@
+"""The steering sweep: prove or refute each latent by steering it (METHOD.md, "Checking causality
+by steering").
+
+1. Plan (no model loaded): read the attribution run, the SAE, the rubric, the judge spec and the
+   prompts; keep the held-out prompts (never seen by attribution); refuse an output folder made
+   with other sampling settings.
+2. Load the model(s) and the SAE; measure r̄, the mean residual norm at the layer on the held-out
+   prompts (stored in ``steer/resid_norm.json``, measured once).
+3. Latent sets per selection method and the conditions: each latent × direction × strength
+   (and each whole set with ``joint``), plus the unsteered baseline per model.
+4. Optional per-latent strength search: the ladder's strengths on the first ``search_n`` units;
+   the largest strength whose incoherence ≤ ``max_incoherence`` is kept (else the smallest).
+5. The first-token log-odds check for every condition (and the run's ranking) when the rubric
+   declares a signature (:mod:`latentaudit.steer.logodds`).
+6. Generation: every (condition, prompt, sample) row with the seed of (prompt, sample), so every
+   condition shares the baseline's random numbers; rows of many conditions share a batch, each
+   with its own steering vector. Rows are appended to ``steer/completions.jsonl`` and fsynced
+   per batch: a killed sweep loses at most the batch in flight and a rerun skips what exists.
+7. Grading through the judge cache, then the table (:mod:`latentaudit.steer.grade`), written
+   as ``steering.jsonl``, ``steering_summary.json`` and figures.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from latentaudit._io import write_json, write_jsonl
+from latentaudit.errors import LatentAuditError
+from latentaudit.judges.rubrics import Rubric, load_rubric
+from latentaudit.steer.config import Condition, SteerConfig
+from latentaudit.steer.latents import RunInfo, latent_sets, read_run, used_prompt_ids
+from latentaudit.suites import SuitePrompt
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+WORK = "steer"
+MATCHED = ("schema_version", "model", "toward_model", "sae", "layer", "prompts_sha256", "scale",
+           "temperature", "top_p", "max_new_tokens", "seed", "system")
+
+
+@dataclass
+class SteerPlan:
+    """Everything :func:`plan_steering` checked before a model loads."""
+
+    cfg: SteerConfig
+    out: Path
+    model: str
+    sae_path: str
+    layer: int
+    prompts: list[SuitePrompt]
+    rubric: Rubric
+    judge: str
+    coherence_judge: str | None
+    run: RunInfo | None = None
+    given: list[int] | None = None
+    toward_model: str | None = None
+    base_model: str | None = None
+    excluded_prompts: int = 0
+    judge_options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def work(self) -> Path:
+        return self.out / WORK
+
+    def settings(self) -> dict[str, Any]:
+        canon = json.dumps([asdict(p) for p in self.prompts], sort_keys=True, ensure_ascii=False)
+        c = self.cfg
+        return {"schema_version": SCHEMA_VERSION, "model": self.model,
+                "toward_model": self.toward_model, "base_model": self.base_model,
+                "sae": self.sae_path, "layer": self.layer,
+                "prompts_sha256": hashlib.sha256(canon.encode()).hexdigest(),
+                "prompt_ids": [p.prompt_id for p in self.prompts], "scale": c.scale,
+                "temperature": c.temperature, "top_p": c.top_p,
+                "max_new_tokens": c.max_new_tokens, "seed": c.seed, "system": c.system,
+                "run": str(self.run.folder) if self.run else None, "config": asdict(c),
+                "rubric": self.rubric.name, "judge": self.judge,
+                "coherence_judge": self.coherence_judge}
+
+
+def plan_steering(cfg: SteerConfig, *, run: str | os.PathLike | None = None,
+                  latents: list[int] | None = None, model: str | None = None,
+                  sae: str | None = None, layer: int | None = None,
+                  prompts: str | os.PathLike | list | None = None, rubric: str = "false-belief",
+                  judge: str = "auto", coherence_judge: str | None = "rules",
+                  out: str | os.PathLike | None = None, data: str | os.PathLike | None = None,
+                  toward_model: str | None = None, base_model: str | None = None,
+                  judge_options: dict[str, Any] | None = None) -> SteerPlan:
+    """Check every input of a sweep (step 1 of the module docstring)."""
+    from latentaudit.judges import BACKENDS, resolve_spec
+    from latentaudit.saes.shipped import resolve_sae_path
+    from latentaudit.sample import read_prompts
+
+    info = read_run(run) if run is not None else None
+    if info is None and not latents:
+        raise LatentAuditError("give --from RUN_DIR (an attribution run) or --latents IDS.")
+    model = model or (info.model if info else None)
+    if model is None:
+        raise LatentAuditError("--model is needed when there is no --from run.")
+    if "model-diff" in cfg.methods and base_model is None:
+        raise LatentAuditError("--methods model-diff needs --base-model (the model before the "
+                               "change whose latents you diff).")
+    rub = load_rubric(rubric)
+    for spec in (judge, coherence_judge):
+        if spec is not None and resolve_spec(spec, rub).partition(":")[0] not in BACKENDS:
+            raise LatentAuditError(f"--judge {spec}: the backend must be one of "
+                                   f"{', '.join(BACKENDS)}.")
+    sae_path = resolve_sae_path(sae, model) if sae else (info.sae_path if info else None)
+    if sae_path is None:
+        raise LatentAuditError("--sae is needed when there is no --from run.")
+    layer = layer if layer is not None else (info.layer if info else None)
+    if layer is None:
+        layer = _sae_layer(sae_path)
+    source = prompts if prompts is not None else rub.name
+    all_prompts = read_prompts(source)
+    used: set[str] = set()
+    dataset = Path(data) if data else (info.dataset if info else None)
+    if info is not None:
+        if dataset is None or not dataset.is_file():
+            raise LatentAuditError(
+                f"{info.folder}/manifest.json: field 'dataset.path' names "
+                f"{dataset or 'no file'}, which is not here; pass --data with the dataset the "
+                "run was made from, so its prompts are left out of steering.")
+        used = used_prompt_ids(dataset)
+    held = [p for p in all_prompts if p.prompt_id not in used]
+    n_used = len(all_prompts) - len(held)
+    if cfg.max_prompts:
+        held = held[:cfg.max_prompts]
+    if not held:
+        raise LatentAuditError(f"--prompts {source}: every prompt was used for attribution; "
+                               "give prompts the run did not see.")
+    out = Path(out) if out is not None else (info.folder if info else None)
+    if out is None:
+        raise LatentAuditError("--out is needed when there is no --from run.")
+    plan = SteerPlan(cfg=cfg, out=out, model=model, sae_path=str(sae_path), layer=int(layer),
+                     prompts=held, rubric=rub, judge=judge, coherence_judge=coherence_judge,
+                     run=info, given=latents, toward_model=toward_model, base_model=base_model,
+                     excluded_prompts=n_used,
+                     judge_options=judge_options or {})
+    _check_previous(plan)
+    return plan
+
+
+def _sae_layer(path: str) -> int:
+    from latentaudit.saes import load_sae
+
+    sae = load_sae(path)
+    if sae.info.layer is None:
+        raise LatentAuditError(f"--sae {path}: the SAE does not record its layer; pass --layer.")
+    return sae.info.layer
+
+
+def _check_previous(plan: SteerPlan) -> None:
+    mpath = plan.work / "manifest.json"
+    if not mpath.is_file():
+        return
+    try:
+        old = json.loads(mpath.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise LatentAuditError(f"{mpath}:{err.lineno}: not valid JSON; move {plan.work} away to "
+                               "start the sweep again.") from None
+    new = plan.settings()
+    for key in MATCHED:
+        if old.get(key) != new[key]:
+            raise LatentAuditError(
+                f"{mpath}: the completions there were made with {key}={old.get(key)!r}, this "
+                f"sweep has {key}={new[key]!r}; use the same settings or another --out.")
+
+
+# ---- the driver --------------------------------------------------------------------------------
+
+@dataclass
+class SteerResult:
+    """What a sweep wrote (the same content as its files)."""
+
+    rows: list[dict[str, Any]]
+    """``steering.jsonl``: one row per condition."""
+    summary: list[dict[str, Any]]
+    """``steering_summary.json``: per method, direction and strength."""
+    logodds: list[dict[str, Any]]
+    """``steering_logodds.jsonl``: the first-token check per steered latent set."""
+    sets: dict[str, list[int]]
+    resid_norm: float | None
+    out: Path
+    figures: list[Path]
+
+
+def run_steering(plan: SteerPlan, model=None, *, device: str = "auto",
+                 dtype: str = "float32") -> SteerResult:
+    """Run a planned sweep (steps 2–7 of the module docstring); ``model`` may be loaded already."""
+    from latentaudit.models.load import load_model
+    from latentaudit.saes import load_sae
+    from latentaudit.steer import figures, logodds, search
+    from latentaudit.steer.generation import Context, generate_missing, grade, read_rows
+    from latentaudit.steer.grade import condition_table, summarise
+
+    cfg = plan.cfg
+    loaded = model if model is not None else load_model(plan.model, device=device, dtype=dtype)
+    models = {"main": loaded}
+    if plan.toward_model:
+        models["toward"] = load_model(plan.toward_model, device=device, dtype=dtype)
+    sae = load_sae(plan.sae_path, dtype=torch.float32, layer=plan.layer)
+    for m in models.values():
+        sae.check_fits(m.d_model, plan.layer, m.name)
+    dirs = sae.decoder_directions()  # (d_sae, d_model) unit rows
+    plan.work.mkdir(parents=True, exist_ok=True)
+    write_json(plan.work / "manifest.json", plan.settings())
+    scfg = _sample_config(cfg)
+    enc = {k: _encode_all(m, plan, scfg) for k, m in models.items()}
+    rbar = _resid_norm(plan, loaded, enc["main"]) if cfg.scale == "relative" else None
+    diff = None
+    if plan.base_model:
+        from latentaudit.steer.diff import model_diff
+
+        diff = model_diff(plan, loaded, sae, device=device, dtype=dtype)
+    sets = latent_sets(plan.run, cfg.methods, cfg.top_k, cfg.random_seed, sae.d_sae, plan.given,
+                       diff)
+    units = [(p.prompt_id, i) for p in plan.prompts for i in range(cfg.n)]
+    ctx = Context(plan=plan, models=models, enc=enc, dirs=dirs, rbar=rbar, scfg=scfg,
+                         path=plan.work / "completions.jsonl")
+    conds = make_conditions(sets, cfg, rbar, "toward" in models)
+    if cfg.search:
+        conds = search.search_strengths(ctx, conds, units)
+    lo_rows = []
+    if cfg.logodds and plan.rubric.first_token:
+        lo_rows = logodds.check(ctx, conds, _ranking_latents(plan))
+        write_jsonl(plan.out / "steering_logodds.jsonl", lo_rows)
+    if cfg.logodds_only:
+        if not lo_rows:
+            raise LatentAuditError(f"--logodds-only: the rubric '{plan.rubric.name}' declares no "
+                                   "first_token signature.")
+        return SteerResult(rows=[], summary=[], logodds=lo_rows, sets=sets, resid_norm=rbar,
+                           out=plan.out, figures=[])
+    generate_missing(ctx, conds, units)
+    rows = read_rows(ctx.path)
+    graded = grade(ctx, [rows[k] for k in rows if k[0] in {c.key for c in conds}])
+    write_jsonl(plan.work / "judged.jsonl", graded.values())
+    table = condition_table(conds, graded, units, cfg, {r["key"]: r for r in lo_rows})
+    summary = summarise(table)
+    write_jsonl(plan.out / "steering.jsonl", table)
+    write_json(plan.out / "steering_summary.json",
+               {"schema_version": SCHEMA_VERSION, "resid_norm": rbar, "sets": sets,
+                "prompts": len(plan.prompts), "units": len(units), "summary": summary})
+    figs = figures.plot_sweep(table, plan.out)
+    return SteerResult(rows=table, summary=summary, logodds=lo_rows, sets=sets, resid_norm=rbar,
+                       out=plan.out, figures=figs)
+
+
+def make_conditions(sets: dict[str, list[int]], cfg: SteerConfig, rbar: float | None,
+                    toward_model: bool) -> list[Condition]:
+    """The baseline(s) and each latent (and, with ``joint``, each set) × direction × strength."""
+    conds = [Condition("base")]
+    if toward_model and "toward" in cfg.directions:
+        conds.append(Condition("base", model="toward"))
+    for method, ids in sets.items():
+        groups = [(i,) for i in ids] + ([tuple(ids)] if cfg.joint and len(ids) > 1 else [])
+        for latents in groups:
+            for direction in cfg.directions:
+                model = "toward" if direction == "toward" and toward_model else "main"
+                for s in cfg.strengths:
+                    sign = -1.0 if direction == "away" else 1.0
+                    alpha = sign * s * (rbar if rbar is not None else 1.0)
+                    conds.append(Condition(method, latents, direction, s, alpha, model))
+    return conds
+
+
+def _ranking_latents(plan: SteerPlan) -> list[int]:
+    if plan.run is None or not plan.cfg.logodds_top:
+        return []
+    rows = [r for r in plan.run.ranking if int(r.get("layer", plan.layer)) == plan.layer]
+    return [int(r["latent"]) for r in rows[:plan.cfg.logodds_top]]
+
+
+def _sample_config(cfg: SteerConfig):
+    from latentaudit.sample import SampleConfig
+
+    return SampleConfig(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p,
+                        max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
+                        batch_size=cfg.batch_size, system=cfg.system)
+
+
+def _encode_all(loaded, plan: SteerPlan, scfg) -> dict[str, list[int]]:
+    from latentaudit.sample import encode_row_prompt
+
+    return {p.prompt_id: encode_row_prompt(loaded, p, scfg) for p in plan.prompts}
+
+
+def _resid_norm(plan: SteerPlan, loaded, enc: dict[str, list[int]]) -> float:
+    """r̄ on the held-out prompts, measured once and stored in ``steer/resid_norm.json``."""
+    from latentaudit.steer.vectors import mean_resid_norm
+
+    path = plan.work / "resid_norm.json"
+    if path.is_file():
+        return float(json.loads(path.read_text(encoding="utf-8"))["resid_norm"])
+    seqs = list(enc.values())
+    value = mean_resid_norm(loaded, plan.layer, seqs, batch_size=plan.cfg.batch_size)
+    write_json(path, {"resid_norm": value, "model": plan.model, "layer": plan.layer,
+                      "text": "held-out prompts (chat template), first position left out",
+                      "sequences": len(seqs), "tokens": sum(len(s) - 1 for s in seqs)})
+    log.info("mean residual norm at layer %d: %.3f", plan.layer, value)
+    return value

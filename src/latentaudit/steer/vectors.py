@@ -1,0 +1,65 @@
+"""Steering vectors: α times the sum of the steered latents' unit decoder directions.
+
+1. d_i = W_dec[i] / ‖W_dec[i]‖ (the direction attribution scores, METHOD.md).
+2. A condition steering latents S with signed strength s adds v = α Σ_{i∈S} d_i to resid_post at
+   every position, with α = s (absolute scale) or α = s · r̄ (relative scale, the default), where
+   r̄ is the mean residual norm at the layer: the mean of ‖h_t‖ over the tokens of reference text,
+   leaving out each sequence's first position (its norm is an outlier in many models). So a
+   strength means the same share of the residual stream across models and layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from latentaudit._progress import progress
+from latentaudit.data.tokens import left_pad
+from latentaudit.models.hooks import run_until
+from latentaudit.models.load import LoadedModel
+from latentaudit.steer.config import Condition
+
+
+def condition_vectors(conditions: Sequence[Condition],
+                      directions: Float[Tensor, "d_sae d_model"]) -> Float[Tensor, "n d_model"]:
+    """One vector per condition: alpha · Σ d_i over its latents (zero for the baseline)."""
+    out = torch.zeros(len(conditions), directions.shape[1], dtype=torch.float32)
+    for row, c in enumerate(conditions):
+        if c.latents and c.alpha:
+            out[row] = c.alpha * directions[list(c.latents)].float().sum(0)
+    return out
+
+
+def norm_sums(hidden: Float[Tensor, "batch pos d_model"], mask: Tensor) -> tuple[float, int]:
+    """Σ ‖h_t‖ and the count over the unmasked positions after each row's first real token."""
+    first = mask.float().cumsum(1) == 1  # (B, T) each row's first real token
+    keep = mask.bool() & ~first
+    norms = hidden.float().norm(dim=-1)  # (B, T)
+    return float(norms[keep].sum()), int(keep.sum())
+
+
+@torch.no_grad()
+def mean_resid_norm(loaded: LoadedModel, layer: int, sequences: Sequence[Sequence[int]],
+                    batch_size: int = 8) -> float:
+    """r̄: the mean ‖resid_post‖ at ``layer`` over ``sequences`` (first positions left out)."""
+    pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+    total, count = 0.0, 0
+    with progress(total=len(sequences), desc="residual norm", unit="seq") as bar:
+        for start in range(0, len(sequences), batch_size):
+            batch = left_pad([list(s) for s in sequences[start:start + batch_size]], pad)
+            dev = loaded.device
+            h = run_until(loaded.model, [layer], input_ids=batch.input_ids.to(dev),
+                          attention_mask=batch.attention_mask.to(dev),
+                          position_ids=batch.position_ids.to(dev))[layer]
+            s, n = norm_sums(h.cpu(), batch.attention_mask)
+            total, count = total + s, count + n
+            bar.update(len(batch.input_ids))
+    if count == 0:
+        from latentaudit.errors import LatentAuditError
+
+        raise LatentAuditError("the reference text for the residual norm has no tokens after "
+                               "the first of each sequence; give longer text.")
+    return total / count
