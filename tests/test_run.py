@@ -321,7 +321,6 @@ def test_options_that_do_not_change_results_rerun_nothing(project, calls):
 
 def test_a_yaml_config_with_the_same_settings_finds_the_run_done(project):
     import tomllib
-
     import yaml
 
     data = tomllib.loads(project.read_text())
@@ -357,7 +356,8 @@ def test_a_run_from_a_dataset_and_redo(tiny_model_dir, sae_dir, tmp_path, calls)
     ("top_k = 8\n", 'top_k = "ten"\n', "attribute.top_k: must be a whole number, got 'ten'"),
     ('methods = ["attribution", "random"]', 'methods = "attribution"',
      "steer.methods: must be a list of strings, got 'attribution'"),
-    ('out = "run"\n', 'out = "run"\nsmaple = 1\n', r"smaple: unknown key \(did you mean sample\?\)"),
+    ('out = "run"\n', 'out = "run"\nsmaple = 1\n',
+     r"smaple: unknown key \(did you mean sample\?\)"),
     ('judge = "rules:rules.json"\n\n', 'judge = "human:nope.csv"\n\n', "judge.judge: "),
     ('prompts = "prompts.jsonl"', 'completions = "missing.jsonl"',
      "completions: .*missing.jsonl: no such file"),
@@ -400,3 +400,14 @@ def test_the_shipped_demo_config_reads():
     assert cfg.entry == "completions" and cfg.entry_file.is_file()
     assert cfg.settings.notes and cfg.steer is not None and cfg.explain is not None
     assert main(["demo", "--show-config"]) == 0
+
+
+def test_the_readme_config_example_reads(tmp_path):
+    import re
+
+    readme = Path(__file__).parents[1] / "README.md"
+    block = re.search(r"```toml\n(.*?)```", readme.read_text(encoding="utf-8"), re.S)[1]
+    (tmp_path / "run.toml").write_text(block)
+    cfg = read_config(tmp_path / "run.toml")
+    assert cfg.entry == "prompts" and cfg.out == tmp_path / "runs" / "false-belief"
+    assert cfg.steer.strengths == (0.5,) and cfg.sample.n == 8 and not cfg.report

@@ -167,4 +167,5 @@ def steer_prompts(cfg: RunConfig) -> str:
     suite."""
     from latentaudit.judges import load_rubric
 
-    return cfg.steer_options.prompts or cfg.settings.prompts or load_rubric(cfg.settings.rubric).name
+    opts, s = cfg.steer_options, cfg.settings
+    return opts.prompts or s.prompts or load_rubric(s.rubric).name

@@ -197,8 +197,8 @@ def _fits(value: Any, annotation: str) -> bool:
             if kind == "bool":
                 return True
             continue
-        if (kind == "int" and isinstance(value, int)) or (kind == "str" and isinstance(value, str)) \
-                or (kind == "float" and isinstance(value, (int, float))):
+        if (kind == "int" and isinstance(value, int)) or (kind == "float" and isinstance(
+                value, (int, float))) or (kind == "str" and isinstance(value, str)):
             return True
         if kind.startswith("tuple[") and isinstance(value, list):
             inner = kind[len("tuple["):].split(",")[0].strip()

@@ -173,8 +173,6 @@ def run_pipeline(config: RunConfig | str | Path, *, out: str | Path | None = Non
     record = read_record(cfg.out)
     plans = plan_stages(cfg, sae, record, tuple(redo))
     notes = _notes(cfg, plans)
-    for p in plans:
-        log.info("%-9s %-6s %s", p.name, p.action, p.why)
     result = PipelineResult(cfg.out, plans, record, None, notes)
     if dry_run:
         return result
@@ -193,6 +191,8 @@ def run_pipeline(config: RunConfig | str | Path, *, out: str | Path | None = Non
     for p in plans:
         if p.action in ("run", "resume"):
             _execute(cfg, sae, p, record, models)
+        else:
+            log.info("stage %s: %s (%s)", p.name, p.action, p.why)
     report = record.stages.get("report")
     if report is not None and report.status == "done":
         result.report = Path(report.summary["path"])
@@ -211,7 +211,7 @@ def _execute(cfg: RunConfig, sae: str, plan: StagePlan, record: Record,
                       seconds=old.seconds if old is not None and plan.action == "resume" else 0.0)
     record.stages[plan.name] = rec
     record.save()
-    log.info("stage %s: %s", plan.name, "resuming" if plan.action == "resume" else "running")
+    log.info("stage %s: %s (%s)", plan.name, plan.action, plan.why)
     start = time.perf_counter()
     try:
         ctx = steps.Context(cfg, sae, models, fresh=plan.action == "run")

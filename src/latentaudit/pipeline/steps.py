@@ -209,9 +209,8 @@ def explain(ctx: Context) -> dict[str, Any]:
 
 
 def steer(ctx: Context) -> dict[str, Any]:
-    from latentaudit.steer import plan_steering, run_steering
-
     from latentaudit.judges import load_rubric, resolve_spec
+    from latentaudit.steer import plan_steering, run_steering
 
     opts, s = ctx.cfg.steer_options, ctx.cfg.settings
     spec = opts.judge or ctx.cfg.judge.judge
