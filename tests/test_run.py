@@ -411,3 +411,19 @@ def test_the_readme_config_example_reads(tmp_path):
     cfg = read_config(tmp_path / "run.toml")
     assert cfg.entry == "prompts" and cfg.out == tmp_path / "runs" / "false-belief"
     assert cfg.steer.strengths == (0.5,) and cfg.sample.n == 8 and not cfg.report
+
+
+@pytest.mark.embedded
+def test_the_demo_dry_run_checks_every_input_and_loads_no_model(tmp_path, capsys, monkeypatch):
+    import latentaudit.models.load as L
+    from latentaudit.models import embedded
+
+    if not (embedded.is_installed("qwen2.5-0.5b-instruct")
+            or embedded.is_cached("qwen2.5-0.5b-instruct")):
+        pytest.skip("qwen2.5-0.5b-instruct is not installed")
+    monkeypatch.setattr(L, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    assert main(["demo", "--dry-run", "--out", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert "sample     given" in out
+    assert all(f"{s:<10} run" in out for s in ("judge", "attribute", "explain", "steer"))
+    assert not (tmp_path / "demo").exists()

@@ -193,6 +193,7 @@ def run_pipeline(config: RunConfig | str | Path, *, out: str | Path | None = Non
             _execute(cfg, sae, p, record, models)
         else:
             log.info("stage %s: %s (%s)", p.name, p.action, p.why)
+    result.notes = record.meta["notes"]
     report = record.stages.get("report")
     if report is not None and report.status == "done":
         result.report = Path(report.summary["path"])
