@@ -174,7 +174,7 @@ def check(ctx, conds, ranking: Sequence[int]) -> list[dict]:
                               sign * s * (ctx.rbar if ctx.rbar is not None else 1.0), model)
                 targets.setdefault(c.key, c)
     out = []
-    pids = [p.prompt_id for p in plan.prompts]
+    pids = [p.prompt_id for p in plan.prompts][:cfg.logodds_prompts]
     for name, loaded in ctx.models.items():
         mine = [Condition("base", model=name)] + [c for c in targets.values() if c.model == name]
         if len(mine) == 1:
