@@ -289,6 +289,26 @@ def test_the_corpus_content_warning_stands_where_its_text_does(page):
     assert page.count(warning) == 3  # and once in the explain section
 
 
+def test_content_warnings_come_from_the_corpus_module():
+    from latentaudit.report.sections.explain import warnings
+
+    assert NLP_CORPUS_WARNING in warnings({"spec": "held-out", "content_warnings": []})
+    assert warnings({"spec": "notes.txt", "content_warnings": ["w"]}) == ["w"]
+    assert warnings({"spec": "nlp-corpus", "content_warnings": [NLP_CORPUS_WARNING]}) == \
+        [NLP_CORPUS_WARNING]
+
+
+def test_token_maps_that_disagree_with_their_completions_are_named(hand_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(hand_run, run)
+    rows = [json.loads(x) for x in (run / "explain" / "completions.jsonl").read_text()
+            .splitlines()]
+    rows[1]["n_tokens"] += 1
+    write_jsonl(run / "explain" / "completions.jsonl", rows)
+    with pytest.raises(LatentAuditError, match=r"completions.jsonl: row 2 does not match"):
+        write_report(run)
+
+
 def test_sections_without_files_are_left_out(tmp_path):
     run = tmp_path / "run"
     make_attribution(run)

@@ -58,12 +58,14 @@ def read_jsonl_if(path: Path, fix: str, need: tuple[str, ...] = ()) -> list[dict
     return read_jsonl(path, fix, need) if path.is_file() else None
 
 
-def read_tensors(path: Path, fix: str) -> dict[str, Any]:
-    """The arrays of a safetensors file as numpy arrays (no torch import)."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
+def read_tensors(path: Path, fix: str, names: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """The arrays of a safetensors file (only ``names`` when given, those it has) as numpy
+    arrays, without importing torch."""
+    from safetensors import SafetensorError, safe_open
 
     try:
-        return load_file(str(path))
+        with safe_open(str(path), framework="np") as f:
+            keys = [k for k in f.keys() if names is None or k in names]
+            return {k: f.get_tensor(k) for k in keys}
     except (SafetensorError, OSError, ValueError) as err:
         raise LatentAuditError(f"{path}: not a readable safetensors file ({err}); {fix}") from None

@@ -73,7 +73,9 @@ def load(run: Path) -> dict[str, Any]:
 
 
 def _vectors(run: Path, layers: list[int]) -> dict[int, dict[str, np.ndarray | None]]:
-    tensors = read_tensors(run / "attribution.safetensors", FIX)
+    wanted = tuple(f"{name}_layer{L}" if len(layers) > 1 else name
+                   for name in ("delta_attribution", "delta_activation") for L in layers)
+    tensors = read_tensors(run / "attribution.safetensors", FIX, wanted)
     out = {}
     for L in layers:
         def get(name: str, L=L):

@@ -4,7 +4,8 @@
    edges), ``latents.jsonl`` (the section exists when this file does), and when present
    ``exact.json``, ``completions.jsonl`` with ``token_maps.safetensors``.
 2. Content warnings: the manifest's, plus those :func:`latentaudit.data.corpus.content_warning`
-   gives for each source the corpus spec names; shown wherever corpus text is.
+   gives for each source the corpus spec names (``held-out``: the training mix); shown wherever
+   corpus text is.
 3. Per layer: the exactness summary and the exact-against-first-order figure.
 4. Per latent: logit lens, density bars, the top-activating examples (highlight ∝ activation /
    the latent's largest), the attribution map's top tokens and the mapped completions with the
@@ -16,7 +17,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from latentaudit.data.corpus import content_warning
+from latentaudit.data.corpus import TRAINING_SOURCES, content_warning
+from latentaudit.errors import LatentAuditError
 from latentaudit.report import figures, highlight
 from latentaudit.report.read import read_json_if, read_jsonl, read_tensors
 
@@ -60,9 +62,8 @@ def warnings(corpus: dict[str, Any]) -> list[str]:
     """Step 2: the content warnings of the corpus text, each once."""
     found = list(corpus.get("content_warnings") or [])
     for part in str(corpus.get("spec") or "").replace("+", ",").split(","):
-        w = content_warning(part.strip())
-        if w:
-            found.append(w)
+        names = TRAINING_SOURCES if part.strip() == "held-out" else (part.strip(),)
+        found += [w for w in map(content_warning, names) if w]
     return list(dict.fromkeys(found))
 
 
@@ -90,9 +91,23 @@ def _maps(folder: Path) -> dict[str, Any] | None:
     rows = read_jsonl(folder / "completions.jsonl", FIX,
                       need=("offset", "n_tokens", "tokens", "delta"))
     arrays = read_tensors(folder / "token_maps.safetensors", FIX)
+    _check_maps(folder, rows, arrays)
     columns = {(int(L), int(i)): c for c, (L, i) in
                enumerate(zip(arrays["layers"].tolist(), arrays["latents"].tolist(), strict=True))}
     return {"rows": rows, "delta": arrays["token_delta"], "columns": columns}
+
+
+def _check_maps(folder: Path, rows: list[dict], arrays: dict[str, Any]) -> None:
+    """The two files must describe the same tokens: name the first disagreement."""
+    for name in ("token_delta", "layers", "latents"):
+        if name not in arrays:
+            raise LatentAuditError(f"{folder / 'token_maps.safetensors'} has no '{name}'; {FIX}")
+    n_tokens = arrays["token_delta"].shape[0]
+    for n, r in enumerate(rows, start=1):
+        if len(r["tokens"]) != r["n_tokens"] or r["offset"] + r["n_tokens"] > n_tokens:
+            raise LatentAuditError(f"{folder / 'completions.jsonl'}: row {n} does not match "
+                                   f"token_maps.safetensors ({r['n_tokens']} tokens at offset "
+                                   f"{r['offset']}); {FIX}")
 
 
 def latent_view(row: dict[str, Any], edges: list[float], maps: dict | None) -> dict[str, Any]:

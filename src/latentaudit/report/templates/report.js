@@ -63,7 +63,7 @@
     var parts = (location.search.slice(1) + "&" + location.hash.slice(1)).split("&");
     var table = document.getElementById("ranking");
     parts.forEach(function (part) {
-      part = decodeURIComponent(part);
+      try { part = decodeURIComponent(part); } catch (e) { return; }
       if (part.indexOf("latent-") === 0) {
         openLatent(part);
       } else if (part.indexOf("sort=") === 0 && table) {
