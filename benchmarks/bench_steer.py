@@ -26,9 +26,9 @@ def sync(device):
 
 
 def main() -> None:
-    from bench_attribute import qwen_config
     from transformers import AutoModelForCausalLM
 
+    from bench_attribute import qwen_config
     from latentaudit.generate import generate
     from latentaudit.models.hooks import RowSteering
     from latentaudit.models.load import prepare
@@ -42,7 +42,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=4, help="rows (prompt × sample) per condition")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--prompt-len", type=int, default=40)
-    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=5, help="alternating runs; medians reported")
     args = ap.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -69,14 +69,16 @@ def main() -> None:
 
     def run(steer):
         start = time.perf_counter()
-        for _ in range(args.repeat):
-            generate(loaded, prompts, seeds, cfg,
-                     steering=RowSteering(layer, vecs) if steer else None)
+        generate(loaded, prompts, seeds, cfg, steering=RowSteering(layer, vecs) if steer else None)
         sync(device)
-        return (time.perf_counter() - start) / args.repeat
+        return time.perf_counter() - start
 
     run(False)  # warm-up
-    plain, steered = run(False), run(True)
+    times = {False: [], True: []}
+    for _ in range(args.repeat):  # alternate, so a slow spell of the machine hits both
+        for steer in (False, True):
+            times[steer].append(run(steer))
+    plain, steered = (sorted(times[s])[len(times[s]) // 2] for s in (False, True))  # medians
     tokens = args.batch * args.new_tokens
     print(f"device {device}, dtype {dtype}, {args.layers} layers (steer at {layer}), batch "
           f"{args.batch} × {args.prompt_len} prompt + {args.new_tokens} new tokens\n")
@@ -100,7 +102,8 @@ def main() -> None:
                      steering=RowSteering(layer, cvecs[c].expand(R, -1)))
 
     timings = {}
-    for name, fn in (("many conditions per call", batched), ("one condition per call", per_condition)):
+    for name, fn in (("many conditions per call", batched),
+                     ("one condition per call", per_condition)):
         start = time.perf_counter()
         fn()
         sync(device)
@@ -108,7 +111,8 @@ def main() -> None:
     print(f"\nsweep of {C} conditions × {R} rows ({C * R} completions):")
     for name, t in timings.items():
         print(f"{name + ':':<27}{C * R / t:8.2f} completions/s")
-    print(f"ratio (many / one per call): {timings['one condition per call'] / timings['many conditions per call']:.2f}")
+    ratio = timings["one condition per call"] / timings["many conditions per call"]
+    print(f"ratio (many / one per call): {ratio:.2f}")
 
 
 if __name__ == "__main__":

@@ -150,15 +150,17 @@ def test_a_run_from_prompts_writes_every_stage_and_its_record(finished):
     run = finished / "run"
     assert statuses(run) == {"sample": "done", "judge": "done", "pair": "done",
                              "attribute": "done", "explain": "done", "steer": "done",
-                             "report": "skipped"}
+                             "report": "done"}
     for name in ("completions.jsonl", "judged.jsonl", "dataset.jsonl", "ranking.jsonl",
                  "attribution.safetensors", "explain/latents.jsonl", "steering.jsonl",
                  "steering_summary.json", "steer/completions.jsonl"):
         assert (run / name).is_file(), name
     record = json.loads((run / "pipeline.json").read_text())
     assert record["schema_version"] == 1 and record["entry"] == "prompts"
-    assert record["notes"][0] == "tiny sizes, for tests"
-    assert any("write_report" in n for n in record["notes"])
+    assert record["notes"] == ["tiny sizes, for tests"]
+    html = (run / "report.html").read_text()
+    assert "How this run was made" in html and "tiny sizes, for tests" in html
+    assert record["stages"]["report"]["summary"]["path"] == str(run / "report.html")
     assert len(lines(run / "completions.jsonl")) == 16
     stages = record["stages"]
     assert stages["pair"]["summary"]["pairs"] > 0
@@ -172,28 +174,24 @@ def test_a_run_from_prompts_writes_every_stage_and_its_record(finished):
 
 def test_a_rerun_runs_no_stage_and_loads_no_model(project, calls, capsys):
     assert main(["run", str(project)]) == 0
-    assert calls == ["report"]  # the report stage is only skipped while it does not exist
+    assert calls == []
     out = capsys.readouterr().out
     assert "attribute  done" in out and "skip" in out
 
 
-def test_the_report_stage_calls_write_report_once_it_exists(project, calls, monkeypatch):
-    seen = []
-
-    def write_report(run_dir, out=None):
-        seen.append(Path(run_dir))
-        path = Path(run_dir) / "report.html"
-        path.write_text("<html></html>")
-        return path
-
-    monkeypatch.setattr(latentaudit, "write_report", write_report, raising=False)
-    result = run_pipeline(project)
-    assert calls == ["report"] and seen == [project.parent / "run"]
-    assert result.report == project.parent / "run" / "report.html"
-    assert statuses(result.run)["report"] == "done"
+def test_the_report_stage_is_skipped_with_a_note_until_write_report_exists(project, calls,
+                                                                            monkeypatch):
+    module = latentaudit._EXPORTS["write_report"]
+    monkeypatch.delitem(latentaudit._EXPORTS, "write_report")
+    result = run_pipeline(project, redo=("report",))
+    assert statuses(result.run)["report"] == "skipped"
+    assert any("write_report" in n for n in result.notes)
+    assert not (result.run / "report.html").exists() and result.report is None
+    monkeypatch.setitem(latentaudit._EXPORTS, "write_report", module)
     calls.clear()
-    run_pipeline(project)
-    assert calls == []
+    result = run_pipeline(project)
+    assert calls == ["report"] and result.report == result.run / "report.html"
+    assert statuses(result.run)["report"] == "done" and result.report.is_file()
 
 
 def test_a_kill_between_stages_resumes_at_the_next_stage(tiny_model_dir, sae_dir, tmp_path,
@@ -316,7 +314,7 @@ def test_options_that_do_not_change_results_rerun_nothing(project, calls):
          "batch_size = 2\ncheckpoint_every_batches = 3")
     edit(project, 'device = "cpu"', 'device = "auto"')
     run_pipeline(project)
-    assert calls == ["report"]
+    assert calls == []
 
 
 def test_a_yaml_config_with_the_same_settings_finds_the_run_done(project):
@@ -329,7 +327,7 @@ def test_a_yaml_config_with_the_same_settings_finds_the_run_done(project):
     plans = plan_stages(cfg, check_inputs(cfg), read_record(cfg.out))
     assert {p.name: p.action for p in plans} == {
         "sample": "skip", "judge": "skip", "pair": "skip", "attribute": "skip",
-        "explain": "skip", "steer": "skip", "report": "run"}
+        "explain": "skip", "steer": "skip", "report": "skip"}
 
 
 def test_a_run_from_a_dataset_and_redo(tiny_model_dir, sae_dir, tmp_path, calls):
@@ -341,7 +339,7 @@ def test_a_run_from_a_dataset_and_redo(tiny_model_dir, sae_dir, tmp_path, calls)
     result = run_pipeline(config)
     assert statuses(result.run) == {"sample": "unused", "judge": "unused", "pair": "given",
                                     "attribute": "done", "explain": "done", "steer": "skipped",
-                                    "report": "skipped"}
+                                    "report": "done"}
     assert calls == ["attribute", "load_model", "explain", "report"]
     assert any("data.jsonl" in n for n in result.notes)
     calls.clear()

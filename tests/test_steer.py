@@ -423,3 +423,19 @@ def test_logodds_only_samples_nothing(run_dir, capsys):
     assert len({(tuple(r["latents"]), r["direction"], r["strength"]) for r in rows}) == len(rows)
     assert {5, 7, 9} <= {r["latents"][0] for r in rows}
     assert "mean Δlog-odds" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_log_odds_of_the_upper_layers_equal_full_forwards(loaded, layer):
+    from latentaudit.steer.logodds import log_odds_grid
+
+    ids = prompts(loaded.tokenizer)
+    sig = Signature((10, 20, 30), (40, 50), ())
+    vecs = vectors(5, loaded.d_model, 3.0, seed=2)
+    vecs[0] = 0
+    grid = log_odds_grid(loaded, layer, ids, vecs, sig, batch_size=2)  # (C, P)
+    rows = log_odds_rows(loaded, layer, ids, vecs.repeat(4, 1),
+                         torch.arange(4).repeat_interleave(5), sig, 3).view(4, 5).T
+    assert grid.shape == (5, 4)
+    assert torch.allclose(grid, rows, atol=1e-4)
+    assert not torch.allclose(grid[1], grid[0], atol=1e-3)  # steering moved them

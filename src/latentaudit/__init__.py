@@ -33,6 +33,7 @@ _EXPORTS = {
     "SteerConfig": "latentaudit.steer",
     "plan_steering": "latentaudit.steer",
     "run_steering": "latentaudit.steer",
+    "write_report": "latentaudit.report",
     "LatentAuditError": "latentaudit.errors",
     "fetch_corpus": "latentaudit.data.corpus",
     "load_corpus": "latentaudit.data.corpus",

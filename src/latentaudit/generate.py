@@ -140,10 +140,11 @@ def _generate(loaded: LoadedModel, prompts: list[list[int]], seeds: list[int],
     out: list[list[int]] = [[] for _ in range(B)]
     done: list[Generation | None] = [None] * B
     rows, past, extra = list(range(B)), None, last_logits_only(model)  # rows: prompt of cache row
+    cache_arg = cache_argument(model)
     while True:
         res = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
-                    past_key_values=past, use_cache=True, **extra)
-        past = res.past_key_values
+                    use_cache=True, **{cache_arg: past}, **extra)
+        past = res[cache_arg] if cache_arg in res else res.past_key_values
         logits = res.logits[:, -1].float()  # (A, V), sampled on the model's device
         u = torch.zeros(len(rows), dtype=torch.float64)  # (A,)
         for j, r in enumerate(rows):
@@ -165,6 +166,13 @@ def _generate(loaded: LoadedModel, prompts: list[list[int]], seeds: list[int],
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (A, T + 1)
         pos = pos[:, -1:] + 1  # (A, 1)
         ids = nxt[:, None]  # (A, 1); rows already finished but still cached are ignored
+
+
+def cache_argument(model) -> str:
+    """The forward argument (and output field) of the KV cache: ``cache`` in recent
+    transformers, ``past_key_values`` before."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def last_logits_only(model) -> dict[str, int]:

@@ -92,6 +92,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--random-seed", type=int, default=0, help=doc["random_seed"])
     p.add_argument("--no-logodds", action="store_true", help="Skip the first-token log-odds check.")
     p.add_argument("--logodds-top", type=int, default=100, help=doc["logodds_top"])
+    p.add_argument("--logodds-prompts", type=int, help=doc["logodds_prompts"])
     p.add_argument("--logodds-only", action="store_true", help=doc["logodds_only"])
 
 
@@ -106,7 +107,7 @@ def config_from_args(args: argparse.Namespace):
         max_new_tokens=args.max_new_tokens, seed=args.seed, batch_size=args.batch_size,
         system=args.system, n_boot=args.n_boot, level=args.level, random_seed=args.random_seed,
         logodds=not args.no_logodds, logodds_top=args.logodds_top,
-        logodds_only=args.logodds_only)
+        logodds_prompts=args.logodds_prompts, logodds_only=args.logodds_only)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -112,6 +112,9 @@ def prefix_logprobs(model: torch.nn.Module, prompt: list[int], prefixes: list[tu
     the cost is one prompt forward plus a few tokens per prefix.
     """
     device = next(model.parameters()).device
+    from latentaudit.generate import cache_argument
+
+    arg = cache_argument(model)
     ids = torch.tensor([prompt], device=device)  # (1, P)
     out = model(input_ids=ids, position_ids=torch.arange(len(prompt), device=device)[None],
                 use_cache=True)
@@ -123,14 +126,14 @@ def prefix_logprobs(model: torch.nn.Module, prompt: list[int], prefixes: list[tu
     for n, group in by_len.items():
         for start in range(0, len(group), batch_size):
             part = group[start:start + batch_size]
-            cache = copy.deepcopy(out.past_key_values)
+            cache = copy.deepcopy(out[arg] if arg in out else out.past_key_values)
             cache.batch_repeat_interleave(len(part))
             pos = torch.arange(len(prompt), len(prompt) + n, device=device)  # (L,)
             step = model(input_ids=torch.tensor(part, device=device),  # (B, L)
                          attention_mask=torch.ones(len(part), len(prompt) + n, dtype=torch.long,
                                                    device=device),
-                         position_ids=pos.expand(len(part), n), past_key_values=cache,
-                         use_cache=True)
+                         position_ids=pos.expand(len(part), n), use_cache=True,
+                         **{arg: cache})
             logp = torch.log_softmax(step.logits[:, -1].float(), -1).cpu()  # (B, V)
             result.update(zip(part, logp, strict=True))
     return result

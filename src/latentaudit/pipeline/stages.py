@@ -184,5 +184,5 @@ STAGES = {
                      EXPLAIN_FILES),
     "steer": Stage("steer", ("attribute",), _steer, _steer_outputs, STEER_FILES),
     "report": Stage("report", ("sample", "judge", "pair", "attribute", "explain", "steer"),
-                    _report, lambda cfg: []),
+                    _report, lambda cfg: [], ("report.html",)),
 }

@@ -239,8 +239,15 @@ def report(ctx: Context) -> dict[str, Any]:
     except AttributeError:
         raise StageSkipped("this version of latentaudit has no HTML report "
                            "(latentaudit.write_report)") from None
-    path = Path(write_report(ctx.run))
-    return {"path": str(path)}
+    try:
+        from latentaudit.report import require_packages
+
+        require_packages()
+    except LatentAuditError as err:  # the report extra is not installed: the run is complete
+        raise StageSkipped(str(err).rstrip(".")) from None
+    except ImportError:
+        pass
+    return {"path": str(Path(write_report(ctx.run)))}
 
 
 STEPS: dict[str, Callable[[Context], dict[str, Any]]] = {

@@ -64,6 +64,8 @@ class SteerConfig:
     """The log-odds check also covers this many latents of the run's ranking (0: the sweep's
     latents only)."""
 
+    logodds_prompts: int | None = None
+    """The log-odds check reads the first N held-out prompts (default: all of them)."""
     logodds_only: bool = False
     """Run only the log-odds check (no sampling, no judge): a cheap first look."""
 
@@ -77,9 +79,11 @@ class SteerConfig:
                                  ("--logodds-top", self.logodds_top, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise LatentAuditError(f"{flag} must be a whole number ≥ {low}, got {value!r}.")
-        if self.max_prompts is not None and (not isinstance(self.max_prompts, int)
-                                             or self.max_prompts < 1):
-            raise LatentAuditError(f"--max-prompts must be ≥ 1, got {self.max_prompts!r}.")
+        for flag, value in (("--max-prompts", self.max_prompts),
+                            ("--logodds-prompts", self.logodds_prompts)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):
+                raise LatentAuditError(f"{flag} must be ≥ 1, got {value!r}.")
         for flag, values, allowed in (("--methods", self.methods, METHODS),
                                       ("--directions", self.directions, DIRECTIONS)):
             bad = [v for v in values if v not in allowed]

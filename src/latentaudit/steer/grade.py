@@ -67,7 +67,8 @@ def condition_table(conditions: Sequence[Condition], graded: dict[tuple[str, str
         boot = dict(n_boot=cfg.n_boot, seed=cfg.seed, level=cfg.level)
         r, r0 = stats.rate(y, clusters, **boot), stats.rate(y0, clusters, **boot)
         d = stats.paired_difference(y, y0, clusters, **boot)
-        inc = [m["incoherent"] for m, _, _ in have if m["incoherent"] is not None]
+        inc = stats.rate([None if m["incoherent"] is None else int(m["incoherent"])
+                          for m, _, _ in have], clusters, **boot)
         lo = (logodds or {}).get(c.key) or {}
         rows.append({
             "method": c.method, "latents": list(c.latents), "direction": c.direction,
@@ -76,7 +77,7 @@ def condition_table(conditions: Sequence[Condition], graded: dict[tuple[str, str
             "n_decided": r.n, "rate": r.value, "rate_ci": [r.lo, r.hi],
             "base_rate": r0.value, "base_rate_ci": [r0.lo, r0.hi],
             "diff": d.value, "diff_ci": [d.lo, d.hi], "n_paired": d.n,
-            "incoherence": sum(inc) / len(inc) if inc else None,
+            "incoherence": inc.value, "incoherence_ci": [inc.lo, inc.hi],
             "logodds_change": lo.get("change"), "logodds_change_ci": lo.get("ci"),
             "null_band": None, "beyond_null": False})
     _mark_null_band(rows)

@@ -10,8 +10,12 @@ quite"), one forward pass per prompt, with no sampling, tells which way a steeri
 2. log-odds(prompt) = logsumexp_{t ∈ pos} log p(t) − logsumexp_{t ∈ neg} log p(t) at the first
    reply position, from the logits of the last prompt token.
 3. Change = log-odds steered − log-odds unsteered, per prompt; a condition's value is the mean
-   over prompts with a prompt-bootstrap interval. Many conditions share one batched forward
-   (one row per prompt × condition, each row with its own steering vector).
+   over prompts with a prompt-bootstrap interval.
+4. Cost: steering at layer L changes nothing below it, so per prompt one clean forward records
+   resid_post of L and the calls of the layers above (:mod:`latentaudit.models.upper`); each
+   condition then reruns only those layers on resid + v, conditions stacked in the batch
+   dimension. Where replaying the layers does not reproduce the clean logits (checked once per
+   model), every row is a full forward with the steering hook instead.
 """
 
 from __future__ import annotations
@@ -28,7 +32,13 @@ from latentaudit._progress import progress
 from latentaudit.data.tokens import left_pad
 from latentaudit.errors import LatentAuditError
 from latentaudit.generate import last_logits_only
-from latentaudit.models.hooks import RowSteering, steer_resid
+from latentaudit.models.hooks import (
+    RowSteering,
+    capture_layer_inputs,
+    capture_resid,
+    num_layers,
+    steer_resid,
+)
 from latentaudit.models.load import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -87,6 +97,50 @@ def next_token_logits(loaded: LoadedModel, prompts: Sequence[Sequence[int]],
     return out.logits[:, -1].float().cpu()
 
 
+@torch.no_grad()
+def prompt_log_odds(loaded: LoadedModel, layer: int, prompt: Sequence[int],
+                    vectors: Float[Tensor, "cond d_model"], sig: Signature, batch_size: int,
+                    check: bool = False) -> Float[Tensor, " cond"] | None:
+    """Log-odds of one prompt under each steering vector, rerunning only the layers above
+    ``layer`` (step 4). With ``check``: None when the replay does not match a clean forward."""
+    from latentaudit.models.upper import replay_matches, upper_logits
+
+    model, dev = loaded.model, loaded.device
+    above = range(layer + 1, num_layers(model))
+    x = torch.tensor([list(prompt)], device=dev)
+    with capture_resid(model, [layer]) as store, capture_layer_inputs(model, above) as calls:
+        clean = model(input_ids=x, use_cache=False, **last_logits_only(model)).logits[:, -1:]
+    h = store[layer]  # (1, T, D)
+    if check and not replay_matches(model, layer, h, calls, clean):
+        return None
+    out = []
+    for start in range(0, len(vectors), batch_size):
+        v = vectors[start:start + batch_size].to(h.device, h.dtype)  # (c, D)
+        logits = upper_logits(model, layer, h + v[:, None, :], calls, 1)[:, -1]  # (c, V)
+        out.append(log_odds(logits.float().cpu(), sig.positive, sig.negative))
+    return torch.cat(out)
+
+
+def log_odds_grid(loaded: LoadedModel, layer: int, prompts: Sequence[Sequence[int]],
+                  vectors: Float[Tensor, "cond d_model"], sig: Signature,
+                  batch_size: int) -> Float[Tensor, "cond prompt"]:
+    """Log-odds of every (condition, prompt): the upper-layers route, or full forwards."""
+    C, P = len(vectors), len(prompts)
+    first = prompt_log_odds(loaded, layer, prompts[0], vectors, sig, batch_size, check=True)
+    if first is None:
+        log.info("replaying the layers above %d does not match a full forward here: the "
+                 "log-odds check runs full forwards", layer)
+        rows = log_odds_rows(loaded, layer, prompts, vectors.repeat(P, 1),
+                             torch.arange(P).repeat_interleave(C), sig, batch_size)
+        return rows.view(P, C).T
+    cols = [first]
+    with progress(total=P, desc="log-odds check", unit="prompt", initial=1) as bar:
+        for p in prompts[1:]:
+            cols.append(prompt_log_odds(loaded, layer, p, vectors, sig, batch_size))
+            bar.update(1)
+    return torch.stack(cols, dim=1)  # (C, P)
+
+
 def log_odds_rows(loaded: LoadedModel, layer: int, prompts: Sequence[Sequence[int]],
                   vectors: Float[Tensor, "rows d_model"], prompt_index: Int[Tensor, " rows"],
                   sig: Signature, batch_size: int) -> Float[Tensor, " rows"]:
@@ -120,19 +174,16 @@ def check(ctx, conds, ranking: Sequence[int]) -> list[dict]:
                               sign * s * (ctx.rbar if ctx.rbar is not None else 1.0), model)
                 targets.setdefault(c.key, c)
     out = []
-    pids = [p.prompt_id for p in plan.prompts]
+    pids = [p.prompt_id for p in plan.prompts][:cfg.logodds_prompts]
     for name, loaded in ctx.models.items():
         mine = [Condition("base", model=name)] + [c for c in targets.values() if c.model == name]
         if len(mine) == 1:
             continue
         sig = signature_ids(loaded.tokenizer, plan.rubric.first_token)
         vecs = condition_vectors(mine, ctx.dirs)  # (C, D)
-        C, P = len(mine), len(pids)
-        cond_idx = torch.arange(C).repeat(P)  # prompt-major: a batch shares its prompt
-        prompt_idx = torch.arange(P).repeat_interleave(C)
-        values = log_odds_rows(loaded, plan.layer, [ctx.enc[name][p] for p in pids],
-                               vecs[cond_idx], prompt_idx, sig, cfg.batch_size)
-        grid = values.view(P, C).T  # (C, P)
+        P = len(pids)
+        grid = log_odds_grid(loaded, plan.layer, [ctx.enc[name][p] for p in pids], vecs, sig,
+                             cfg.batch_size)  # (C, P)
         for c, row in zip(mine[1:], grid[1:] - grid[0], strict=True):
             sums, counts = row.numpy(), torch.ones(P, dtype=torch.float64).numpy()
             est = stats.ratio_estimate(sums, counts, stats.draw_weights(P, cfg.n_boot, cfg.seed),

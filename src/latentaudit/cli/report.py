@@ -1,0 +1,34 @@
+"""``latentaudit report``: one self-contained HTML page of a run (attribution, explain, steer)."""
+
+from __future__ import annotations
+
+import argparse
+
+NAME = "report"
+HELP = "Write a self-contained HTML report of a run (ranked latents, explanations, steering)."
+DESCRIPTION = (
+    "Write one HTML file that opens offline (inline CSS, script and figures, nothing fetched): "
+    "the run's summary and provenance, the ranked latents with their logit lens, Δ-attribution "
+    "against Δ-activation for every latent, the exactness ρ, and per latent a drill-down with "
+    "its top-activating examples and per-token attribution maps as highlight intensity and, when "
+    "the run was steered, its steering table and example completions. Sections whose files are "
+    "missing are left out. All model and corpus text is escaped. Needs "
+    "`pip install \"latentaudit[report]\"`.")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", metavar="RUN_DIR", help="Run folder of `latentaudit attribute` (its "
+                                                  "--out).")
+    p.add_argument("--out", help="HTML file to write (default RUN_DIR/report.html).")
+    p.add_argument("--explain", metavar="DIR", help="Folder of `latentaudit explain` (default "
+                                                    "RUN_DIR/explain).")
+    p.add_argument("--steering", metavar="DIR", help="Folder of `latentaudit steer` files, its "
+                                                     "--out (default RUN_DIR).")
+
+
+def run(args: argparse.Namespace) -> int:
+    from latentaudit.report import write_report
+
+    path = write_report(args.run, args.out, explain=args.explain, steering=args.steering)
+    print(path)
+    return 0

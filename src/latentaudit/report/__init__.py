@@ -1,0 +1,68 @@
+"""The HTML report of a run: one self-contained page that opens offline.
+
+1. Read each stage's files into a plain dict, section by section
+   (:mod:`latentaudit.report.sections`): the attribution run (required: ``manifest.json``,
+   ``ranking.jsonl``, ``attribution.safetensors``), then, when they exist, the explain stage's
+   ``explain/`` folder and the steering sweep's files. A stage without files leaves its section
+   out.
+2. Draw the figures with matplotlib (Δ-attribution against Δ-activation of every latent;
+   exact against first-order Δ) and inline them, with the sweep's own PNG figures, as ``data:``
+   URIs (:mod:`latentaudit.report.figures`); per-token highlight intensity is an inline style
+   computed in Python (:mod:`latentaudit.report.highlight`).
+3. Merge the sections into the ranked-latents table and one drill-down per latent
+   (:mod:`latentaudit.report.context`).
+4. Render with jinja2, autoescape on (:mod:`latentaudit.report.render`): all model and corpus
+   text is escaped, content warnings stand where corpus text does, and a Content-Security-Policy
+   lets the page's one inline script run and nothing load from anywhere.
+5. Write ``RUN_DIR/report.html`` (or ``out``) atomically.
+
+In the page, ``#sort=KEY`` (``:asc`` / ``:desc``) sorts the ranked-latents table and
+``#latent-ID`` opens a latent's details (``#latent-LAYER-ID`` when the run has several layers).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+INSTALL = 'pip install "latentaudit[report]"'
+REPORT_FILE = "report.html"
+
+
+def require_packages() -> None:
+    """Raise one clear error when jinja2 or matplotlib is missing."""
+    from latentaudit.errors import require
+
+    for module in ("jinja2", "matplotlib"):
+        require(module, INSTALL, "The HTML report")
+
+
+def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *,
+                 explain: str | os.PathLike | None = None,
+                 steering: str | os.PathLike | None = None) -> Path:
+    """Write the report of the run in ``run_dir`` to ``out`` (default ``run_dir/report.html``)
+    and return its path. ``explain`` is the explain stage's folder (default ``run_dir/explain``),
+    ``steering`` the folder of the steering sweep's files (default ``run_dir``)."""
+    from latentaudit._io import atomic_open
+    from latentaudit.report.context import build_context
+    from latentaudit.report.render import render
+    from latentaudit.report.sections import Sources
+
+    require_packages()
+    run = Path(run_dir)
+    sources = Sources(run=run, explain=Path(explain) if explain else run / "explain",
+                      steering=Path(steering) if steering else run)
+    context = build_context(sources)
+    html = render(context)
+    path = Path(out) if out else run / REPORT_FILE
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        f.write(html)
+    log.info("wrote %s (%d latents; sections: %s)", path, len(context["latents"]),
+             ", ".join(s["name"] for s in context["sections"]))
+    return path
+
+
+__all__ = ["REPORT_FILE", "write_report"]

@@ -1,0 +1,62 @@
+"""The report's sections: one loader and one template each, in page order.
+
+A section is a :class:`Section`: ``load(sources)`` reads its files into a plain dict (or returns
+None when the run has none of them, and the page leaves the section out) and ``template`` (under
+``report/templates/``) shows that dict as ``section``. Besides what its own template reads, a
+section's dict may hold two keys that the ranked-latents table and the per-latent drill-downs
+gather from every section:
+
+- ``columns``: ``[{key, label, title, kind, first}]``, extra columns of the ranked-latents table
+  (``kind``: int, num, pct or text; ``first``: the direction of a first click, asc or desc),
+  and ``cells``: ``{(layer, latent): {key: value}}``.
+- ``latents``: ``{(layer, latent): dict}``, shown in each latent's drill-down by the template
+  ``latent_template``.
+
+A new section (e.g. monitors, from ``monitor*`` files) is one more entry in :data:`SECTIONS`,
+one loader and one template.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from latentaudit.report.sections import attribution, explain, pipeline, steering
+
+
+@dataclass(frozen=True)
+class Sources:
+    """Where the report reads each stage's files."""
+
+    run: Path
+    """The attribution run folder (``latentaudit attribute --out``)."""
+    explain: Path
+    """The explain stage's folder (default ``run/explain``)."""
+    steering: Path
+    """The folder of the steering sweep's files (default: the run folder)."""
+    run_layers: list[int] | None = None
+    """The layers of the run's manifest, once read."""
+
+
+@dataclass(frozen=True)
+class Section:
+    name: str
+    """Key of the section's dict in the context, and its anchor in the page."""
+    title: str
+    template: str
+    load: Callable[[Sources], dict[str, Any] | None]
+    latent_template: str | None = None
+
+
+SECTIONS: tuple[Section, ...] = (
+    Section("pipeline", "How this run was made", "pipeline.html",
+            lambda s: pipeline.load(s.run)),
+    Section("attribution", "Run and ranked latents", "attribution.html",
+            lambda s: attribution.load(s.run), "attribution_latent.html"),
+    Section("explain", "Explanations and exactness", "explain.html",
+            lambda s: explain.load(s.explain), "explain_latent.html"),
+    Section("steering", "Steering", "steering.html",
+            lambda s: steering.load(s.steering, s.run_layers), "steering_latent.html"),
+)

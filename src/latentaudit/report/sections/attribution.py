@@ -1,0 +1,146 @@
+"""The attribution section: the run's provenance, the Δ scatter and the ranked latents.
+
+1. Read ``manifest.json`` (model, SAEs, layers, dataset, counts, options, versions),
+   ``ranking.jsonl`` and ``attribution.safetensors`` (Δ-attribution and Δ-activation of every
+   latent; names end in ``_layer{L}`` when the run has several layers). These files are required.
+2. Provenance rows, one scatter per layer (:func:`~latentaudit.report.figures.attribution_scatter`)
+   and the base columns of the ranked-latents table.
+3. :func:`complete` adds table cells for latents other sections name outside the ranking (e.g.
+   the random latents of a steering sweep), from the full Δ vectors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from latentaudit.errors import LatentAuditError
+from latentaudit.report import figures
+from latentaudit.report.read import read_json, read_jsonl, read_tensors
+
+FIX = "pass the --out folder of a finished `latentaudit attribute` run."
+FILES = ("manifest.json", "ranking.jsonl", "attribution.safetensors")
+COLUMNS = [
+    {"key": "rank", "label": "rank", "title": "rank by Δ-attribution", "kind": "int",
+     "first": "asc"},
+    {"key": "layer", "label": "layer", "title": "layer of the SAE", "kind": "int", "first": "asc"},
+    {"key": "latent", "label": "latent", "title": "latent id (opens its details)",
+     "kind": "int", "first": "asc"},
+    {"key": "delta_attribution", "label": "Δ-attribution",
+     "title": "first-order change of the positive−negative loss gap when the latent is "
+              "mean-ablated", "kind": "num", "first": "desc"},
+    {"key": "delta_activation", "label": "Δ-activation",
+     "title": "mean activation on positive minus negative completions", "kind": "num",
+     "first": "desc"},
+    {"key": "delta_activation_rank", "label": "Δ-act. rank",
+     "title": "rank by Δ-activation among all latents", "kind": "int", "first": "asc"},
+    {"key": "lens", "label": "logit lens", "title": "tokens whose unembedding has the largest "
+     "cosine with the decoder direction", "kind": "tokens", "first": "asc"},
+]
+
+
+def load(run: Path) -> dict[str, Any]:
+    """The section's dict (step 1 and 2 of the module docstring)."""
+    if not run.is_dir():
+        raise LatentAuditError(f"{run}: no such run folder; {FIX}")
+    for name in FILES:
+        if not (run / name).is_file():
+            raise LatentAuditError(f"{run} has no {name}; {FIX}")
+    manifest = read_json(run / "manifest.json", FIX)
+    for field in ("model", "saes", "layers"):
+        if not isinstance(manifest, dict) or field not in manifest:
+            raise LatentAuditError(f"{run / 'manifest.json'}: field '{field}' is missing; {FIX}")
+    layers = [int(L) for L in manifest["layers"]]
+    ranking = read_jsonl(run / "ranking.jsonl", FIX, need=("layer", "latent", "rank"))
+    ranking.sort(key=lambda r: (layers.index(r["layer"]) if r["layer"] in layers else 0,
+                                r["rank"]))
+    vectors = _vectors(run, layers)
+    _check_ranking(run, ranking, vectors)
+    data = {"path": str(run), "manifest": manifest, "layers": layers, "ranking": ranking,
+            "vectors": vectors, "model": (manifest.get("model") or {}).get("name", "?"),
+            "provenance": provenance(manifest), "counts": manifest.get("counts") or {},
+            "figures": [], "columns": COLUMNS, "cells": {}, "latents": {}}
+    for L in layers:
+        v = vectors[L]
+        if v["delta_activation"] is not None:
+            ranked = [r["latent"] for r in ranking if r["layer"] == L]
+            data["figures"].append({"layer": L, "uri": figures.attribution_scatter(
+                v["delta_attribution"], v["delta_activation"], ranked, L)})
+    complete(data, [(r["layer"], r["latent"]) for r in ranking])
+    return data
+
+
+def _vectors(run: Path, layers: list[int]) -> dict[int, dict[str, np.ndarray | None]]:
+    wanted = tuple(f"{name}_layer{L}" if len(layers) > 1 else name
+                   for name in ("delta_attribution", "delta_activation") for L in layers)
+    tensors = read_tensors(run / "attribution.safetensors", FIX, wanted)
+    out = {}
+    for L in layers:
+        def get(name: str, L=L):
+            return tensors.get(f"{name}_layer{L}" if len(layers) > 1 else name)
+
+        if get("delta_attribution") is None:
+            raise LatentAuditError(f"{run / 'attribution.safetensors'} has no delta_attribution "
+                                   f"for layer {L}; rerun `latentaudit attribute`.")
+        act = get("delta_activation")
+        out[L] = {"delta_attribution": get("delta_attribution").astype(np.float64),
+                  "delta_activation": None if act is None else act.astype(np.float64)}
+    return out
+
+
+def _check_ranking(run: Path, ranking: list[dict], vectors: dict) -> None:
+    for n, r in enumerate(ranking, start=1):
+        if r["layer"] not in vectors or not 0 <= r["latent"] < len(
+                vectors[r["layer"]]["delta_attribution"]):
+            raise LatentAuditError(f"{run / 'ranking.jsonl'}: row {n} names layer {r['layer']} "
+                                   f"latent {r['latent']}, which the run's manifest and "
+                                   f"attribution.safetensors do not have; {FIX}")
+
+
+def provenance(manifest: dict[str, Any]) -> list[tuple[str, str]]:
+    """(label, value) rows: model, SAEs, dataset, options and versions."""
+    m = manifest.get("model") or {}
+    rows = [("model", f"{m.get('name')} ({m.get('path')})"),
+            ("d_model, dtype", f"{m.get('d_model')}, {m.get('dtype')}"),
+            ("layers", ", ".join(map(str, manifest.get("layers", [])))),
+            ("hook", str(manifest.get("hook", "resid_post")))]
+    for L, sae in (manifest.get("saes") or {}).items():
+        abar = (manifest.get("abar_source") or {}).get(L)
+        rows.append((f"SAE, layer {L}", f"{sae.get('path')} ({sae.get('format')}, d_sae "
+                     f"{sae.get('d_sae')}, {sae.get('activation')}"
+                     + (f", k {sae['k']}" if sae.get("k") else "") + f"; ā from {abar})"))
+    ds = manifest.get("dataset") or {}
+    rows.append(("dataset", f"{ds.get('path')} (sha256 {ds.get('sha256')})"))
+    rows.append(("options", ", ".join(f"{k}={v}" for k, v in
+                                      (manifest.get("options") or {}).items())))
+    rows.append(("versions", ", ".join(f"{k} {v}" for k, v in
+                                       (manifest.get("versions") or {}).items())))
+    return rows
+
+
+def complete(data: dict[str, Any], keys: list[tuple[int, int]]) -> None:
+    """Table cells and drill-down rows for ``keys`` (step 3), from the ranking when a latent is
+    in it, else from the Δ vectors."""
+    ranked = {(r["layer"], r["latent"]): r for r in data["ranking"]}
+    act_rank = {}
+    for L, v in data["vectors"].items():
+        if v["delta_activation"] is not None:
+            order = np.argsort(-v["delta_activation"], kind="stable")
+            act_rank[L] = np.empty(len(order), dtype=int)
+            act_rank[L][order] = np.arange(1, len(order) + 1)
+    for key in keys:
+        L, i = key
+        if key in data["cells"] or L not in data["vectors"] or \
+                not 0 <= i < len(data["vectors"][L]["delta_attribution"]):
+            continue
+        v, r = data["vectors"][L], ranked.get(key, {})
+        cell = {"rank": r.get("rank"), "layer": L, "latent": i,
+                "delta_attribution": float(v["delta_attribution"][i]),
+                "delta_activation": None if v["delta_activation"] is None
+                else float(v["delta_activation"][i]),
+                "delta_activation_rank": int(act_rank[L][i]) if L in act_rank else None,
+                "lens": list(r.get("logit_lens_top_tokens") or [])}
+        data["cells"][key] = cell
+        data["latents"][key] = cell

@@ -1,0 +1,160 @@
+"""The steering section: the sweep's figures and tables, and each steered latent's evidence.
+
+1. Read ``steering.jsonl`` and ``steering_logodds.jsonl`` (the section exists when either does),
+   ``steering_summary.json``, the figures ``steering_away.png`` / ``steering_toward.png``
+   (inlined as they are) and the work files ``steer/manifest.json``.
+2. Per latent steered alone: its rows of the table and of the log-odds check, the table cells
+   (the paired change in the behaviour rate away and toward, at the searched strength or else
+   the largest one, on the model under study), and a few example completions per condition
+   from ``steer/completions.jsonl`` graded in ``steer/judged.jsonl``, each beside its unsteered
+   twin (same prompt and seed). Examples where the grade flipped the steered way come first.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from latentaudit.report import figures
+from latentaudit.report.read import iter_jsonl, read_json_if, read_jsonl_if
+
+FIX = "rerun `latentaudit steer` (or pass --steering with its --out folder)."
+EXAMPLES_SHOWN = 3
+TEXT_CHARS = 1200
+COLUMNS = [
+    {"key": "away", "label": "steer away", "title": "paired change in the behaviour rate when "
+     "steering away (searched or largest strength); * beyond the random latents' range",
+     "kind": "pct", "first": "asc"},
+    {"key": "toward", "label": "steer toward", "title": "paired change in the behaviour rate "
+     "when steering toward; * beyond the random latents' range", "kind": "pct", "first": "desc"},
+    {"key": "sets", "label": "steered as", "title": "selection methods that picked the latent",
+     "kind": "text", "first": "asc"},
+]
+FLIP = {"away": ("positive", "negative"), "toward": ("negative", "positive")}
+
+
+def load(folder: Path, run_layers: list[int] | None = None) -> dict[str, Any] | None:
+    """The section's dict, or None when ``folder`` holds no steering files; ``run_layers``
+    gives the layer when the work files do not (a sweep steers a one-layer run)."""
+    rows = read_jsonl_if(folder / "steering.jsonl", FIX,
+                         need=("method", "latents", "direction", "strength"))
+    logodds = read_jsonl_if(folder / "steering_logodds.jsonl", FIX,
+                            need=("latents", "direction", "strength"))
+    if rows is None and logodds is None:
+        return None
+    rows, logodds = rows or [], logodds or []
+    summary = read_json_if(folder / "steering_summary.json", FIX) or {}
+    work = read_json_if(folder / "steer" / "manifest.json", FIX) or {}
+    layer = work.get("layer")
+    if layer is None and run_layers and len(run_layers) == 1:
+        layer = run_layers[0]
+    figs = [{"direction": d, "uri": figures.file_uri(folder / f"steering_{d}.png")}
+            for d in ("away", "toward")]
+    data = {"path": str(folder), "layer": layer, "settings": settings(work, summary),
+            "summary": summary.get("summary") or [], "sets": summary.get("sets") or {},
+            "rows": rows, "logodds": logodds,
+            "figures": [f for f in figs if f["uri"]], "columns": COLUMNS, "cells": {},
+            "latents": {}}
+    if layer is not None:
+        per_latent(data, int(layer), examples(folder))
+    return data
+
+
+def settings(work: dict[str, Any], summary: dict[str, Any]) -> list[tuple[str, str]]:
+    """(label, value) rows of how the sweep sampled and graded."""
+    cfg = work.get("config") or {}
+    rows = [("model", work.get("model")), ("toward model", work.get("toward_model")),
+            ("base model (model diff)", work.get("base_model")), ("SAE", work.get("sae")),
+            ("layer", work.get("layer")), ("rubric", work.get("rubric")),
+            ("judge", work.get("judge")), ("coherence judge", work.get("coherence_judge")),
+            ("held-out prompts", len(work.get("prompt_ids") or []) or summary.get("prompts")),
+            ("samples per prompt", cfg.get("n")),
+            ("strengths", f"{cfg.get('strengths')} ({work.get('scale')})"
+             if cfg.get("strengths") else None),
+            ("mean residual norm r̄", f"{summary['resid_norm']:.4g}"
+             if isinstance(summary.get("resid_norm"), (int, float)) else None),
+            ("sampling", f"temperature {work.get('temperature')}, top-p {work.get('top_p')}, "
+                         f"{work.get('max_new_tokens')} new tokens, seed {work.get('seed')}"
+             if work else None)]
+    return [(k, str(v)) for k, v in rows if v is not None]
+
+
+def key_of(latents: list[int], direction: str, strength: float, model: str) -> str:
+    """The condition key of :class:`latentaudit.steer.config.Condition` (what was generated)."""
+    tail = "" if model == "main" else f"@{model}"
+    return f"{'+'.join(map(str, latents))}/{direction}/{strength:g}{tail}"
+
+
+def per_latent(data: dict[str, Any], layer: int, graded: dict[str, list[dict]]) -> None:
+    """Step 2: rows, cells and examples of every latent steered alone."""
+    sets = {}
+    for method, ids in data["sets"].items():
+        for i in ids or []:
+            sets.setdefault(i, []).append(method)
+    singles = [r for r in data["rows"] if len(r["latents"]) == 1]
+    ids = sorted({r["latents"][0] for r in singles} |
+                 {r["latents"][0] for r in data["logodds"] if len(r["latents"]) == 1})
+    for i in ids:
+        mine = [r for r in singles if r["latents"][0] == i]
+        conds = {(r["direction"], r["strength"], r.get("model", "main")) for r in mine}
+        data["latents"][(layer, i)] = {
+            "rows": mine,
+            "logodds": [r for r in data["logodds"] if r["latents"] == [i]],
+            "examples": [{"direction": d, "strength": s, "model": m,
+                          "items": graded.get(key_of([i], d, s, m), [])[:EXAMPLES_SHOWN]}
+                         for d, s, m in sorted(conds, key=str)]}
+        data["cells"][(layer, i)] = {"away": headline(mine, "away"),
+                                     "toward": headline(mine, "toward"),
+                                     "sets": ", ".join(sets.get(i, []))}
+
+
+def headline(rows: list[dict[str, Any]], direction: str) -> dict[str, Any] | None:
+    """The table cell of one direction: {value, beyond} at the searched or largest strength."""
+    mine = [r for r in rows if r["direction"] == direction and r.get("model", "main") == "main"
+            and r.get("diff") is not None]
+    if not mine:
+        return None
+    best = max(mine, key=lambda r: (bool(r.get("searched")), r["strength"]))
+    return {"value": best["diff"], "beyond": bool(best.get("beyond_null"))}
+
+
+def examples(folder: Path) -> dict[str, list[dict[str, Any]]]:
+    """{condition key: example pairs, most telling first} from the work files (step 2)."""
+    comp, judged = folder / "steer" / "completions.jsonl", folder / "steer" / "judged.jsonl"
+    if not comp.is_file():
+        return {}
+    grades = {}
+    if judged.is_file():
+        for _, g in iter_jsonl(judged, FIX):
+            grades[(g.get("key"), g.get("prompt_id"), g.get("sample_index"))] = g
+    texts: dict[tuple, str] = {}
+    for _, row in iter_jsonl(comp, FIX):
+        if "+" not in str(row.get("key")):
+            texts[(row.get("key"), row.get("prompt_id"), row.get("sample_index"))] = \
+                str(row.get("completion", ""))
+    out: dict[str, list[dict]] = {}
+    for (key, pid, s), text in texts.items():
+        if key is None or str(key).startswith("base"):
+            continue
+        base_key = "base" if "@" not in key else "base@" + key.split("@", 1)[1]
+        g, g0 = grades.get((key, pid, s), {}), grades.get((base_key, pid, s), {})
+        out.setdefault(key, []).append({
+            "prompt_id": pid, "sample_index": s, "text": _clip(text),
+            "outcome": g.get("outcome"), "why": g.get("why"), "incoherent": g.get("incoherent"),
+            "base_text": _clip(texts.get((base_key, pid, s), "")),
+            "base_outcome": g0.get("outcome")})
+    for key, items in out.items():
+        direction = key.split("/")[1] if key.count("/") >= 2 else ""
+        items.sort(key=lambda e: (_telling(e, direction), str(e["prompt_id"]), e["sample_index"]))
+    return out
+
+
+def _telling(e: dict[str, Any], direction: str) -> int:
+    """0: flipped the steered way; 1: grade changed otherwise; 2: unchanged or ungraded."""
+    if (e["base_outcome"], e["outcome"]) == FLIP.get(direction):
+        return 0
+    return 1 if e["outcome"] != e["base_outcome"] else 2
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= TEXT_CHARS else text[:TEXT_CHARS] + " …"
