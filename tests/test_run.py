@@ -425,3 +425,20 @@ def test_the_demo_dry_run_checks_every_input_and_loads_no_model(tmp_path, capsys
     assert "sample     given" in out
     assert all(f"{s:<10} run" in out for s in ("judge", "attribute", "explain", "steer"))
     assert not (tmp_path / "demo").exists()
+
+
+def test_a_second_run_on_a_busy_folder_is_refused(project):
+    import subprocess
+    import sys
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (project.parent / "run" / ".pipeline.lock").write_text(str(sleeper.pid))
+        with pytest.raises(LatentAuditError, match=f"in use by another latentaudit run "
+                                                   f"\\(process {sleeper.pid}\\)"):
+            run_pipeline(project)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    run_pipeline(project)  # a lock left by a process that died is taken over
+    assert not (project.parent / "run" / ".pipeline.lock").exists()

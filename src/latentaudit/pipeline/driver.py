@@ -34,6 +34,7 @@ from latentaudit.pipeline.records import (
     fingerprint,
     now,
     read_record,
+    run_lock,
 )
 from latentaudit.pipeline.stages import ORDER, STAGES, given_stage
 
@@ -186,13 +187,14 @@ def run_pipeline(config: RunConfig | str | Path, *, out: str | Path | None = Non
                                                 p.fingerprint, config=p.config, inputs=p.inputs,
                                                 reason=p.why)
     cfg.out.mkdir(parents=True, exist_ok=True)
-    record.save()
-    models = steps.Models(cfg)
-    for p in plans:
-        if p.action in ("run", "resume"):
-            _execute(cfg, sae, p, record, models)
-        else:
-            log.info("stage %s: %s (%s)", p.name, p.action, p.why)
+    with run_lock(cfg.out):
+        record.save()
+        models = steps.Models(cfg)
+        for p in plans:
+            if p.action in ("run", "resume"):
+                _execute(cfg, sae, p, record, models)
+            else:
+                log.info("stage %s: %s (%s)", p.name, p.action, p.why)
     result.notes = record.meta["notes"]
     report = record.stages.get("report")
     if report is not None and report.status == "done":

@@ -17,9 +17,12 @@ config, or the report where ``latentaudit.write_report`` is not available).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -127,3 +130,41 @@ def read_record(run: Path) -> Record:
     meta = {k: v for k, v in data.items() if k not in ("schema_version", "run", "updated",
                                                        "stages")}
     return Record(run, stages, meta)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def run_lock(run: Path) -> Iterator[None]:
+    """Hold ``RUN/.pipeline.lock`` while a pipeline works in ``run``: a second one started on
+    the same folder is refused (a lock left by a process that died is taken over)."""
+    path = run / ".pipeline.lock"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            try:
+                pid = int(path.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and pid != os.getpid() and _alive(pid):
+                raise LatentAuditError(f"{run} is in use by another latentaudit run (process "
+                                       f"{pid}); wait for it to end, or stop it.") from None
+            path.unlink(missing_ok=True)
+    else:
+        raise LatentAuditError(f"{path}: cannot take the run folder's lock; remove the file.")
+    try:
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        yield
+    finally:
+        path.unlink(missing_ok=True)
