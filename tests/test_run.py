@@ -167,6 +167,8 @@ def test_a_run_from_prompts_writes_every_stage_and_its_record(finished):
     assert stages["attribute"]["reads"] == {"pair": stages["pair"]["fingerprint"]}
     assert stages["steer"]["reads"] == {"attribute": stages["attribute"]["fingerprint"]}
     assert all(stages[s]["seconds"] > 0 for s in ("sample", "attribute", "steer"))
+    assert "model_load_seconds" in stages["sample"]["summary"]  # the first stage to need it
+    assert "loading the model" in html
     # steering drew from its own prompts, none of which attribution saw
     assert {r["prompt_id"] for r in lines(run / "steer" / "completions.jsonl")} == \
         {"q4", "q5", "q6"}
@@ -442,3 +444,18 @@ def test_a_second_run_on_a_busy_folder_is_refused(project):
         sleeper.wait()
     run_pipeline(project)  # a lock left by a process that died is taken over
     assert not (project.parent / "run" / ".pipeline.lock").exists()
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does():
+    import os
+    import signal
+
+    from latentaudit.cli.run import stop_on_sigterm
+
+    old = signal.getsignal(signal.SIGTERM)
+    try:
+        stop_on_sigterm()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, old)

@@ -23,12 +23,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from latentaudit.cli.run import plan_lines, summary_lines
+    from latentaudit.cli.run import plan_lines, stop_on_sigterm, summary_lines
     from latentaudit.pipeline import DEMO_CONFIG, run_demo
 
     if args.show_config:
         print(DEMO_CONFIG.read_text(encoding="utf-8"), end="")
         return 0
+    stop_on_sigterm()
     result = run_demo(args.out, dry_run=args.dry_run)
     for line in plan_lines(result) if args.dry_run else summary_lines(result):
         print(line)

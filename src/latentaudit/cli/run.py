@@ -28,9 +28,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Check the config and every input, show what each stage would do, stop.")
 
 
+def stop_on_sigterm() -> None:
+    """Let SIGTERM (a scheduler or `kill`) end the run as Ctrl-C does: the stage in flight is
+    recorded as partial and the run folder's lock is released, so a rerun resumes at once."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def run(args: argparse.Namespace) -> int:
     from latentaudit.pipeline import run_pipeline
 
+    stop_on_sigterm()
     result = run_pipeline(args.config, out=args.out, redo=tuple(args.redo),
                           dry_run=args.dry_run)
     for line in plan_lines(result) if args.dry_run else summary_lines(result):

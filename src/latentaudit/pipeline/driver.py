@@ -218,7 +218,10 @@ def _execute(cfg: RunConfig, sae: str, plan: StagePlan, record: Record,
     start = time.perf_counter()
     try:
         ctx = steps.Context(cfg, sae, models, fresh=plan.action == "run")
+        loaded = models.loaded is not None
         rec.summary = steps.STEPS[plan.name](ctx)
+        if not loaded and models.loaded is not None:
+            rec.summary["model_load_seconds"] = round(models.seconds, 1)
         rec.status, rec.finished = "done", now()
         rec.outputs = STAGES[plan.name].outputs(cfg) or [rec.summary.get("path", "")]
     except steps.StageSkipped as why:

@@ -149,7 +149,7 @@ def run_lock(run: Path) -> Iterator[None]:
     path = run / ".pipeline.lock"
     for _ in range(2):
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             break
         except FileExistsError:
             try:

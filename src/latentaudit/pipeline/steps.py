@@ -35,14 +35,20 @@ class Models:
 
     def __init__(self, cfg: RunConfig):
         self.cfg, self.loaded = cfg, None
+        self.seconds = 0.0
+        """Time the load took (a first run of an embedded model includes building its cache)."""
 
     def __call__(self):
         if self.loaded is None:
+            import time
+
             from latentaudit.models import load
 
             s = self.cfg.settings
             log.info("loading %s (%s, %s)", s.model, s.device, s.dtype)
+            start = time.perf_counter()
             self.loaded = load.load_model(s.model, device=s.device, dtype=s.dtype)
+            self.seconds = time.perf_counter() - start
         return self.loaded
 
 

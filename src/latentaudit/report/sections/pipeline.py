@@ -37,6 +37,13 @@ def describe(name: str, rec: dict[str, Any]) -> str:
     s = rec.get("summary") or {}
     if rec.get("status") != "done" or not s:
         return rec.get("reason") or ""
+    what = _what(name, s)
+    load = s.get("model_load_seconds")
+    return f"{what} (the time includes loading the model: {load:.0f} s)" \
+        if isinstance(load, (int, float)) and what else what
+
+
+def _what(name: str, s: dict[str, Any]) -> str:
     try:
         if name == "sample":
             return f"{s['completions']} completions of {s['prompts']} prompts"
