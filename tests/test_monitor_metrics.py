@@ -136,6 +136,15 @@ def test_nested_scores_never_see_held_out_labels():
     assert roc_auc(scores, y) > 0.9
 
 
+def test_uninformative_inputs_score_one_half_under_cross_validation():
+    # whole prompts held out: each training part's class balance runs opposite to its test
+    # fold's, so per-fold intercepts alone would rank the folds (an AUC far from ½)
+    groups = [f"p{i}" for i in range(8) for _ in range(6)]
+    y = torch.tensor([j < (1 + i % 5) for i in range(8) for j in range(6)])
+    scores = nested_scores(torch.ones(48, 2), y, groups, l2s=(0.1,), folds=4)
+    assert roc_auc(scores, y) == 0.5
+
+
 class Identity:
     """An "SAE" whose latents are the activations themselves (clamped at 0)."""
 

@@ -9,6 +9,10 @@ ceiling), with the penalty chosen and the result measured on prompts held out.
 3. Measurement never sees the test prompts: nested cross-validation (each outer fold's λ chosen
    by an inner cross-validation of its training prompts), or a fit on one set of prompts scored
    on another.
+4. Cross-validated scores leave out each fold's intercept b₁ − b₀ (score = w·(x − μ)): the
+   intercept follows the class balance of the training prompts, which, with whole prompts held
+   out, runs opposite to the test fold's; pooled over folds it would push the AUC of an
+   uninformative score below ½ (0.33 for constant inputs on the false-belief held-out set).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from latentaudit.logistic import L2_GRID, fit_logistic, folds_by_group, held_out_logits
+from latentaudit.logistic import L2_GRID, fit_logistic, folds_by_group
 from latentaudit.monitor.metrics import roc_auc
 
 
@@ -30,16 +34,33 @@ class Linear(NamedTuple):
     weight: Float[Tensor, " F"]
     bias: float
     l2: float
+    intercept: float
+    """b₁ − b₀ of the standardised fit (the part of ``bias`` set by the class balance)."""
 
     def score(self, x: Float[Tensor, "N F"]) -> Float[Tensor, " N"]:
         return x.float() @ self.weight + self.bias
+
+    def centred(self, x: Float[Tensor, "N F"]) -> Float[Tensor, " N"]:
+        """w·(x − μ): the score without the intercept, comparable across folds."""
+        return self.score(x) - self.intercept
 
 
 def fit_binary(x: Float[Tensor, "N F"], y: Bool[Tensor, " N"], l2: float) -> Linear:
     """The penalised logistic fit, standardisation folded into the weights."""
     w, b, mean, scale = fit_logistic(x, y.long(), 2, l2)
     weight = (w[1] - w[0]) / scale  # (F,)
-    return Linear(weight, float(b[1] - b[0] - weight @ mean), l2)
+    return Linear(weight, float(b[1] - b[0] - weight @ mean), l2, float(b[1] - b[0]))
+
+
+def held_out_scores(x: Float[Tensor, "N F"], y: Bool[Tensor, " N"], l2: float,
+                    folds: Sequence[Tensor]) -> Float[Tensor, " N"]:
+    """Each row's centred score under the fit without its fold."""
+    scores = torch.empty(len(y))
+    for test in folds:
+        train = torch.ones(len(y), dtype=torch.bool)
+        train[test] = False
+        scores[test] = fit_binary(x[train], y[train], l2).centred(x[test])
+    return scores
 
 
 class Choice(NamedTuple):
@@ -56,8 +77,7 @@ def choose_l2(x: Float[Tensor, "N F"], y: Bool[Tensor, " N"], groups: Sequence[s
     split = folds_by_group(groups, folds)
     best: Choice | None = None
     for l2 in sorted(l2s, reverse=True):
-        logits = held_out_logits(x, y.long(), 2, l2, split)  # (N, 2)
-        scores = logits[:, 1] - logits[:, 0]
+        scores = held_out_scores(x, y, l2, split)
         auc = roc_auc(scores, y)
         if best is None or auc > best.auc:
             best = Choice(l2, scores, auc)
@@ -84,7 +104,7 @@ def nested_scores(x: Float[Tensor, "N F"], y: Bool[Tensor, " N"], groups: Sequen
             scores[test] = 0.0
             continue
         model, _ = fit_chosen(x[train], y[train], sub, l2s, folds)
-        scores[test] = model.score(x[test])
+        scores[test] = model.centred(x[test])
     return scores
 
 

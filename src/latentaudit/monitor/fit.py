@@ -46,7 +46,9 @@ def fit_scores(red: Reductions, labels: Bool[Tensor, " N"], groups: Sequence[str
     blocks = {"mean": red.latent_mean, "max": red.latent_max}
     x = torch.cat([blocks[r] for r in reduce], dim=1)  # (N, F)
     model, choice = fit_chosen(x, labels, groups, l2s, folds)
-    return Fit(model, choice, precision_at_recall(choice.scores, labels, recall))
+    # held-out scores are centred: add the final fit's intercept to put them on its scale
+    return Fit(model, choice, precision_at_recall(choice.scores + model.intercept, labels,
+                                                  recall))
 
 
 def check_options(reduce: Sequence[str], recall: float) -> list[str]:
