@@ -117,7 +117,8 @@ def per_latent(red: Reductions, labels: Bool[Tensor, " N"], latents: list[int],
     """Each latent's mean and max activation as a score (intervals when ``resamples``)."""
     rows = []
     for rank, i in enumerate(latents, start=1):
-        row: dict[str, Any] = {"rank": rank, "latent": i}
+        row: dict[str, Any] = {"rank": rank, "latent": i,
+                               "fires": int((red.latent_max[:, i] > 0).sum())}
         for name, values in (("mean", red.latent_mean[:, i]), ("max", red.latent_max[:, i])):
             if resamples is None:
                 row[name] = {"auc": roc_auc(values, labels)}

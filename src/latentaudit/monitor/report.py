@@ -45,7 +45,8 @@ def _groups(sets: list[dict[str, Any]]) -> list[tuple[str, int, list[dict[str, A
 def _row(method: str, k: int, rs: list[dict[str, Any]], modes: list[str]) -> str:
     if method == "random":
         lat = [r for s in rs for r in s["per_latent"]]
-        cells = [f"random ({len(rs)} draws)", str(k), "–",
+        fire = statistics.mean(sum(r["fires"] > 0 for r in s["per_latent"]) for s in rs)
+        cells = [f"random ({len(rs)} draws)", str(k), f"{fire:.1f}", "–", "–",
                  f"{_f(statistics.median(r['mean']['auc'] for r in lat))} / "
                  f"{_f(statistics.median(r['max']['auc'] for r in lat))}"]
         for mode in modes:
@@ -57,6 +58,9 @@ def _row(method: str, k: int, rs: list[dict[str, Any]], modes: list[str]) -> str
     s = rs[0]
     first = s["per_latent"][0]
     cells = [f"{method} top-{k}" if method != "given" else "given latents", str(k),
+             str(sum(r["fires"] > 0 for r in s["per_latent"])),
+             f"{sum(r['mean']['ci_low'] > 0.5 for r in s['per_latent'])} / "
+             f"{sum(r['mean']['ci_high'] < 0.5 for r in s['per_latent'])}",
              f"{first['latent']}: {_auc(first['mean'])}",
              f"{_f(s['median_auc_mean'])} / {_f(s['median_auc_max'])}"]
     for mode in modes:
@@ -69,7 +73,9 @@ def table(results: dict[str, Any]) -> str:
     """The Markdown AUC table."""
     cfg, c = results["config"], results["counts"]
     modes = [m for m in MODES if m in results["probe"]]
-    head = ["latents", "K", "rank-1 latent: AUC of its mean activation [CI]",
+    head = ["latents", "K", "latents active on ≥ 1 completion",
+            "latents whose AUC interval lies above / below ½",
+            "rank-1 latent: AUC of its mean activation [CI]",
             "median latent AUC (mean / max act.)"]
     for mode in modes:
         label = "CV" if mode == "cv" else "fit on training file"
@@ -87,11 +93,12 @@ def table(results: dict[str, Any]) -> str:
                      "negative).")
     lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += [_row(m, k, rs, modes) for m, k, rs in _groups(results["sets"])]
-    probe = ["residual probe (mean residual)", str(results["d_model"]), "–", "–"]
+    probe = ["residual probe (mean residual)", str(results["d_model"]), "–", "–", "–", "–"]
     for mode in modes:
         probe += [_auc(results["probe"][mode]), _f(results["probe"][mode]["precision"])]
     lines.append("| " + " | ".join(probe) + " |")
-    lines += ["", "Intervals: percentile bootstrap over prompts "
+    lines += ["", "A latent is active on a completion when it fires on at least one of its tokens. "
+              "Intervals: percentile bootstrap over prompts "
               f"({cfg['bootstrap']} resamples). Combinations: logistic regression on the K "
               "latents' mean activations, λ chosen by inner prompt-held-out CV. "
               + "; ".join(f"{m}: {MODES[m]}" for m in modes) + "."]
@@ -139,7 +146,7 @@ def roc_figure(out: Path, results: dict[str, Any]) -> list[Path]:
         import matplotlib.pyplot as plt
     except ImportError:
         log.warning("matplotlib is not installed: no ROC figure (pip install "
-                    "'latentaudit[plot]')")
+                    "'latentaudit[report]')")
         return []
     ks = sorted({s["k"] for s in results["sets"]})
     fig, axes = plt.subplots(1, len(ks), figsize=(4.2 * len(ks), 4.2), squeeze=False)
