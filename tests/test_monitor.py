@@ -186,6 +186,7 @@ def test_a_tampered_monitor_file_is_refused(fitted, tmp_path):
         load_monitor(path)
 
 
+@pytest.mark.slow  # nested cross-validation of nine latent sets and the probe
 def test_evaluate_writes_the_table_and_refuses_attributed_prompts(run_dir, tmp_path):
     from latentaudit.monitor.evaluate import EvalConfig, run_evaluation
 
@@ -215,9 +216,18 @@ def test_evaluate_writes_the_table_and_refuses_attributed_prompts(run_dir, tmp_p
     pytest.importorskip("matplotlib")
     assert (out / "roc.png").stat().st_size > 0 and (out / "roc.svg").is_file()
 
+
+def test_evaluate_refuses_attributed_prompts_before_the_model_loads(run_dir, tmp_path,
+                                                                    monkeypatch):
+    import latentaudit.models.load as load
+    from latentaudit.monitor.evaluate import EvalConfig, run_evaluation
+
+    monkeypatch.setattr(load, "load_model", lambda *a, **k: pytest.fail("model loaded"))
     with pytest.raises(LatentAuditError, match="also used by the attribution run"):
         run_evaluation(write(tmp_path / "leak.jsonl", rows(range(3, 12))), tmp_path / "e2",
-                       cfg, run=run_dir, device="cpu")
+                       EvalConfig(), run=run_dir, device="cpu")
+    with pytest.raises(LatentAuditError, match="--top-k must be whole numbers"):
+        EvalConfig(top_k=(0,))
 
 
 @pytest.mark.slow  # scores a few thousand rows under tracemalloc
