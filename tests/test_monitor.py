@@ -187,7 +187,7 @@ def test_a_tampered_monitor_file_is_refused(fitted, tmp_path):
 
 
 @pytest.mark.slow  # nested cross-validation of nine latent sets and the probe
-def test_evaluate_writes_the_table_and_refuses_attributed_prompts(run_dir, tmp_path):
+def test_evaluate_writes_the_table_json_latents_and_figure(run_dir, tmp_path):
     from latentaudit.monitor.evaluate import EvalConfig, run_evaluation
 
     held = write(tmp_path / "held.jsonl", rows(range(10, 16)) + [
