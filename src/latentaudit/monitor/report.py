@@ -140,16 +140,14 @@ def _curves(results: dict[str, Any], k: int) -> list[tuple[str, dict[str, Any]]]
 def roc_figure(out: Path, results: dict[str, Any]) -> list[Path]:
     """ROC curves, one panel per K (solid: CV; dashed: fit on the training file)."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
     except ImportError:
         log.warning("matplotlib is not installed: no ROC figure (pip install "
                     "'latentaudit[report]')")
         return []
     ks = sorted({s["k"] for s in results["sets"]})
-    fig, axes = plt.subplots(1, len(ks), figsize=(4.2 * len(ks), 4.2), squeeze=False)
+    fig = Figure(figsize=(4.2 * len(ks), 4.2))
+    axes = fig.subplots(1, len(ks), squeeze=False)
     for ax, k in zip(axes[0], ks, strict=True):
         for n, (label, combo) in enumerate(_curves(results, k)):
             for mode, style in (("cv", "-"), ("transfer", "--")):
@@ -168,7 +166,6 @@ def roc_figure(out: Path, results: dict[str, Any]) -> list[Path]:
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format=ext, dpi=150)
         paths.append(path)
-    plt.close(fig)
     return paths
 
 
