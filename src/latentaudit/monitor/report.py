@@ -34,7 +34,7 @@ def _auc(r: dict[str, Any]) -> str:
     return f"{_f(r['auc'])} [{_f(r['ci_low'])}, {_f(r['ci_high'])}]"
 
 
-def _groups(sets: list[dict[str, Any]]) -> list[tuple[str, int, list[dict[str, Any]]]]:
+def groups(sets: list[dict[str, Any]]) -> list[tuple[str, int, list[dict[str, Any]]]]:
     """(method, K, results) in first-seen order; random draws of one K together."""
     out: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for s in sets:
@@ -92,7 +92,7 @@ def table(results: dict[str, Any]) -> str:
                      f"{t['prompts']} prompts ({t['positive']} positive, {t['negative']} "
                      "negative).")
     lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += [_row(m, k, rs, modes) for m, k, rs in _groups(results["sets"])]
+    lines += [_row(m, k, rs, modes) for m, k, rs in groups(results["sets"])]
     probe = ["residual probe (mean residual)", str(results["d_model"]), "–", "–", "–", "–"]
     for mode in modes:
         probe += [_auc(results["probe"][mode]), _f(results["probe"][mode]["precision"])]
@@ -125,7 +125,7 @@ def write_evaluation(out: str | Path, results: dict[str, Any]) -> list[Path]:
 def _curves(results: dict[str, Any], k: int) -> list[tuple[str, dict[str, Any]]]:
     """(label, combination) of each set of size k to draw; random: the median-AUC draw."""
     out = []
-    for method, kk, rs in _groups(results["sets"]):
+    for method, kk, rs in groups(results["sets"]):
         if kk != k:
             continue
         if method == "random":
@@ -137,14 +137,11 @@ def _curves(results: dict[str, Any], k: int) -> list[tuple[str, dict[str, Any]]]
     return out + [("residual probe", results["probe"])]
 
 
-def roc_figure(out: Path, results: dict[str, Any]) -> list[Path]:
-    """ROC curves, one panel per K (solid: CV; dashed: fit on the training file)."""
-    try:
-        from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
-    except ImportError:
-        log.warning("matplotlib is not installed: no ROC figure (pip install "
-                    "'latentaudit[report]')")
-        return []
+def roc_plot(results: dict[str, Any]):
+    """The ROC curves as a matplotlib ``Figure``, one panel per K (solid: CV; dashed: fit on
+    the training file). No pyplot: no global state, no GUI backend. Needs matplotlib."""
+    from matplotlib.figure import Figure
+
     ks = sorted({s["k"] for s in results["sets"]})
     fig = Figure(figsize=(4.2 * len(ks), 4.2))
     axes = fig.subplots(1, len(ks), squeeze=False)
@@ -160,6 +157,17 @@ def roc_figure(out: Path, results: dict[str, Any]) -> list[Path]:
                xlim=(0, 1), ylim=(0, 1.01), aspect="equal")
         ax.legend(fontsize=6, loc="lower right")
     fig.tight_layout()
+    return fig
+
+
+def roc_figure(out: Path, results: dict[str, Any]) -> list[Path]:
+    """Write :func:`roc_plot` as ``roc.png`` and ``roc.svg``; nothing without matplotlib."""
+    try:
+        fig = roc_plot(results)
+    except ImportError:
+        log.warning("matplotlib is not installed: no ROC figure (pip install "
+                    "'latentaudit[report]')")
+        return []
     paths = []
     for ext in ("png", "svg"):
         path = out / f"{FIGURE}.{ext}"
