@@ -12,8 +12,7 @@ gather from every section:
 - ``latents``: ``{(layer, latent): dict}``, shown in each latent's drill-down by the template
   ``latent_template``.
 
-A new section (e.g. monitors, from ``monitor*`` files) is one more entry in :data:`SECTIONS`,
-one loader and one template.
+A new section is one more entry in :data:`SECTIONS`, one loader and one template.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from latentaudit.report.sections import attribution, explain, steering
+from latentaudit.report.sections import attribution, explain, monitor, steering
 
 
 @dataclass(frozen=True)
@@ -36,8 +35,12 @@ class Sources:
     """The explain stage's folder (default ``run/explain``)."""
     steering: Path
     """The folder of the steering sweep's files (default: the run folder)."""
+    monitor: Path | None = None
+    """The folder of ``latentaudit monitor evaluate`` (default ``run/monitor-eval``)."""
     run_layers: list[int] | None = None
     """The layers of the run's manifest, once read."""
+    run_latents: frozenset[tuple[int, int]] | None = None
+    """(layer, latent) of the run's ranking, once read."""
 
 
 @dataclass(frozen=True)
@@ -57,4 +60,7 @@ SECTIONS: tuple[Section, ...] = (
             lambda s: explain.load(s.explain), "explain_latent.html"),
     Section("steering", "Steering", "steering.html",
             lambda s: steering.load(s.steering, s.run_layers), "steering_latent.html"),
+    Section("monitor", "Monitors", "monitor.html",
+            lambda s: monitor.load(s.monitor or s.run / "monitor-eval", s.run_layers,
+                                   s.run_latents), "monitor_latent.html"),
 )
