@@ -22,6 +22,11 @@ import pytest
 pytest.importorskip("jinja2")
 pytest.importorskip("matplotlib")
 
+from latentaudit.cli import main  # noqa: E402
+from latentaudit.errors import LatentAuditError  # noqa: E402
+from latentaudit.monitor.report import RESULTS_FILE, write_evaluation  # noqa: E402
+from latentaudit.report import write_report  # noqa: E402
+from latentaudit.report.render import ci, fixed  # noqa: E402
 from test_report import (  # noqa: E402
     HOSTILE,
     IMG,
@@ -35,12 +40,6 @@ from test_report import (  # noqa: E402
     needs_chromium,
     root_tag,
 )
-
-from latentaudit.cli import main  # noqa: E402
-from latentaudit.errors import LatentAuditError  # noqa: E402
-from latentaudit.monitor.report import RESULTS_FILE, write_evaluation  # noqa: E402
-from latentaudit.report import write_report  # noqa: E402
-from latentaudit.report.render import ci, fixed  # noqa: E402
 
 GIVEN = 9  # evaluated by id: not in the ranking, gets a drill-down
 ACT_ONLY = 13  # in the Δ-activation top K only: no drill-down, no row
