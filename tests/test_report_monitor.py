@@ -239,6 +239,8 @@ def test_a_bad_file_is_one_error_naming_it_and_its_field(run, tmp_path):
                           (lambda r: r["probe"]["cv"].pop("roc"), r"probe.cv.roc"),
                           (lambda r: r["sets"][1]["per_latent"][0].update(latent="7"),
                            r"sets\[1\].per_latent\[0\].latent' must be a latent id"),
+                          (lambda r: r["sets"][2]["combination"]["cv"].update(auc="high"),
+                           r"sets\[2\].combination.cv.auc' is 'high', not a number"),
                           (lambda r: r.update(schema_version=2), "schema_version' is 2"),
                           (lambda r: r.pop("counts"), "counts' is missing")):
         bad = copy.deepcopy(good)

@@ -88,6 +88,14 @@ def _whole(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def _numbers(obj: dict[str, Any], keys: tuple[str, ...], where: str, path: Path) -> None:
+    """The fields in ``keys`` are numbers (NaN allowed: an AUC of one class is undefined)."""
+    _need(obj, keys, where, path)
+    for k in keys:
+        if not isinstance(obj[k], (int, float)) or isinstance(obj[k], bool):
+            raise _fail(path, where + k, f"is {obj[k]!r}, not a number")
+
+
 def check(results: Any, path: Path) -> None:
     """Raise a LatentAuditError naming the file and field the page cannot read."""
     _need(results, ("schema_version", "model", "layer", "config", "counts", "sets", "probe"),
@@ -97,7 +105,7 @@ def check(results: Any, path: Path) -> None:
                     f"latentaudit reads {SCHEMA_VERSION}")
     if not _whole(results["layer"]):
         raise _fail(path, "layer", "must be a layer number")
-    _need(results["config"], ("level", "recall"), "config.", path)
+    _numbers(results["config"], ("level", "recall"), "config.", path)
     _need(results["counts"], ("path", "completions", "positive", "negative", "prompts"),
           "counts.", path)
     if not isinstance(results["sets"], list):
@@ -110,11 +118,15 @@ def check(results: Any, path: Path) -> None:
             raise _fail(path, where + ("k" if not _whole(s["k"]) else "per_latent"),
                         "has the wrong type")
         for m, r in enumerate(s["per_latent"]):
-            _need(r, ("latent", "fires", "mean", "max"), f"{where}per_latent[{m}].", path)
-            if not _whole(r["latent"]):
-                raise _fail(path, f"{where}per_latent[{m}].latent", "must be a latent id")
+            row = f"{where}per_latent[{m}]."
+            _need(r, ("latent", "fires", "mean", "max"), row, path)
+            for k, problem in (("latent", "must be a latent id"),
+                               ("fires", "must be a count of completions")):
+                if not _whole(r[k]):
+                    raise _fail(path, row + k, problem)
             for score in ("mean", "max"):
-                _need(r[score], ("auc",), f"{where}per_latent[{m}].{score}.", path)
+                _need(r, (score,), row, path)
+                _numbers(r[score], ("auc",), f"{row}{score}.", path)
         _combination(s["combination"], where + "combination.", path)
     _combination(results["probe"], "probe.", path)
 
@@ -122,7 +134,8 @@ def check(results: Any, path: Path) -> None:
 def _combination(c: Any, where: str, path: Path) -> None:
     _need(c, ("cv",), where, path)
     for mode in (m for m in MODES if m in c):
-        _need(c[mode], ("auc", "ci_low", "ci_high", "precision", "roc"), f"{where}{mode}.", path)
+        _numbers(c[mode], ("auc", "ci_low", "ci_high", "precision"), f"{where}{mode}.", path)
+        _need(c[mode], ("roc",), f"{where}{mode}.", path)
         _need(c[mode]["roc"], ("fpr", "tpr"), f"{where}{mode}.roc.", path)
 
 
