@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from latentaudit._io import complete_lines
 from latentaudit.errors import LatentAuditError
 from latentaudit.monitor.file import Monitor
 
@@ -77,14 +78,8 @@ def rows_done(out: Path, mon: Monitor, lines: list[int]) -> int:
     """How many leading input rows ``out`` already scores (a torn last line is cut off)."""
     if not out.exists():
         return 0
-    with open(out, "rb+") as f:
-        data = f.read()
-        good = data.rfind(b"\n") + 1
-        if good < len(data):
-            log.warning("%s: dropping a torn last line (an interrupted write)", out)
-            f.truncate(good)
     done = 0
-    for n, text in enumerate(data[:good].splitlines(), start=1):
+    for n, text in enumerate(complete_lines(out), start=1):
         if not text.strip():
             continue
         try:
