@@ -456,3 +456,10 @@ def test_a_smaller_prompt_set_reuses_the_rows_already_made(run_dir, monkeypatch)
     assert made == []
     rows = lines(run_dir / "steering.jsonl")
     assert all(r["n"] == 4 for r in rows)  # 2 prompts x 2 samples
+
+
+def test_a_methods_mean_effect_has_a_bootstrap_interval_over_its_latents():
+    est = stats.mean_estimate([0.1, 0.3, 0.2, 0.4], n_boot=500, seed=1)
+    assert est.value == pytest.approx(0.25) and est.n == 4
+    assert 0.1 <= est.lo < 0.25 < est.hi <= 0.4
+    assert stats.mean_estimate([]).value is None

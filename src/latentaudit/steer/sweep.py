@@ -258,7 +258,7 @@ def run_steering(plan: SteerPlan, model=None, *, device: str = "auto",
                          if k[0] in keys and (k[1], k[2]) in wanted])
     write_jsonl(plan.work / "judged.jsonl", graded.values())
     table = condition_table(conds, graded, units, cfg, {r["key"]: r for r in lo_rows})
-    summary = summarise(table)
+    summary = summarise(table, cfg.n_boot, cfg.seed, cfg.level)
     write_jsonl(plan.out / "steering.jsonl", table)
     write_json(plan.out / "steering_summary.json",
                {"schema_version": SCHEMA_VERSION, "resid_norm": rbar, "sets": sets,
