@@ -27,6 +27,8 @@ _EXPORTS = {
     "ExplainConfig": "latentaudit.explain",
     "ExplainResult": "latentaudit.explain",
     "across_runs": "latentaudit.explain",
+    "run_pipeline": "latentaudit.pipeline",
+    "run_demo": "latentaudit.pipeline",
     "steer_latents": "latentaudit.steer",
     "SteerConfig": "latentaudit.steer",
     "plan_steering": "latentaudit.steer",

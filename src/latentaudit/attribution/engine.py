@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from latentaudit.attribution.accumulate import run_batches
 from latentaudit.attribution.config import AttributionConfig, AttributionResult
 from latentaudit.attribution.finish import finish
-from latentaudit.attribution.plan import Data, SAEs, check_inputs, make_plan
+from latentaudit.attribution.plan import Data, Inputs, SAEs, check_inputs, make_plan
 from latentaudit.models import load as model_load
 from latentaudit.models.hooks import layer_module
 from latentaudit.models.load import LoadedModel
@@ -42,9 +42,16 @@ def attribute(model: LoadedModel | str | os.PathLike, saes: SAEs, data: Data,
     inputs = check_inputs(saes, data, layers, cfg)
     if not isinstance(model, LoadedModel):
         model = model_load.load_model(str(model), device=device, dtype=dtype)
-        for sae in inputs.saes.values():
-            sae.to(model.device)
+    return attribute_checked(model, inputs, cfg, checkpoint)
+
+
+def attribute_checked(model: LoadedModel, inputs: Inputs, cfg: AttributionConfig,
+                      checkpoint: str | os.PathLike | None = None) -> AttributionResult:
+    """:func:`attribute` on inputs already checked by
+    :func:`~latentaudit.attribution.plan.check_inputs` (for callers that check before they load
+    the model, e.g. the pipeline of :mod:`latentaudit.pipeline`)."""
     for layer, sae in inputs.saes.items():
+        sae.to(model.device)
         sae.check_fits(model.d_model, model_name=model.name)
         layer_module(model.model, layer)  # a clear error for a layer the model lacks
     max_len = getattr(model.model.config, "max_position_embeddings", None)

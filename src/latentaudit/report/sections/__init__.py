@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from latentaudit.report.sections import attribution, explain, monitor, steering
+from latentaudit.report.sections import attribution, explain, monitor, pipeline, steering
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,8 @@ class Section:
 
 
 SECTIONS: tuple[Section, ...] = (
+    Section("pipeline", "How this run was made", "pipeline.html",
+            lambda s: pipeline.load(s.run)),
     Section("attribution", "Run and ranked latents", "attribution.html",
             lambda s: attribution.load(s.run), "attribution_latent.html"),
     Section("explain", "Explanations and exactness", "explain.html",
