@@ -439,3 +439,27 @@ def test_log_odds_of_the_upper_layers_equal_full_forwards(loaded, layer):
     assert grid.shape == (5, 4)
     assert torch.allclose(grid, rows, atol=1e-4)
     assert not torch.allclose(grid[1], grid[0], atol=1e-3)  # steering moved them
+
+
+def test_a_smaller_prompt_set_reuses_the_rows_already_made(run_dir, monkeypatch):
+    import latentaudit.steer.generation as G
+
+    base = sweep_args(run_dir, "--methods", "attribution", "--directions", "away",
+                      "--no-logodds")
+    assert main(base) == 0
+    made = []
+    real = G.generate_rows
+    monkeypatch.setattr(G, "generate_rows",
+                        lambda loaded, layer, todo, *a, **k: made.extend(todo) or
+                        real(loaded, layer, todo, *a, **k))
+    assert main([*base, "--max-prompts", "2"]) == 0
+    assert made == []
+    rows = lines(run_dir / "steering.jsonl")
+    assert all(r["n"] == 4 for r in rows)  # 2 prompts x 2 samples
+
+
+def test_a_methods_mean_effect_has_a_bootstrap_interval_over_its_latents():
+    est = stats.mean_estimate([0.1, 0.3, 0.2, 0.4], n_boot=500, seed=1)
+    assert est.value == pytest.approx(0.25) and est.n == 4
+    assert 0.1 <= est.lo < 0.25 < est.hi <= 0.4
+    assert stats.mean_estimate([]).value is None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -139,3 +140,16 @@ def read_jsonl(path: str | os.PathLike, parse: Callable[[Any, str], tuple[Any, l
     if not items:
         raise LatentAuditError(f"{path}: the file holds no {what}.")
     return items
+
+
+def complete_lines(path: str | os.PathLike) -> list[bytes]:
+    """The complete lines of an append-only file; a torn last line (a write cut short by a
+    kill) is cut off the file, with a warning, so appending can go on."""
+    with open(path, "rb+") as f:
+        data = f.read()
+        good = data.rfind(b"\n") + 1
+        if good < len(data):
+            logging.getLogger(__name__).warning(
+                "%s: dropping a torn last line (an interrupted write)", path)
+            f.truncate(good)
+    return data[:good].splitlines()

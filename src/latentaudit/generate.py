@@ -144,7 +144,7 @@ def _generate(loaded: LoadedModel, prompts: list[list[int]], seeds: list[int],
     while True:
         res = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
                     use_cache=True, **{cache_arg: past}, **extra)
-        past = res[cache_arg] if cache_arg in res else res.past_key_values
+        past = returned_cache(res, cache_arg)
         logits = res.logits[:, -1].float()  # (A, V), sampled on the model's device
         u = torch.zeros(len(rows), dtype=torch.float64)  # (A,)
         for j, r in enumerate(rows):
@@ -173,6 +173,12 @@ def cache_argument(model) -> str:
     transformers, ``past_key_values`` before."""
     params = inspect.signature(model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
+
+
+def returned_cache(output, cache_arg: str):
+    """The KV cache a forward returned, under the name it was passed as (else the old name)."""
+    cache = getattr(output, cache_arg, None)
+    return cache if cache is not None else output.past_key_values
 
 
 def last_logits_only(model) -> dict[str, int]:

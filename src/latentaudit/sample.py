@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from latentaudit._io import write_json
+from latentaudit._io import complete_lines, write_json
 from latentaudit._progress import progress
 from latentaudit.data.behaviour import default_prompt_id
 from latentaudit.data.tokens import is_chat_messages, prompt_ids
@@ -251,14 +251,8 @@ def _check_manifest(old: dict, new: dict, path: Path) -> None:
 
 def _load_done(out: Path) -> set[tuple[str, int]]:
     """(prompt_id, sample_index) of the complete rows; a torn last line is cut off the file."""
-    with open(out, "rb+") as f:
-        data = f.read()
-        good = data.rfind(b"\n") + 1
-        if good < len(data):
-            log.warning("%s: dropping a torn last line (an interrupted write)", out)
-            f.truncate(good)
     done = set()
-    for n, line in enumerate(data[:good].splitlines(), start=1):
+    for n, line in enumerate(complete_lines(out), start=1):
         if not line.strip():
             continue
         try:

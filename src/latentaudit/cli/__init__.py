@@ -18,8 +18,8 @@ from functools import cache
 from pathlib import Path
 
 # Order in which subcommands are listed in --help (pipeline order); others follow, sorted.
-ORDER = ["models", "data", "train-sae", "sae", "sample", "judge", "pair", "attribute", "explain",
-         "steer", "report", "demo"]
+ORDER = ["models", "data", "train-sae", "sae", "sample", "judge", "pair", "attribute", "monitor",
+         "explain", "steer", "report", "demo"]
 
 
 def _command_modules() -> list:

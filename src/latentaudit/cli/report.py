@@ -1,17 +1,21 @@
-"""``latentaudit report``: one self-contained HTML page of a run (attribution, explain, steer)."""
+"""``latentaudit report``: one self-contained HTML page of a run (attribution, explain, steer,
+monitor)."""
 
 from __future__ import annotations
 
 import argparse
 
 NAME = "report"
-HELP = "Write a self-contained HTML report of a run (ranked latents, explanations, steering)."
+HELP = ("Write a self-contained HTML report of a run (ranked latents, explanations, steering, "
+        "monitors).")
 DESCRIPTION = (
     "Write one HTML file that opens offline (inline CSS, script and figures, nothing fetched): "
     "the run's summary and provenance, the ranked latents with their logit lens, Δ-attribution "
     "against Δ-activation for every latent, the exactness ρ, and per latent a drill-down with "
     "its top-activating examples and per-token attribution maps as highlight intensity and, when "
-    "the run was steered, its steering table and example completions. Sections whose files are "
+    "the run was steered, its steering table and example completions; when its latents were "
+    "evaluated as monitors, the AUC table with its intervals and the ROC curves, and each "
+    "latent's AUC. Sections whose files are "
     "missing are left out. All model and corpus text is escaped. Needs "
     "`pip install \"latentaudit[report]\"`.")
 
@@ -24,11 +28,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                     "RUN_DIR/explain).")
     p.add_argument("--steering", metavar="DIR", help="Folder of `latentaudit steer` files, its "
                                                      "--out (default RUN_DIR).")
+    p.add_argument("--monitor", metavar="DIR", help="Folder of `latentaudit monitor evaluate`, "
+                                                    "its --out (default RUN_DIR/monitor-eval).")
 
 
 def run(args: argparse.Namespace) -> int:
     from latentaudit.report import write_report
 
-    path = write_report(args.run, args.out, explain=args.explain, steering=args.steering)
+    path = write_report(args.run, args.out, explain=args.explain, steering=args.steering,
+                        monitor=args.monitor)
     print(path)
     return 0

@@ -157,12 +157,20 @@ def summary_lines(result) -> list[str]:
     else:
         lines = []
     lines.append(f"{'method':<12} {'direction':<9} {'strength':>8} {'latents':>7} "
-                 f"{'mean Δrate':>10} {'beyond null':>11} {'mean Δlog-odds':>14}")
+                 f"{'mean Δrate [CI]':>22} {'beyond null':>11} {'mean Δlog-odds [CI]':>22}")
     for s in result.summary:
         strength = "searched" if s["searched"] else f"{s['strength']:g}"
-        md = "-" if s["mean_diff"] is None else f"{s['mean_diff']:+.3f}"
-        lo = "-" if s["mean_logodds_change"] is None else f"{s['mean_logodds_change']:+.3f}"
+        md = _with_ci(s["mean_diff"], s["mean_diff_ci"])
+        lo = _with_ci(s["mean_logodds_change"], s["mean_logodds_change_ci"])
         beyond = "-" if s["method"] == "random" else str(s["beyond_null"])
         lines.append(f"{s['method']:<12} {s['direction']:<9} {strength:>8} {s['latents']:>7} "
-                     f"{md:>10} {beyond:>11} {lo:>14}")
+                     f"{md:>22} {beyond:>11} {lo:>22}")
     return lines
+
+
+def _with_ci(value: float | None, ci: list) -> str:
+    if value is None:
+        return "-"
+    if ci[0] is None:
+        return f"{value:+.3f}"
+    return f"{value:+.3f} [{ci[0]:+.2f}, {ci[1]:+.2f}]"

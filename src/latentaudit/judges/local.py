@@ -112,7 +112,7 @@ def prefix_logprobs(model: torch.nn.Module, prompt: list[int], prefixes: list[tu
     the cost is one prompt forward plus a few tokens per prefix.
     """
     device = next(model.parameters()).device
-    from latentaudit.generate import cache_argument
+    from latentaudit.generate import cache_argument, returned_cache
 
     arg = cache_argument(model)
     ids = torch.tensor([prompt], device=device)  # (1, P)
@@ -126,7 +126,7 @@ def prefix_logprobs(model: torch.nn.Module, prompt: list[int], prefixes: list[tu
     for n, group in by_len.items():
         for start in range(0, len(group), batch_size):
             part = group[start:start + batch_size]
-            cache = copy.deepcopy(out[arg] if arg in out else out.past_key_values)
+            cache = copy.deepcopy(returned_cache(out, arg))
             cache.batch_repeat_interleave(len(part))
             pos = torch.arange(len(prompt), len(prompt) + n, device=device)  # (L,)
             step = model(input_ids=torch.tensor(part, device=device),  # (B, L)

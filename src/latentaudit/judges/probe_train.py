@@ -11,7 +11,7 @@ For every rubric question that has labels (a ``choice`` question; labels from hu
    the probe has not seen, as when it grades a new suite.
 3. Model: multinomial logistic regression on standardised features (μ, σ of the training
    part), minimising mean cross-entropy + λ‖W‖²_F by L-BFGS from zero (the objective is convex,
-   so the fit is deterministic).
+   so the fit is deterministic; :mod:`latentaudit.logistic`, shared with the monitor).
 4. Selection, by cross-validated accuracy: the best single reading (over readings × λ grid),
    then greedily the reading that most improves it, up to ``max_readings``; a reading or a
    larger λ is only taken on a strict gain (ties keep the simpler model).
@@ -35,58 +35,15 @@ from latentaudit.errors import LatentAuditError
 from latentaudit.judges.base import JudgeItem
 from latentaudit.judges.probe import Head, Probe, Reading, judge_prompt, read_features
 from latentaudit.judges.rubrics import Question, Rubric
+from latentaudit.logistic import (  # noqa: F401 (re-exported: the fit lives there)
+    L2_GRID,
+    cross_validate,
+    fit_logistic,
+    folds_by_group,
+)
 from latentaudit.models.load import LoadedModel
 
 log = logging.getLogger(__name__)
-
-L2_GRID = (0.03, 0.1, 0.3, 1.0)
-
-
-def fit_logistic(x: Float[Tensor, "N D"], y: Int[Tensor, " N"], n_classes: int, l2: float,
-                 max_iter: int = 500) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(weight [C, D], bias [C], mean [D], scale [D]) of L2-penalised softmax regression."""
-    x = x.double()
-    mean = x.mean(0)  # (D,)
-    scale = x.std(0, unbiased=False)
-    scale = torch.where(scale > 1e-8, scale, torch.ones_like(scale))
-    z = (x - mean) / scale  # (N, D)
-    w = torch.zeros(n_classes, x.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], max_iter=max_iter, tolerance_grad=1e-9,
-                            tolerance_change=1e-12, line_search_fn="strong_wolfe")
-
-    def closure() -> Tensor:
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(z @ w.T + b, y) + l2 * (w ** 2).sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        opt.step(closure)
-    return w.detach().float(), b.detach().float(), mean.float(), scale.float()
-
-
-def folds_by_group(groups: Sequence[str], k: int) -> list[Int[Tensor, " N"]]:
-    """Test-set indices of k folds that each hold out whole groups (round-robin, sorted)."""
-    distinct = sorted(set(groups))
-    k = min(k, len(distinct))
-    if k < 2:
-        raise LatentAuditError("cross-validation needs labelled completions of at least two "
-                               "prompts; label more prompts.")
-    fold_of = {g: i % k for i, g in enumerate(distinct)}
-    return [torch.tensor([n for n, g in enumerate(groups) if fold_of[g] == i]) for i in range(k)]
-
-
-def cross_validate(x: Float[Tensor, "N D"], y: Int[Tensor, " N"], n_classes: int, l2: float,
-                   folds: Sequence[Tensor]) -> Int[Tensor, " N"]:
-    """Held-out predictions: each completion predicted by the model fit without its fold."""
-    pred = torch.empty_like(y)
-    for test in folds:
-        train = torch.ones(len(y), dtype=torch.bool)
-        train[test] = False
-        w, b, mean, scale = fit_logistic(x[train], y[train], n_classes, l2)
-        pred[test] = (((x[test].float() - mean) / scale) @ w.T + b).argmax(-1)
-    return pred
 
 
 def confusion(y: Int[Tensor, " N"], pred: Int[Tensor, " N"], n_classes: int) -> list[list[int]]:

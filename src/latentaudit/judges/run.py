@@ -35,10 +35,12 @@ def read_completions(path: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise LatentAuditError(f"--completions {path}: no such file.")
     return [{**row, "_line": n} for n, row in read_jsonl(
-        path, lambda row, where: (row, _check_row(row, where)), "completions")]
+        path, lambda row, where: (row, check_row(row, where)), "completions")]
 
 
-def _check_row(row: Any, where: str) -> list[str]:
+def check_row(row: Any, where: str) -> list[str]:
+    """Problems of one completions row (prompt, completion, meta, sample_index), each naming
+    ``where``; [] when it is fine."""
     if not isinstance(row, dict):
         return [f"{where}: expected a JSON object"]
     errs = []

@@ -3,10 +3,11 @@
 1. Read each stage's files into a plain dict, section by section
    (:mod:`latentaudit.report.sections`): the attribution run (required: ``manifest.json``,
    ``ranking.jsonl``, ``attribution.safetensors``), then, when they exist, the explain stage's
-   ``explain/`` folder and the steering sweep's files. A stage without files leaves its section
-   out.
+   ``explain/`` folder, the steering sweep's files and the monitor evaluation's
+   ``monitor_eval.json`` (``monitor-eval/``). A stage without files leaves its section out.
 2. Draw the figures with matplotlib (Δ-attribution against Δ-activation of every latent;
-   exact against first-order Δ) and inline them, with the sweep's own PNG figures, as ``data:``
+   exact against first-order Δ; the ROC curves when the monitor evaluation has no ``roc.png``)
+   and inline them, with the sweep's and the monitor evaluation's own PNG figures, as ``data:``
    URIs (:mod:`latentaudit.report.figures`); per-token highlight intensity is an inline style
    computed in Python (:mod:`latentaudit.report.highlight`).
 3. Merge the sections into the ranked-latents table and one drill-down per latent
@@ -42,10 +43,12 @@ def require_packages() -> None:
 
 def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *,
                  explain: str | os.PathLike | None = None,
-                 steering: str | os.PathLike | None = None) -> Path:
+                 steering: str | os.PathLike | None = None,
+                 monitor: str | os.PathLike | None = None) -> Path:
     """Write the report of the run in ``run_dir`` to ``out`` (default ``run_dir/report.html``)
     and return its path. ``explain`` is the explain stage's folder (default ``run_dir/explain``),
-    ``steering`` the folder of the steering sweep's files (default ``run_dir``)."""
+    ``steering`` the folder of the steering sweep's files (default ``run_dir``), ``monitor`` the
+    folder of ``latentaudit monitor evaluate`` (default ``run_dir/monitor-eval``)."""
     from latentaudit._io import atomic_open
     from latentaudit.report.context import build_context
     from latentaudit.report.render import render
@@ -54,7 +57,8 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
     require_packages()
     run = Path(run_dir)
     sources = Sources(run=run, explain=Path(explain) if explain else run / "explain",
-                      steering=Path(steering) if steering else run)
+                      steering=Path(steering) if steering else run,
+                      monitor=Path(monitor) if monitor else run / "monitor-eval")
     context = build_context(sources)
     html = render(context)
     path = Path(out) if out else run / REPORT_FILE

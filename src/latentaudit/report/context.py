@@ -30,7 +30,9 @@ def build_context(sources: Sources) -> dict[str, Any]:
         data = section.load(sources)
         ctx[section.name] = data
         if section.name == "attribution":
-            sources = dataclasses.replace(sources, run_layers=data["layers"])
+            ranked = frozenset((r["layer"], r["latent"]) for r in data["ranking"])
+            sources = dataclasses.replace(sources, run_layers=data["layers"],
+                                          run_latents=ranked)
         if data is not None:
             ctx["sections"].append({"name": section.name, "title": section.title,
                                     "template": section.template,

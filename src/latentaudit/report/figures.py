@@ -6,7 +6,10 @@ inlined as ``data:image/png;base64`` URIs, so the page fetches nothing.
    latents in the title (how much the ranking differs from ranking by activation).
 2. Exact against first-order Δ of the latents of the exactness check (explain's exact.json),
    with the y = x line and its Spearman ρ.
-3. Existing PNG files (the steering sweep's figures) are inlined as they are.
+3. Existing PNG files (the steering sweep's figures, a monitor evaluation's ``roc.png``) are
+   inlined as they are.
+4. The ROC curves of a monitor evaluation without its ``roc.png``, drawn from the ROC points of
+   ``monitor_eval.json`` by the monitor stage's own :func:`~latentaudit.monitor.report.roc_plot`.
 """
 
 from __future__ import annotations
@@ -116,3 +119,10 @@ def exactness_scatter(first_order: Sequence[float], exact: Sequence[float], late
                  fontsize=10)
     fig.tight_layout()
     return _uri(fig)
+
+
+def roc_curves(results: dict) -> str:
+    """Figure 4, as a data URI."""
+    from latentaudit.monitor.report import roc_plot
+
+    return _uri(roc_plot(results))

@@ -28,7 +28,7 @@ def environment():
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
                              undefined=jinja2.StrictUndefined, trim_blocks=True,
                              lstrip_blocks=True)
-    env.filters.update(num=num, pct=pct, pp=pp, ci=ci, visible=visible)
+    env.filters.update(num=num, fixed=fixed, pct=pct, pp=pp, ci=ci, visible=visible)
     return env
 
 
@@ -58,6 +58,11 @@ def num(x: Any, digits: int = 3) -> str:
     return f"{x:.{digits}g}"
 
 
+def fixed(x: Any, digits: int = 2) -> str:
+    """A number with ``digits`` decimals (AUCs, precisions); – for none."""
+    return f"{x:.{digits}f}" if _finite(x) else "–"
+
+
 def pct(x: Any) -> str:
     """A rate as a percentage."""
     return f"{100 * x:.1f}%" if _finite(x) else "–"
@@ -69,10 +74,11 @@ def pp(x: Any) -> str:
 
 
 def ci(pair: Any, kind: str = "num") -> str:
-    """An interval [lo, hi] as numbers, percentages (pct) or signed points (pp); – if missing."""
+    """An interval [lo, hi] as numbers, two decimals (fixed), percentages (pct) or signed
+    points (pp); – if missing."""
     if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not all(map(_finite, pair)):
         return "–"
-    fmt = {"num": num, "pct": pct, "pp": pp}[kind]
+    fmt = {"num": num, "fixed": fixed, "pct": pct, "pp": pp}[kind]
     return f"[{fmt(pair[0])}, {fmt(pair[1])}]"
 
 

@@ -21,6 +21,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from latentaudit._io import complete_lines
 from latentaudit._progress import progress
 from latentaudit.errors import LatentAuditError
 from latentaudit.generate import generate
@@ -37,14 +38,8 @@ def read_rows(path: Path) -> dict[Row, dict[str, Any]]:
     """The rows already generated, by (key, prompt_id, sample_index); a torn tail is cut off."""
     if not path.is_file():
         return {}
-    with open(path, "rb+") as f:
-        data = f.read()
-        good = data.rfind(b"\n") + 1
-        if good < len(data):
-            log.warning("%s: dropping a torn last line (an interrupted write)", path)
-            f.truncate(good)
     rows = {}
-    for n, line in enumerate(data[:good].splitlines(), start=1):
+    for n, line in enumerate(complete_lines(path), start=1):
         if not line.strip():
             continue
         try:

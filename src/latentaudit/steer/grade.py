@@ -102,8 +102,10 @@ def _mark_null_band(rows: list[dict[str, Any]]) -> None:
         r["beyond_null"] = stats.beyond_band(r["diff"], band, r["direction"])
 
 
-def summarise(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per method, direction, strength and model: mean effect and latents beyond the null band."""
+def summarise(rows: Sequence[dict[str, Any]], n_boot: int = 2000, seed: int = 0,
+              level: float = 0.95) -> list[dict[str, Any]]:
+    """Per method, direction, strength and model: mean effect (bootstrap over the latents) and
+    latents beyond the null band."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         if len(r["latents"]) == 1:
@@ -113,11 +115,13 @@ def summarise(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         diffs = [r["diff"] for r in rs if r["diff"] is not None]
         lo = [r["logodds_change"] for r in rs if r["logodds_change"] is not None]
         inc = [r["incoherence"] for r in rs if r["incoherence"] is not None]
+        md = stats.mean_estimate(diffs, n_boot, seed, level)
+        ml = stats.mean_estimate(lo, n_boot, seed, level)
         out.append({"method": method, "direction": direction, "strength": strength,
                     "model": model, "searched": searched, "latents": len(rs),
-                    "mean_diff": sum(diffs) / len(diffs) if diffs else None,
+                    "mean_diff": md.value, "mean_diff_ci": [md.lo, md.hi],
                     "beyond_null": sum(r["beyond_null"] for r in rs),
                     "null_band": rs[0]["null_band"],
-                    "mean_logodds_change": sum(lo) / len(lo) if lo else None,
+                    "mean_logodds_change": ml.value, "mean_logodds_change_ci": [ml.lo, ml.hi],
                     "mean_incoherence": sum(inc) / len(inc) if inc else None})
     return out

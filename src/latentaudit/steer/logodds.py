@@ -156,9 +156,10 @@ def log_odds_rows(loaded: LoadedModel, layer: int, prompts: Sequence[Sequence[in
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
-def check(ctx, conds, ranking: Sequence[int]) -> list[dict]:
+def check(ctx, conds, ranking: Sequence[int], previous: Sequence[dict] = ()) -> list[dict]:
     """The log-odds change of every steered condition, plus each ``ranking`` latent at every
-    direction and strength, on every held-out prompt (step 3 of the module docstring)."""
+    direction and strength, on every held-out prompt (step 3 of the module docstring).
+    ``previous`` rows (an earlier run's, same sweep settings) on the same prompts are kept."""
     from latentaudit.steer import stats
     from latentaudit.steer.config import Condition
     from latentaudit.steer.vectors import condition_vectors
@@ -173,10 +174,12 @@ def check(ctx, conds, ranking: Sequence[int]) -> list[dict]:
                 c = Condition("ranking", (i,), direction, s,
                               sign * s * (ctx.rbar if ctx.rbar is not None else 1.0), model)
                 targets.setdefault(c.key, c)
-    out = []
     pids = [p.prompt_id for p in plan.prompts][:cfg.logodds_prompts]
+    kept = {r["key"]: r for r in previous if r.get("prompt_ids") == pids and r["key"] in targets}
+    out = list(kept.values())
     for name, loaded in ctx.models.items():
-        mine = [Condition("base", model=name)] + [c for c in targets.values() if c.model == name]
+        mine = [Condition("base", model=name)] + [c for c in targets.values()
+                                                  if c.model == name and c.key not in kept]
         if len(mine) == 1:
             continue
         sig = signature_ids(loaded.tokenizer, plan.rubric.first_token)
@@ -191,7 +194,8 @@ def check(ctx, conds, ranking: Sequence[int]) -> list[dict]:
             out.append({"key": c.key, "method": c.method, "latents": list(c.latents),
                         "direction": c.direction, "strength": c.strength, "alpha": c.alpha,
                         "model": name, "change": est.value, "ci": [est.lo, est.hi],
-                        "n_prompts": P, "base_logodds": float(grid[0].mean()),
+                        "n_prompts": P, "prompt_ids": pids,
+                        "base_logodds": float(grid[0].mean()),
                         "signature": {"positive": list(sig.positive),
                                       "negative": list(sig.negative)}})
     return out

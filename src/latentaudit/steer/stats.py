@@ -10,7 +10,8 @@ random numbers), so a unit (prompt, sample) has a steered and an unsteered outco
    resamples whole prompts (with replacement, C prompts per draw); each draw gives the ratio
    Σ_c w_c s_c / Σ_c w_c n_c of the per-prompt sums s_c and counts n_c with the prompt's draw
    count w_c. The interval is the percentile interval of the draws.
-4. Null band: the range [min, max] of the random latents' effects; a latent is beyond it when its
+4. A method's mean effect over its latents gets a bootstrap interval over the latents.
+5. Null band: the range [min, max] of the random latents' effects; a latent is beyond it when its
    effect lies outside, in the direction the steering intends (away: below, toward: above).
 """
 
@@ -84,6 +85,15 @@ def paired_difference(steered: Sequence[int | None], base: Sequence[int | None],
         return Estimate(None, None, None, 0)
     sums, counts = cluster_sums([d for d, _ in keep], [c for _, c in keep])
     return ratio_estimate(sums, counts, draw_weights(len(sums), n_boot, seed), level)
+
+
+def mean_estimate(values: Sequence[float], n_boot: int = 2000, seed: int = 0,
+                  level: float = 0.95) -> Estimate:
+    """Mean of independent values (e.g. the latents of a method) with a percentile bootstrap."""
+    if not values:
+        return Estimate(None, None, None, 0)
+    sums, counts = np.asarray(values, dtype=np.float64), np.ones(len(values))
+    return ratio_estimate(sums, counts, draw_weights(len(values), n_boot, seed), level)
 
 
 def null_band(effects: Sequence[float | None]) -> tuple[float, float] | None:

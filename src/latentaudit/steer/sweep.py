@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 WORK = "steer"
-MATCHED = ("schema_version", "model", "toward_model", "sae", "layer", "prompts_sha256", "scale",
+MATCHED = ("schema_version", "model", "toward_model", "sae", "layer", "scale",
            "temperature", "top_p", "max_new_tokens", "seed", "system")
 
 
@@ -74,11 +74,15 @@ class SteerPlan:
     def settings(self) -> dict[str, Any]:
         canon = json.dumps([asdict(p) for p in self.prompts], sort_keys=True, ensure_ascii=False)
         c = self.cfg
+        each = {p.prompt_id: hashlib.sha256(json.dumps(
+            asdict(p), sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+            for p in self.prompts}
         return {"schema_version": SCHEMA_VERSION, "model": self.model,
                 "toward_model": self.toward_model, "base_model": self.base_model,
                 "sae": self.sae_path, "layer": self.layer,
                 "prompts_sha256": hashlib.sha256(canon.encode()).hexdigest(),
-                "prompt_ids": [p.prompt_id for p in self.prompts], "scale": c.scale,
+                "prompt_ids": [p.prompt_id for p in self.prompts], "prompt_sha256": each,
+                "scale": c.scale,
                 "temperature": c.temperature, "top_p": c.top_p,
                 "max_new_tokens": c.max_new_tokens, "seed": c.seed, "system": c.system,
                 "run": str(self.run.folder) if self.run else None, "config": asdict(c),
@@ -173,6 +177,13 @@ def _check_previous(plan: SteerPlan) -> None:
             raise LatentAuditError(
                 f"{mpath}: the completions there were made with {key}={old.get(key)!r}, this "
                 f"sweep has {key}={new[key]!r}; use the same settings or another --out.")
+    # the prompt set may change (a row depends on its own prompt only), a prompt's text may not
+    old_each = old.get("prompt_sha256") or {}
+    changed = [pid for pid, h in new["prompt_sha256"].items() if old_each.get(pid, h) != h]
+    if changed:
+        raise LatentAuditError(
+            f"{mpath}: prompt {changed[0]!r} has other text than when its completions were made; "
+            "use another --out.")
 
 
 # ---- the driver --------------------------------------------------------------------------------
@@ -231,8 +242,9 @@ def run_steering(plan: SteerPlan, model=None, *, device: str = "auto",
         conds = search.search_strengths(ctx, conds, units)
     lo_rows = []
     if cfg.logodds and plan.rubric.first_token:
-        lo_rows = logodds.check(ctx, conds, _ranking_latents(plan))
-        write_jsonl(plan.out / "steering_logodds.jsonl", lo_rows)
+        path = plan.out / "steering_logodds.jsonl"
+        lo_rows = logodds.check(ctx, conds, _ranking_latents(plan), _read_jsonl(path))
+        write_jsonl(path, lo_rows)
     if cfg.logodds_only:
         if not lo_rows:
             raise LatentAuditError(f"--logodds-only: the rubric '{plan.rubric.name}' declares no "
@@ -241,10 +253,12 @@ def run_steering(plan: SteerPlan, model=None, *, device: str = "auto",
                            out=plan.out, figures=[])
     generate_missing(ctx, conds, units)
     rows = read_rows(ctx.path)
-    graded = grade(ctx, [rows[k] for k in rows if k[0] in {c.key for c in conds}])
+    keys, wanted = {c.key for c in conds}, set(units)
+    graded = grade(ctx, [row for k, row in rows.items()
+                         if k[0] in keys and (k[1], k[2]) in wanted])
     write_jsonl(plan.work / "judged.jsonl", graded.values())
     table = condition_table(conds, graded, units, cfg, {r["key"]: r for r in lo_rows})
-    summary = summarise(table)
+    summary = summarise(table, cfg.n_boot, cfg.seed, cfg.level)
     write_jsonl(plan.out / "steering.jsonl", table)
     write_json(plan.out / "steering_summary.json",
                {"schema_version": SCHEMA_VERSION, "resid_norm": rbar, "sets": sets,
@@ -270,6 +284,14 @@ def make_conditions(sets: dict[str, list[int]], cfg: SteerConfig, rbar: float | 
                     alpha = sign * s * (rbar if rbar is not None else 1.0)
                     conds.append(Condition(method, latents, direction, s, alpha, model))
     return conds
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Rows of an earlier output (none when absent or unreadable: it is then recomputed)."""
+    try:
+        return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x]
+    except (OSError, ValueError):
+        return []
 
 
 def _ranking_latents(plan: SteerPlan) -> list[int]:

@@ -7,13 +7,13 @@ section's dict may hold two keys that the ranked-latents table and the per-laten
 gather from every section:
 
 - ``columns``: ``[{key, label, title, kind, first}]``, extra columns of the ranked-latents table
-  (``kind``: int, num, pct or text; ``first``: the direction of a first click, asc or desc),
-  and ``cells``: ``{(layer, latent): {key: value}}``.
+  (``kind``: int, num, text, tokens, pct (a value ``{value, beyond}``) or auc (a value
+  ``{value, low, high}``); ``first``: the direction of a first click, asc or desc), and
+  ``cells``: ``{(layer, latent): {key: value}}``.
 - ``latents``: ``{(layer, latent): dict}``, shown in each latent's drill-down by the template
   ``latent_template``.
 
-A new section (e.g. monitors, from ``monitor*`` files) is one more entry in :data:`SECTIONS`,
-one loader and one template.
+A new section is one more entry in :data:`SECTIONS`, one loader and one template.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from latentaudit.report.sections import attribution, explain, pipeline, steering
+from latentaudit.report.sections import attribution, explain, monitor, pipeline, steering
 
 
 @dataclass(frozen=True)
@@ -36,8 +36,12 @@ class Sources:
     """The explain stage's folder (default ``run/explain``)."""
     steering: Path
     """The folder of the steering sweep's files (default: the run folder)."""
+    monitor: Path | None = None
+    """The folder of ``latentaudit monitor evaluate`` (default ``run/monitor-eval``)."""
     run_layers: list[int] | None = None
     """The layers of the run's manifest, once read."""
+    run_latents: frozenset[tuple[int, int]] | None = None
+    """(layer, latent) of the run's ranking, once read."""
 
 
 @dataclass(frozen=True)
@@ -59,4 +63,7 @@ SECTIONS: tuple[Section, ...] = (
             lambda s: explain.load(s.explain), "explain_latent.html"),
     Section("steering", "Steering", "steering.html",
             lambda s: steering.load(s.steering, s.run_layers), "steering_latent.html"),
+    Section("monitor", "Monitors", "monitor.html",
+            lambda s: monitor.load(s.monitor or s.run / "monitor-eval", s.run_layers,
+                                   s.run_latents), "monitor_latent.html"),
 )
