@@ -85,6 +85,46 @@ def test_sample_tokens_inverse_cdf_and_top_p():
     assert S.sample_tokens(logits, u, 0.0, 1.0).tolist() == [1, 1, 1, 1]
 
 
+def _top_p_by_full_sort(logits, u, temperature, top_p):
+    """Reference: sort the whole row (stable), cut at top_p, walk the CDF with a Python loop."""
+    picks = []
+    rows = torch.softmax(logits.double() / temperature, dim=-1)
+    for row, ur in zip(rows, u.tolist(), strict=True):
+        probs, order = row.sort(descending=True, stable=True)
+        kept, mass = [], 0.0
+        for p, i in zip(probs.tolist(), order.tolist(), strict=True):
+            if mass >= top_p:
+                break
+            kept.append((p, i))
+            mass += p
+        total = sum(p for p, _ in kept)
+        acc, pick = 0.0, None
+        for p, i in kept:
+            acc += p
+            if p > 0:
+                pick = i
+            if acc > ur * total:
+                break
+        picks.append(pick)
+    return picks
+
+
+@pytest.mark.parametrize("candidates", [4, 32, 256])
+def test_sample_tokens_top_p_sorts_only_candidates_with_the_same_result(monkeypatch, candidates):
+    # peaked rows take the short path, flat rows fall back to a full sort; rounded logits make
+    # ties, which a full stable sort orders by token id
+    from latentaudit import generate as G
+    monkeypatch.setattr(G, "TOP_P_CANDIDATES", candidates)
+    g = torch.Generator().manual_seed(0)
+    for scale in (0.1, 1.0, 4.0, 12.0):
+        logits = torch.randn(24, 300, generator=g) * scale
+        logits[::3] = (logits[::3] * 2).round() / 2
+        u = torch.rand(24, generator=g, dtype=torch.float64)
+        for top_p in (0.3, 0.9, 0.999):
+            got = S.sample_tokens(logits, u, 0.8, top_p).tolist()
+            assert got == _top_p_by_full_sort(logits, u, 0.8, top_p), (scale, top_p)
+
+
 def test_sample_tokens_temperature():
     logits = torch.tensor([[0.0, math.log(3.0)]])  # p = 1/4, 3/4; at T=2: 1/(1+√3), √3/(1+√3)
     p0 = 1 / (1 + math.sqrt(3))

@@ -5,10 +5,11 @@ Algorithm (one batch of prompts, each with its own seed):
 1. Left-pad the prompt ids; position ids are ``cumsum(attention_mask) - 1`` so a padded row
    computes what it would alone. One forward pass fills the KV cache (prefill).
 2. Per step and row: softmax(logits / temperature); with ``top_p`` < 1 keep the smallest
-   top-probability set whose mass reaches ``top_p`` (stable sort). Draw ``u ~ U[0, 1)`` from the
-   row's own CPU generator and take the token where the kept cumulative mass first exceeds
-   ``u · mass`` (inverse CDF, float64). Temperature 0 is greedy (argmax). A row's draws depend
-   only on its seed, never on batch size or batch neighbours.
+   top-probability set whose mass reaches ``top_p`` (stable sort; only the 256 most probable
+   tokens are sorted when they hold the set, the same result as sorting all). Draw
+   ``u ~ U[0, 1)`` from the row's own CPU generator and take the token where the kept
+   cumulative mass first exceeds ``u · mass`` (inverse CDF, float64). Temperature 0 is greedy
+   (argmax). A row's draws depend only on its seed, never on batch size or batch neighbours.
 3. Feed the new tokens with the cache (a :class:`~latentaudit.models.hooks.RowSteering` adds
    its row's vector at the prefill and at every step, and follows the rows that remain); a row
    stops at an EOS id (``finish_reason`` "eos"), when
@@ -63,15 +64,56 @@ def sample_tokens(logits: Float[Tensor, "batch vocab"], uniforms: Float[Tensor, 
     if temperature == 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits.double() / temperature, dim=-1)  # (B, V)
-    order = None
-    if top_p < 1:
-        probs, order = probs.sort(dim=-1, descending=True, stable=True)  # (B, V)
-        probs = probs * ((probs.cumsum(dim=-1) - probs) < top_p)  # mass before a token < top_p
-    cum = probs.cumsum(dim=-1)  # (B, V)
+    if top_p >= 1:
+        return _inverse_cdf(probs, uniforms)
+    picked = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)  # (B,)
+    short, order, ok = _top_candidates(probs, top_p)  # (B, K) each, (B,)
+    if ok.any():
+        pick = _inverse_cdf(_cut_top_p(short[ok], top_p), uniforms[ok.cpu()])
+        picked[ok] = order[ok].gather(-1, pick[:, None]).squeeze(-1)
+    if not ok.all():  # a flat row: the top-p set reaches past the candidates, sort it all
+        full, order = probs[~ok].sort(dim=-1, descending=True, stable=True)  # (b, V)
+        pick = _inverse_cdf(_cut_top_p(full, top_p), uniforms[(~ok).cpu()])
+        picked[~ok] = order.gather(-1, pick[:, None]).squeeze(-1)
+    return picked
+
+
+TOP_P_CANDIDATES = 256
+"""Tokens sorted per row for top-p; a row whose top-p set does not fit is sorted whole."""
+
+
+def _top_candidates(probs: Float[Tensor, "batch vocab"], top_p: float
+                    ) -> tuple[Float[Tensor, "batch k"], Int[Tensor, "batch k"], Tensor]:
+    """The K most probable tokens per row in stable-sort order, and whether they suffice.
+
+    Ties are ordered by token id, as a stable descending sort of the whole row orders them. The
+    K candidates suffice for a row when the tokens strictly above the K-th probability already
+    hold ``top_p`` of the mass: then the top-p set lies among them (tokens tied with the K-th
+    may be any of the tied ones, so they must not be needed).
+    """
+    k = min(TOP_P_CANDIDATES, probs.shape[-1])
+    vals, idx = probs.topk(k, dim=-1, sorted=True)  # (B, K)
+    by_id = idx.argsort(dim=-1)  # (B, K)
+    vals, idx = vals.gather(-1, by_id), idx.gather(-1, by_id)
+    vals, by_prob = vals.sort(dim=-1, descending=True, stable=True)  # (B, K)
+    idx = idx.gather(-1, by_prob)
+    above = vals > vals[:, -1:]  # (B, K)
+    ok = ((vals * above).cumsum(dim=-1)[:, -1] >= top_p) | (k == probs.shape[-1])  # (B,)
+    return vals, idx, ok
+
+
+def _cut_top_p(sorted_probs: Float[Tensor, "batch n"], top_p: float) -> Float[Tensor, "batch n"]:
+    """Zero every token whose preceding mass (in sorted order) already reaches top_p."""
+    return sorted_probs * ((sorted_probs.cumsum(dim=-1) - sorted_probs) < top_p)
+
+
+def _inverse_cdf(probs: Float[Tensor, "batch n"], uniforms: Float[Tensor, " batch"]
+                 ) -> Int[Tensor, " batch"]:
+    """Index where the cumulative mass first exceeds ``u · mass``; never a zero-mass tail."""
+    cum = probs.cumsum(dim=-1)  # (B, n)
     target = uniforms.to(cum)[:, None] * cum[:, -1:]  # (B, 1)
     last = probs.shape[-1] - 1 - (probs > 0).flip(-1).to(torch.int8).argmax(-1, keepdim=True)
-    pick = torch.minimum(torch.searchsorted(cum, target, right=True), last)  # (B, 1)
-    return (pick if order is None else order.gather(-1, pick)).squeeze(-1)
+    return torch.minimum(torch.searchsorted(cum, target, right=True), last).squeeze(-1)
 
 
 # ---- the generation loop ---------------------------------------------------------------------
