@@ -4,7 +4,10 @@ A row is (condition key, prompt, sample index). Its seed is the sampler's seed o
 sample), the same under every condition (common random numbers). Rows are batched whatever their
 condition; each carries its condition's vector (:class:`~latentaudit.models.hooks.RowSteering`).
 Each finished batch is appended to the JSONL file and fsynced; rows already in the file are
-skipped, and a torn last line from a kill is cut off.
+skipped, and a torn last line from a kill is cut off. Rows are generated rank by rank across the
+selection methods (the baseline, then every method's first latent, then every method's second, ...)
+and by prompt length within a rank (less padding): a sweep stopped early has compared the
+methods on their top latents rather than finished one method.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,6 +109,10 @@ def generate_missing(ctx: Context, conds: Sequence[Condition],
         mine = [c for c in uniq.values() if c.model == name]
         vecs = dict(zip([c.key for c in mine], condition_vectors(mine, ctx.dirs), strict=True))
         todo = [(c, p, i) for c in mine for p, i in units if (c.key, p, i) not in done]
+        rank, per_method = {}, Counter()
+        for c in mine:  # position of the condition within its method's list
+            rank[c.key], per_method[c.method] = per_method[c.method], per_method[c.method] + 1
+        todo.sort(key=lambda row: (rank[row[0].key], len(ctx.enc[name][row[1]])))
         n += generate_rows(loaded, ctx.plan.layer, todo, ctx.enc[name], vecs, ctx.scfg, ctx.path,
                            desc="steer" if name == "main" else f"steer ({name})")
     return n
