@@ -109,6 +109,27 @@ def test_per_row_conditions_in_one_batch_equal_separate_runs(loaded):
         assert alone[0].token_ids == together[b].token_ids
 
 
+def test_samples_of_one_prompt_and_condition_share_a_prefill_with_the_same_result(loaded):
+    from latentaudit.generate import distinct_rows
+
+    base = prompts(loaded.tokenizer)
+    ids = [base[0], base[0], base[2], base[0], base[2], base[1]]
+    v, w = vectors(2, loaded.d_model, 8.0, seed=3)
+    vecs = torch.stack([v, v, v, w, v, v])
+    steering = RowSteering(LAYER, vecs)
+    # rows 0 and 1 share (prompt 0, v); rows 2 and 4 share (prompt 2, v); row 3 differs by w
+    assert distinct_rows(ids, steering) == ([0, 2, 3, 5], [0, 0, 1, 2, 1, 3])
+    assert distinct_rows(ids, None) == ([0, 2, 5], [0, 0, 1, 0, 1, 2])
+    cfg = SampleConfig(max_new_tokens=12, temperature=1.0, stop=tuple("aeiouAEIOU "))
+    seeds = list(range(200, 206))
+    together = generate(loaded, ids, seeds, cfg, steering=steering)
+    for b in range(6):
+        alone = generate(loaded, [ids[b]], [seeds[b]], cfg,
+                         steering=RowSteering(LAYER, vecs[b:b + 1]))
+        assert alone[0].token_ids == together[b].token_ids
+    assert torch.equal(steering.vectors, vecs) and no_hooks(loaded.model)
+
+
 def _self_preferring_token(model) -> int:
     """A token X whose unembedding row w_X gives X the largest logit when fed as the input."""
     W = model.get_output_embeddings().weight.detach()

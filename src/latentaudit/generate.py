@@ -3,7 +3,9 @@
 Algorithm (one batch of prompts, each with its own seed):
 
 1. Left-pad the prompt ids; position ids are ``cumsum(attention_mask) - 1`` so a padded row
-   computes what it would alone. One forward pass fills the KV cache (prefill).
+   computes what it would alone. One forward pass fills the KV cache (prefill); rows with the
+   same prompt and steering vector (several samples of one prompt) are prefilled once and
+   their cache rows copied.
 2. Per step and row: softmax(logits / temperature); with ``top_p`` < 1 keep the smallest
    top-probability set whose mass reaches ``top_p`` (stable sort; only the 256 most probable
    tokens are sorted when they hold the set, the same result as sorting all). Draw
@@ -34,6 +36,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from latentaudit.data.tokens import left_pad
+from latentaudit.errors import LatentAuditError
 from latentaudit.models.hooks import RowSteering, steer_resid
 from latentaudit.models.load import LoadedModel
 
@@ -166,6 +169,10 @@ def generate(loaded: LoadedModel, prompts: list[list[int]], seeds: list[int],
     if not prompts:
         return []
     if steering is not None:
+        if steering.vectors.shape[0] != len(prompts):
+            raise LatentAuditError(
+                f"steering holds {steering.vectors.shape[0]} row(s) for {len(prompts)} "
+                "prompt(s); give one vector per batch row.")
         steering = RowSteering(steering.layer, steering.vectors)  # selected rows stay ours
     with steer_resid(loaded.model, steering):
         return _generate(loaded, prompts, seeds, cfg, steering)
@@ -183,11 +190,19 @@ def _generate(loaded: LoadedModel, prompts: list[list[int]], seeds: list[int],
     done: list[Generation | None] = [None] * B
     rows, past, extra = list(range(B)), None, last_logits_only(model)  # rows: prompt of cache row
     cache_arg = cache_argument(model)
+    uniq, inverse = distinct_rows(prompts, steering)
     while True:
-        res = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
-                    use_cache=True, **{cache_arg: past}, **extra)
-        past = returned_cache(res, cache_arg)
-        logits = res.logits[:, -1].float()  # (A, V), sampled on the model's device
+        shared = None
+        if past is None and len(uniq) < B:  # samples of one prompt and condition share a prefill
+            shared = _shared_prefill(model, ids, mask, pos, steering, uniq, inverse, cache_arg,
+                                     extra, dev)
+        if shared is not None:
+            past, logits = shared
+        else:
+            res = model(input_ids=ids.to(dev), attention_mask=mask.to(dev),
+                        position_ids=pos.to(dev), use_cache=True, **{cache_arg: past}, **extra)
+            past, logits = returned_cache(res, cache_arg), res.logits[:, -1]
+        logits = logits.float()  # (A, V), sampled on the model's device
         u = torch.zeros(len(rows), dtype=torch.float64)  # (A,)
         for j, r in enumerate(rows):
             if done[r] is None:
@@ -208,6 +223,40 @@ def _generate(loaded: LoadedModel, prompts: list[list[int]], seeds: list[int],
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (A, T + 1)
         pos = pos[:, -1:] + 1  # (A, 1)
         ids = nxt[:, None]  # (A, 1); rows already finished but still cached are ignored
+
+
+def distinct_rows(prompts: list[list[int]], steering: RowSteering | None
+                  ) -> tuple[list[int], list[int]]:
+    """Rows with a distinct (prompt, steering vector), and each row's index among them."""
+    vectors = steering.vectors.cpu() if steering is not None else None
+    first: dict[tuple, int] = {}
+    inverse = []
+    for b, ids in enumerate(prompts):
+        key = (tuple(ids), None if vectors is None else vectors[b].numpy().tobytes())
+        inverse.append(first.setdefault(key, len(first)))
+    uniq = [0] * len(first)
+    for b, i in reversed(list(enumerate(inverse))):
+        uniq[i] = b
+    return uniq, inverse
+
+
+def _shared_prefill(model, ids, mask, pos, steering: RowSteering | None, uniq: list[int],
+                    inverse: list[int], cache_arg: str, extra: dict, dev):
+    """Prefill the distinct rows only, then copy their cache and logits to every row."""
+    full = steering.vectors if steering is not None else None
+    if steering is not None:
+        steering.vectors = full[torch.as_tensor(uniq, device=full.device)]
+    try:
+        res = model(input_ids=ids[uniq].to(dev), attention_mask=mask[uniq].to(dev),
+                    position_ids=pos[uniq].to(dev), use_cache=True, **{cache_arg: None}, **extra)
+    finally:
+        if steering is not None:
+            steering.vectors = full
+    past = returned_cache(res, cache_arg)
+    if not hasattr(past, "batch_select_indices"):
+        return None  # a cache that cannot copy rows: prefill every row
+    past.batch_select_indices(torch.as_tensor(inverse, device=dev))
+    return past, res.logits[torch.as_tensor(inverse, device=res.logits.device), -1]
 
 
 def cache_argument(model) -> str:
