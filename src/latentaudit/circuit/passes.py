@@ -95,14 +95,13 @@ def batch_products(model, batch: Batch, lower: int, upper: int, targets: list[in
     a1, a2 = store[lower], store[upper]
     g2, g1 = torch.autograd.grad(losses.sum(), [a2, a1], retain_graph=True)
     V = cotangents(a2.detach(), g2, batch, targets).to(a2.dtype)  # (K, B, T, D)
-    products = None
-    if stacked:
-        products = _stacked(model, lower, upper, a1.detach(), a2.detach(), calls, V,
-                            batch.attention_mask.bool(), target_batch)
-    if products is None:
-        products = torch.stack([torch.autograd.grad(a2, a1, grad_outputs=v, retain_graph=True)[0]
-                                for v in V])
-    return BatchProducts(a1.detach(), g1, products, stacked and products is not None)
+    products = _stacked(model, lower, upper, a1.detach(), a2.detach(), calls, V,
+                        batch.attention_mask.bool(), target_batch) if stacked else None
+    if products is not None:
+        return BatchProducts(a1.detach(), g1, products, True)
+    products = torch.stack([torch.autograd.grad(a2, a1, grad_outputs=v, retain_graph=True)[0]
+                            for v in V])
+    return BatchProducts(a1.detach(), g1, products, False)
 
 
 def _stacked(model, lower: int, upper: int, a1: Tensor, a2: Tensor, calls, V: Tensor,
