@@ -439,7 +439,8 @@ def test_examples_come_from_the_explain_cache(cli_run, tmp_path, monkeypatch, ca
         assert shown and all(len(n["top_examples"]) <= 2 for n in shown)
         assert set(shown[0]["top_examples"][0]) == {"activation", "max_index", "tokens",
                                                    "activations"}
-        assert circuit(cli_run, "--node-examples", "2", "--out", str(tmp_path / "again")) == 0  # cached: no --examples needed
+        # the pass is cached now: no --examples needed
+        assert circuit(cli_run, "--node-examples", "2", "--out", str(tmp_path / "again")) == 0
         again = json.loads((tmp_path / "again" / "circuit.json").read_text())
         assert [n["top_examples"] for n in again["nodes"]] == [n["top_examples"]
                                                               for n in g["nodes"]]
