@@ -63,7 +63,7 @@ def load(folder: Path, run_layers: list[int] | None = None) -> dict[str, Any] | 
             "width": 2 * MARGIN + COLUMN * max(len(layers) - 1, 0) + 160,
             "height": 2 * MARGIN + ROW * max((sum(n["layer"] == L for n in nodes)
                                               for L in layers), default=1),
-            "columns": [{"x": MARGIN + COLUMN * c, "label": f"layer {L}"}
+            "layer_columns": [{"x": MARGIN + COLUMN * c, "label": f"layer {L}"}
                         for c, L in enumerate(layers)],
             "nodes": list(views.values()), "edges": drawn,
             "latents": {(n["layer"], n["latent"]): {"incoming": views[n["id"]]["incoming"]}
