@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import Tensor
 
 from latentaudit.errors import LatentAuditError
@@ -85,8 +85,8 @@ class Hop:
     """Target latents at ``target_layer``, in row order of ``edges``."""
     edges: Float[Tensor, "k d_sae"]
     """Δ-edge e_{j→i}: mean over pairs of e_{j→i}(C+) − e_{j→i}(C−), every upstream latent j."""
-    keep: Any
-    """Bool [k, d_sae]: the edges pruning keeps."""
+    keep: Bool[Tensor, "k d_sae"]
+    """The edges pruning keeps."""
     total: list[float]
     """Per target, Σ_j |e_{j→i}| over every upstream latent."""
     kept: list[float]

@@ -37,6 +37,7 @@ from latentaudit.circuit.output import (
 )
 from latentaudit.circuit.passes import hop_key, run_hop
 from latentaudit.errors import LatentAuditError
+from latentaudit.explain.examples import sae_fingerprint
 from latentaudit.models import load as model_load
 from latentaudit.models.hooks import layer_module
 from latentaudit.models.load import LoadedModel
@@ -115,8 +116,8 @@ def one_hop(model: LoadedModel, plan, lower: int, sae: SAE, upper: int, upper_sa
         cotangents = partial(_loss_cotangents, dirs, positions)
     else:
         cotangents = partial(_pre_cotangents, upper_sae)
-    key = hop_key(model.name, sae.info.source_path or "", lower, upper, targets, plan, cfg,
-                  positions)
+    key = hop_key(model.name, f"{sae_fingerprint(sae)}:{sae_fingerprint(upper_sae)}", lower,
+                  upper, targets, plan, cfg, positions)
     checkpoint = out / f"L{lower}_L{upper}.checkpoint.safetensors" if out else None
     sums, route = run_hop(model, plan, lower, upper, targets, sae.d_sae, cotangents, cfg,
                           positions, key, checkpoint)

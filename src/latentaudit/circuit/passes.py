@@ -177,10 +177,11 @@ def add_batch(sums: HopSums, got: BatchProducts, w: Tensor, batch: Batch, positi
     sums.node.counts[0] += valid.sum().double()
 
 
-def hop_key(model_name: str, upstream_sae: str, lower: int, upper: int, targets: list[int],
+def hop_key(model_name: str, saes: str, lower: int, upper: int, targets: list[int],
             plan: Plan, cfg: CircuitConfig, positions: str) -> str:
-    """What a checkpoint must match to be resumed."""
-    blob = json.dumps({"model": model_name, "sae": upstream_sae, "layers": [lower, upper],
+    """What a checkpoint must match to be resumed (``saes``: fingerprints of the upstream and
+    the target SAE)."""
+    blob = json.dumps({"model": model_name, "saes": saes, "layers": [lower, upper],
                        "targets": targets, "measure": cfg.measure, "positions": positions,
                        "batch_size": cfg.batch_size, "n": len(plan.used),
                        "weights": plan.weights,
