@@ -2,8 +2,9 @@
 
 1. Read ``circuit.json`` from the circuit folder (default ``RUN/circuit``; without the file the
    section is left out) and check it: every edge names two of its nodes, every weight is a number.
-2. Lay the graph out in columns, one per layer, the earliest on the left: the targets in ranking
-   order, each lower column by the mean row of the nodes it feeds (fewer crossings).
+2. Lay the graph out in columns, one per layer, the earliest on the left, each centred on the
+   tallest: the targets in ranking order, each lower column by the mean row of the nodes it
+   feeds (fewer crossings).
 3. Each edge a curve whose width grows with |Δ-edge| and whose colour says its sign; each node a
    circle with its latent id and first logit-lens token, and a panel (logit lens, top-activating
    examples, its strongest edges in and out) that the page's script shows when the node is
@@ -100,6 +101,7 @@ def layout(nodes: list[dict], edges: list[dict], layers: list[int]
         into.setdefault(e["source"], []).append(e["target"])
     row: dict[str, float] = {}
     place = {}
+    tallest = max((sum(n["layer"] == L for n in nodes) for L in layers), default=0)
     for c, L in reversed(list(enumerate(layers))):
         column = [n for n in nodes if n["layer"] == L]
         if c == len(layers) - 1:
@@ -109,9 +111,10 @@ def layout(nodes: list[dict], edges: list[dict], layers: list[int]
                 fed = [row[t] for t in into.get(n["id"], []) if t in row]
                 return (sum(fed) / len(fed) if fed else math.inf, n["latent"])
             column.sort(key=centre)
+        top = (tallest - len(column)) / 2  # columns centred on the tallest
         for r, n in enumerate(column):
-            row[n["id"]] = r
-            place[n["id"]] = (MARGIN + COLUMN * c, MARGIN + ROW * r)
+            row[n["id"]] = top + r
+            place[n["id"]] = (MARGIN + COLUMN * c, MARGIN + ROW * (top + r))
     return place
 
 
