@@ -37,7 +37,7 @@ class CircuitConfig:
     dataset's own tokens), zero, or auto (sae when the SAE stores one, else dataset)."""
     batch_size: int = 8
     """Completions per forward/backward pass."""
-    target_batch: int = 8
+    target_batch: int = 4
     """Targets whose vector-Jacobian products are stacked in the batch dimension of one pass."""
     route: str = "auto"
     """auto: one backward for a stack of targets through a replay of the layers between the two

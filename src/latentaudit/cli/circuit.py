@@ -41,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--abar", default="auto", choices=["auto", "sae", "dataset", "zero"],
                    help=doc["abar"])
     p.add_argument("--batch-size", type=int, default=8, help=doc["batch_size"])
-    p.add_argument("--target-batch", type=int, default=8, help=doc["target_batch"])
+    p.add_argument("--target-batch", type=int, default=4, help=doc["target_batch"])
     p.add_argument("--route", default="auto", choices=["auto", "one-at-a-time"],
                    help=doc["route"])
     p.add_argument("--lens-tokens", type=int, default=10, help=doc["lens_tokens"])
