@@ -19,7 +19,7 @@ from pathlib import Path
 
 # Order in which subcommands are listed in --help (pipeline order); others follow, sorted.
 ORDER = ["models", "data", "train-sae", "sae", "sample", "judge", "pair", "attribute", "monitor",
-         "explain", "steer", "report", "demo"]
+         "explain", "circuit", "steer", "report", "demo"]
 
 
 def _command_modules() -> list:

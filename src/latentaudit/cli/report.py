@@ -15,7 +15,8 @@ DESCRIPTION = (
     "its top-activating examples and per-token attribution maps as highlight intensity and, when "
     "the run was steered, its steering table and example completions; when its latents were "
     "evaluated as monitors, the AUC table with its intervals and the ROC curves, and each "
-    "latent's AUC. Sections whose files are "
+    "latent's AUC; when `latentaudit circuit` ran, its graph (click a node for its edges, logit "
+    "lens and examples). Sections whose files are "
     "missing are left out. All model and corpus text is escaped. Needs "
     "`pip install \"latentaudit[report]\"`.")
 
@@ -30,12 +31,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                      "--out (default RUN_DIR).")
     p.add_argument("--monitor", metavar="DIR", help="Folder of `latentaudit monitor evaluate`, "
                                                     "its --out (default RUN_DIR/monitor-eval).")
+    p.add_argument("--circuit", metavar="DIR", help="Folder of `latentaudit circuit`, its --out "
+                                                    "(default RUN_DIR/circuit).")
 
 
 def run(args: argparse.Namespace) -> int:
     from latentaudit.report import write_report
 
     path = write_report(args.run, args.out, explain=args.explain, steering=args.steering,
-                        monitor=args.monitor)
+                        monitor=args.monitor, circuit=args.circuit)
     print(path)
     return 0

@@ -9,6 +9,9 @@
 3. Architectures that change the logits after the head (soft-capping, a logit scale) would make
    the replay wrong, so a caller checks it once against the clean logits
    (:func:`replay_matches`) and otherwise falls back to full forwards with a hook at layer L.
+4. :func:`run_layers` replays only the layers between two hook points, on K copies of a batch
+   stacked in the batch dimension (:func:`repeat_calls` repeats the recorded per-row tensors),
+   e.g. to take K vector-Jacobian products in one backward pass.
 """
 
 from __future__ import annotations
@@ -77,3 +80,33 @@ def replay_matches(model: nn.Module, layer: int, clean_hidden: Float[Tensor, "1 
     ref = clean_logits.float().expand_as(got)
     tol = 1e-3 * ref.abs().max().item() + 1e-5
     return bool((got.float() - ref).abs().max() <= tol)
+
+
+def repeat_calls(calls: dict[int, tuple[tuple, dict]], rows: int, copies: int
+                 ) -> dict[int, tuple[tuple, dict]]:
+    """Recorded calls for ``copies`` copies of a batch of ``rows`` rows, stacked copy-major: every
+    tensor of two or more dimensions whose first dimension is ``rows`` is repeated (masks,
+    position ids, rotary embeddings); everything else is kept as it is."""
+
+    def rep(x):
+        if isinstance(x, Tensor) and x.dim() >= 2 and x.shape[0] == rows:
+            return x.repeat(copies, *([1] * (x.dim() - 1)))
+        if isinstance(x, tuple):
+            return tuple(rep(v) for v in x)
+        if isinstance(x, list):
+            return [rep(v) for v in x]
+        return x
+
+    return {j: (rep(args), {k: rep(v) for k, v in kwargs.items()})
+            for j, (args, kwargs) in calls.items()}
+
+
+def run_layers(model: nn.Module, lower: int, upper: int,
+               hidden: Float[Tensor, "batch pos d_model"],
+               calls: dict[int, tuple[tuple, dict]]) -> Float[Tensor, "batch pos d_model"]:
+    """resid_post of layer ``upper`` when resid_post of layer ``lower`` is ``hidden``: the
+    recorded calls (step 1) of layers lower + 1 … upper replayed, nothing above them."""
+    layers = layer_list(model)
+    for j in range(lower + 1, upper + 1):
+        hidden = _replay(layers[j], hidden, calls[j])  # (B, T, D)
+    return hidden

@@ -3,13 +3,15 @@
 1. Read each stage's files into a plain dict, section by section
    (:mod:`latentaudit.report.sections`): the attribution run (required: ``manifest.json``,
    ``ranking.jsonl``, ``attribution.safetensors``), then, when they exist, the explain stage's
-   ``explain/`` folder, the steering sweep's files and the monitor evaluation's
-   ``monitor_eval.json`` (``monitor-eval/``). A stage without files leaves its section out.
+   ``explain/`` folder, the circuit's ``circuit.json`` (``circuit/``), the steering sweep's files
+   and the monitor evaluation's ``monitor_eval.json`` (``monitor-eval/``). A stage without files
+   leaves its section out.
 2. Draw the figures with matplotlib (Δ-attribution against Δ-activation of every latent;
    exact against first-order Δ; the ROC curves when the monitor evaluation has no ``roc.png``)
    and inline them, with the sweep's and the monitor evaluation's own PNG figures, as ``data:``
    URIs (:mod:`latentaudit.report.figures`); per-token highlight intensity is an inline style
-   computed in Python (:mod:`latentaudit.report.highlight`).
+   computed in Python (:mod:`latentaudit.report.highlight`). The circuit graph is an inline SVG
+   laid out in Python (:mod:`latentaudit.report.sections.circuit`).
 3. Merge the sections into the ranked-latents table and one drill-down per latent
    (:mod:`latentaudit.report.context`).
 4. Render with jinja2, autoescape on (:mod:`latentaudit.report.render`): all model and corpus
@@ -17,8 +19,9 @@
    lets the page's one inline script run and nothing load from anywhere.
 5. Write ``RUN_DIR/report.html`` (or ``out``) atomically.
 
-In the page, ``#sort=KEY`` (``:asc`` / ``:desc``) sorts the ranked-latents table and
-``#latent-ID`` opens a latent's details (``#latent-LAYER-ID`` when the run has several layers).
+In the page, ``#sort=KEY`` (``:asc`` / ``:desc``) sorts the ranked-latents table,
+``#latent-ID`` opens a latent's details (``#latent-LAYER-ID`` when the run has several layers) and
+``#cnode-LAYER-ID`` selects a node of the circuit graph.
 """
 
 from __future__ import annotations
@@ -44,11 +47,13 @@ def require_packages() -> None:
 def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *,
                  explain: str | os.PathLike | None = None,
                  steering: str | os.PathLike | None = None,
-                 monitor: str | os.PathLike | None = None) -> Path:
+                 monitor: str | os.PathLike | None = None,
+                 circuit: str | os.PathLike | None = None) -> Path:
     """Write the report of the run in ``run_dir`` to ``out`` (default ``run_dir/report.html``)
     and return its path. ``explain`` is the explain stage's folder (default ``run_dir/explain``),
     ``steering`` the folder of the steering sweep's files (default ``run_dir``), ``monitor`` the
-    folder of ``latentaudit monitor evaluate`` (default ``run_dir/monitor-eval``)."""
+    folder of ``latentaudit monitor evaluate`` (default ``run_dir/monitor-eval``), ``circuit``
+    the folder of ``latentaudit circuit`` (default ``run_dir/circuit``)."""
     from latentaudit._io import atomic_open
     from latentaudit.report.context import build_context
     from latentaudit.report.render import render
@@ -58,7 +63,8 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
     run = Path(run_dir)
     sources = Sources(run=run, explain=Path(explain) if explain else run / "explain",
                       steering=Path(steering) if steering else run,
-                      monitor=Path(monitor) if monitor else run / "monitor-eval")
+                      monitor=Path(monitor) if monitor else run / "monitor-eval",
+                      circuit=Path(circuit) if circuit else run / "circuit")
     context = build_context(sources)
     html = render(context)
     path = Path(out) if out else run / REPORT_FILE

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from latentaudit.report.sections import attribution, explain, monitor, pipeline, steering
+from latentaudit.report.sections import attribution, circuit, explain, monitor, pipeline, steering
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,8 @@ class Sources:
     """The folder of the steering sweep's files (default: the run folder)."""
     monitor: Path | None = None
     """The folder of ``latentaudit monitor evaluate`` (default ``run/monitor-eval``)."""
+    circuit: Path | None = None
+    """The folder of ``latentaudit circuit`` (default ``run/circuit``)."""
     run_layers: list[int] | None = None
     """The layers of the run's manifest, once read."""
     run_latents: frozenset[tuple[int, int]] | None = None
@@ -61,6 +63,9 @@ SECTIONS: tuple[Section, ...] = (
             lambda s: attribution.load(s.run), "attribution_latent.html"),
     Section("explain", "Explanations and exactness", "explain.html",
             lambda s: explain.load(s.explain), "explain_latent.html"),
+    Section("circuit", "Circuit", "circuit.html",
+            lambda s: circuit.load(s.circuit or s.run / "circuit", s.run_layers),
+            "circuit_latent.html"),
     Section("steering", "Steering", "steering.html",
             lambda s: steering.load(s.steering, s.run_layers), "steering_latent.html"),
     Section("monitor", "Monitors", "monitor.html",

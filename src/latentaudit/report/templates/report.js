@@ -1,6 +1,7 @@
-/* latentaudit report: sort tables, open a latent's details from the address.
-   #sort=KEY (the column's natural order) or #sort=KEY:asc / :desc sorts the ranked-latents table,
-   also as ?sort=...; #latent-ID opens and shows that latent. No request leaves the page. */
+/* latentaudit report: sort tables, open a latent's details from the address, select a node of the
+   circuit graph. #sort=KEY (the column's natural order) or #sort=KEY:asc / :desc sorts the
+   ranked-latents table, also as ?sort=...; #latent-ID opens and shows that latent; #cnode-L-ID
+   selects a circuit node (its edges stand out, its panel opens). No request leaves the page. */
 (function () {
   "use strict";
   var root = document.documentElement;
@@ -59,6 +60,29 @@
     return true;
   }
 
+  function each(list, fn) { Array.prototype.forEach.call(list, fn); }
+
+  function selectNode(id) {
+    var svg = document.getElementById("circuit-svg");
+    var node = document.getElementById(id);
+    if (!svg || !node || !node.classList || !node.classList.contains("cnode")) { return false; }
+    var near = {};
+    each(svg.querySelectorAll(".cedge"), function (p) {
+      var src = p.getAttribute("data-source"), dst = p.getAttribute("data-target");
+      var on = src === id || dst === id;
+      p.classList.toggle("on", on);
+      if (on) { near[src === id ? dst : src] = true; }
+    });
+    each(svg.querySelectorAll(".cnode"), function (g) {
+      g.classList.toggle("on", g.id === id);
+      g.classList.toggle("near", near[g.id] === true);
+    });
+    svg.classList.add("focus");
+    each(document.querySelectorAll(".cpanel"), function (d) { d.hidden = d.id !== "panel-" + id; });
+    root.setAttribute("data-cnode", id);
+    return true;
+  }
+
   function applyAddress() {
     var parts = (location.search.slice(1) + "&" + location.hash.slice(1)).split("&");
     var table = document.getElementById("ranking");
@@ -66,6 +90,8 @@
       try { part = decodeURIComponent(part); } catch (e) { return; }
       if (part.indexOf("latent-") === 0) {
         openLatent(part);
+      } else if (part.indexOf("cnode-") === 0) {
+        selectNode(part);
       } else if (part.indexOf("sort=") === 0 && table) {
         var spec = part.slice(5).split(":");
         sortTable(table, spec[0], spec[1]);
@@ -98,7 +124,26 @@
   document.addEventListener("click", function (e) {
     var link = e.target.closest ? e.target.closest("a[href^='#latent-']") : null;
     if (link) { openLatent(link.getAttribute("href").slice(1)); }
+    var to = e.target.closest ? e.target.closest("a[href^='#cnode-']") : null;
+    if (to) { selectNode(to.getAttribute("href").slice(1)); }
+    var node = e.target.closest ? e.target.closest("#circuit-svg .cnode") : null;
+    if (node) { selectNode(node.id); }
   });
+  document.addEventListener("keydown", function (e) {
+    var node = e.target.closest ? e.target.closest("#circuit-svg .cnode") : null;
+    if (node && (e.key === "Enter" || e.key === " ")) { e.preventDefault(); selectNode(node.id); }
+  });
+  var slider = document.getElementById("circuit-min");
+  if (slider) {
+    slider.addEventListener("input", function () {
+      var min = Number(slider.value);
+      var shown = document.getElementById("circuit-min-value");
+      if (shown) { shown.textContent = String(min); }
+      each(document.querySelectorAll("#circuit-svg .cedge"), function (p) {
+        p.classList.toggle("weak", Number(p.getAttribute("data-s")) < min);
+      });
+    });
+  }
   window.addEventListener("hashchange", applyAddress);
   applyAddress();
   root.setAttribute("data-ready", "1");

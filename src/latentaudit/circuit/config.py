@@ -1,0 +1,123 @@
+"""Options and result types of the circuit stage (field docstrings double as ``--help`` text)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+from latentaudit.errors import LatentAuditError
+
+MEASURES = ("loss", "pre-activation")
+ROUTES = ("auto", "one-at-a-time")
+ABAR_SOURCES = ("auto", "sae", "dataset", "zero")
+
+
+@dataclass
+class CircuitConfig:
+    """Options of the circuit stage."""
+
+    top_k: int = 10
+    """Targets per layer: the top of the run's ranking at the target layer (unless targets are
+    given), then the upstream latents with the most kept edge weight at each hop down a chain."""
+    measure: str = "loss"
+    """What an edge changes: loss (the target's contribution to the completion's loss, so that an
+    edge is in δ's units) or pre-activation (the target's SAE encoder pre-activation summed over
+    the completion's tokens)."""
+    fraction: float = 0.8
+    """Keep, per target, the strongest incoming edges that hold this share of its total absolute
+    attribution."""
+    max_edges: int = 10
+    """At most this many incoming edges per target (0: no cap)."""
+    abar: str = "auto"
+    """Mean activation ā at the upstream layers: sae (stored with the SAE), dataset (mean over the
+    dataset's own tokens), zero, or auto (sae when the SAE stores one, else dataset)."""
+    batch_size: int = 8
+    """Completions per forward/backward pass."""
+    target_batch: int = 4
+    """Targets whose vector-Jacobian products are stacked in the batch dimension of one pass."""
+    route: str = "auto"
+    """auto: one backward for a stack of targets through a replay of the layers between the two
+    SAEs (checked against the clean activations; falls back by itself); one-at-a-time: one
+    backward per target through the clean pass (the reference)."""
+    lens_tokens: int = 10
+    """Logit-lens tokens kept per node."""
+    examples: bool = False
+    """Run the top-activating-examples pass of explain for layers whose SAE has no cached one
+    (without it, nodes show examples only when the cache has them)."""
+    node_examples: int = 3
+    """Top-activating examples kept per node."""
+    checkpoint_every_batches: int = 20
+    """Save a resumable checkpoint every N batches (0: never by count)."""
+    checkpoint_every_seconds: float = 300.0
+    """Save a resumable checkpoint when S seconds have passed since the last one (0: never by
+    time)."""
+
+    def __post_init__(self) -> None:
+        for flag, value, low in (
+                ("--top-k", self.top_k, 1), ("--max-edges", self.max_edges, 0),
+                ("--batch-size", self.batch_size, 1), ("--target-batch", self.target_batch, 1),
+                ("--lens-tokens", self.lens_tokens, 1), ("--node-examples", self.node_examples, 0),
+                ("--checkpoint-every-batches", self.checkpoint_every_batches, 0),
+                ("--checkpoint-every-seconds", self.checkpoint_every_seconds, 0)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low:
+                raise LatentAuditError(f"{flag} must be at least {low}, got {value!r}.")
+        if isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float)) \
+                or not 0 < self.fraction <= 1:
+            raise LatentAuditError(f"--fraction must be in (0, 1], got {self.fraction!r}.")
+        for flag, value, allowed in (("--measure", self.measure, MEASURES),
+                                     ("--route", self.route, ROUTES),
+                                     ("--abar", self.abar, ABAR_SOURCES)):
+            if value not in allowed:
+                raise LatentAuditError(f"{flag} '{value}' is not one of {', '.join(allowed)}.")
+
+
+@dataclass
+class Hop:
+    """The edges from one upstream layer into the targets of the layer above it."""
+
+    upstream_layer: int
+    target_layer: int
+    targets: list[int]
+    """Target latents at ``target_layer``, in row order of ``edges``."""
+    edges: Float[Tensor, "k d_sae"]
+    """Δ-edge e_{j→i}: mean over pairs of e_{j→i}(C+) − e_{j→i}(C−), every upstream latent j."""
+    keep: Bool[Tensor, "k d_sae"]
+    """The edges pruning keeps."""
+    total: list[float]
+    """Per target, Σ_j |e_{j→i}| over every upstream latent."""
+    kept: list[float]
+    """Per target, Σ_j |e_{j→i}| over the kept edges."""
+    upstream_delta: Float[Tensor, " d_sae"]
+    """Δ-attribution of every upstream latent, from the same passes."""
+    a_bar: Float[Tensor, " d_model"]
+    abar_source: str
+    route: str
+    """How the vector-Jacobian products were taken: stacked or one-at-a-time."""
+    upstream_sae: str
+    """The upstream SAE's file."""
+
+
+@dataclass
+class CircuitResult:
+    """What :func:`~latentaudit.circuit.trace_circuit` computed, as written to ``out``."""
+
+    hops: list[Hop]
+    """From the run's layer downwards."""
+    graph: dict[str, Any]
+    """The content of circuit.json."""
+    out: Path
+    tensors: dict[str, Tensor] = field(default_factory=dict)
+    """The arrays of circuit.safetensors."""
+
+    @property
+    def nodes(self) -> list[dict[str, Any]]:
+        return self.graph["nodes"]
+
+    @property
+    def edges(self) -> list[dict[str, Any]]:
+        return self.graph["edges"]
+

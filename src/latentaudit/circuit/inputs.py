@@ -1,0 +1,154 @@
+"""Check every input of the circuit stage before the model loads (step 1 of the package docstring).
+
+The run folder and its target layer, the targets, the run's SAE and dataset, the upstream SAEs
+and their layers (each below the one above it, one d_model), the options, the output folder and,
+with ``examples``, the reference text: each problem is one error naming its file, field or flag.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from latentaudit.attribution.plan import config_file, saes_by_layer
+from latentaudit.circuit.config import CircuitConfig
+from latentaudit.errors import LatentAuditError
+from latentaudit.explain.config import ExplainConfig
+from latentaudit.explain.run import RunFolder, choose_latents, read_run
+from latentaudit.saes.sae import SAE
+
+log = logging.getLogger(__name__)
+
+SAESource = SAE | str | os.PathLike
+Upstream = SAESource | Sequence[SAESource] | Mapping[int, SAESource]
+"""One upstream SAE, several (each at the layer it records, or at ``upstream_layers``), or
+{layer: SAE}."""
+
+
+@dataclass
+class Inputs:
+    """Everything the circuit stage needs that does not depend on the model."""
+
+    run: RunFolder
+    layer: int
+    """The target layer (a layer of the run)."""
+    targets: list[int]
+    """Target latents at ``layer``, in ranking order (or as given)."""
+    given: bool
+    target_sae: SAE
+    upstream: dict[int, SAE]
+    """Upstream SAEs by layer, highest first: the order of the hops down the chain."""
+    data: list
+    pairing: Any
+    dataset: dict[str, str] | None
+    positions: str
+    model_name: str
+    explain_cfg: ExplainConfig
+    """The options of the examples pass whose cache node examples are read from: the run's
+    explain options when it has them."""
+
+
+def check_inputs(run: str | os.PathLike, upstream: Upstream,
+                 upstream_layers: int | Sequence[int] | None, cfg: CircuitConfig, *,
+                 layer: int | None = None, targets: Sequence[int] | None = None,
+                 sae: SAESource | None = None, data: str | os.PathLike | None = None,
+                 model_name: str | None = None) -> Inputs:
+    """Read the run and every input of the stage, with one clear error for any problem."""
+    from latentaudit.explain.engine import _load_sae
+    from latentaudit.models.embedded import canonical
+
+    folder = read_run(run)
+    try:
+        chosen = choose_latents(folder, cfg.top_k, targets, layer)
+    except LatentAuditError as err:
+        raise LatentAuditError(str(err).replace("--latents", "--targets")) from None
+    if len(chosen) > 1:
+        raise LatentAuditError(f"the run {folder.path} has layers "
+                               f"{', '.join(map(str, chosen))}: pass --layer with the layer of "
+                               "the targets.")
+    (target_layer, ids), = chosen.items()
+    if sae is not None and not isinstance(sae, SAE):
+        sae = str(sae)
+    target_sae = _load_sae(folder, target_layer, sae)
+    ups = upstream_saes(upstream, upstream_layers, target_layer, target_sae)
+    rows, pairing, dataset = _load_data(folder, data)
+    name = canonical(model_name or folder.model_name)
+    return Inputs(folder, target_layer, ids, targets is not None, target_sae, ups, rows,
+                  pairing, dataset, folder.option.get("positions", "all"), name,
+                  explain_config(folder))
+
+
+def upstream_saes(upstream: Upstream, layers: int | Sequence[int] | None, target_layer: int,
+                  target_sae: SAE) -> dict[int, SAE]:
+    """{layer: SAE}, highest layer first, each below the target layer and fitting its d_model."""
+    from latentaudit.attribution.plan import _load
+
+    if isinstance(upstream, Mapping):
+        if layers is not None:
+            raise LatentAuditError("Pass either {layer: SAE} or upstream layers, not both.")
+        layers = list(upstream)
+        upstream = list(upstream.values())
+    elif isinstance(upstream, (SAE, str, os.PathLike)):
+        upstream = [upstream]
+    if not upstream:
+        raise LatentAuditError("--upstream-sae is missing: give the SAE of an earlier layer.")
+    try:
+        by_layer = saes_by_layer([_load(s) for s in upstream], layers)
+    except LatentAuditError as err:
+        raise LatentAuditError(str(err).replace("--layer", "--upstream-layer")
+                               .replace("(--sae)", "(--upstream-sae)")) from None
+    for L, s in by_layer.items():
+        if L >= target_layer:
+            raise LatentAuditError(
+                f"--upstream-layer {L} ({config_file(s)}) is not below the targets' layer "
+                f"{target_layer}: give SAEs of earlier layers.")
+        if s.d_model != target_sae.d_model:
+            raise LatentAuditError(
+                f"{config_file(s)} has d_model={s.d_model} but the run's SAE has "
+                f"d_model={target_sae.d_model}: give an SAE of the run's model.")
+    return dict(sorted(by_layer.items(), reverse=True))
+
+
+def _load_data(run: RunFolder, data):
+    from latentaudit.data.behaviour import dataset_hash, load_pairs
+    from latentaudit.explain.engine import _run_file
+
+    if data is not None and not Path(data).is_file():
+        raise LatentAuditError(f"--data {data}: no such file.")
+    path = data or _run_file(run)
+    if path is None:
+        raise LatentAuditError(f"{run.path / 'manifest.json'} names no dataset file (field "
+                               "'dataset'): pass --data.")
+    if not Path(path).is_file():
+        raise LatentAuditError(f"the run's dataset {path} (field 'dataset.path' of "
+                               f"{run.path / 'manifest.json'}) does not exist: pass --data.")
+    want = (run.manifest.get("dataset") or {}).get("sha256")
+    got = dataset_hash(path)
+    if want and got != want:
+        log.warning("%s is not the file the run attributed (sha256 differs): the circuit "
+                    "describes this file", path)
+    rows, pairing = load_pairs(path, run.option.get("pairing", "all"))
+    return rows, pairing, {"path": str(path), "sha256": got}
+
+
+def explain_config(run: RunFolder) -> ExplainConfig:
+    """The explain options the run's ``explain/manifest.json`` records (defaults otherwise), so
+    node examples come from the same cached pass."""
+    import json
+
+    path = run.path / "explain" / "manifest.json"
+    options: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            options = json.loads(path.read_text(encoding="utf-8")).get("options") or {}
+        except (json.JSONDecodeError, AttributeError):
+            options = {}
+    known = {f.name for f in fields(ExplainConfig)}
+    try:
+        return ExplainConfig(**{k: v for k, v in options.items() if k in known})
+    except (LatentAuditError, TypeError):
+        return ExplainConfig()
