@@ -80,15 +80,17 @@ class SampleConfig:
     seed: int = 0
     """Base seed; each (prompt_id, sample_index) derives its own, so runs are reproducible."""
     batch_size: int = 8
-    """Completions generated together (does not change the results)."""
+    """Completions generated together (does not change the results; 0 or auto: chosen from free
+    device memory)."""
     system: str | None = None
     """System prompt for prompts that do not carry their own."""
 
     def __post_init__(self) -> None:
         self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         for flag, value, low in (("--n", self.n, 1), ("--max-new-tokens", self.max_new_tokens, 1),
-                                 ("--batch-size", self.batch_size, 1), ("--seed", self.seed, None)):
-            if isinstance(value, bool) or not isinstance(value, int) or (low and value < low):
+                                 ("--batch-size", self.batch_size, 0), ("--seed", self.seed, None)):
+            if isinstance(value, bool) or not isinstance(value, int) or (
+                    low is not None and value < low):
                 raise LatentAuditError(f"{flag} must be a whole number{f' ≥ {low}' if low else ''}"
                                        f", got {value!r}.")
         if not self.temperature >= 0:

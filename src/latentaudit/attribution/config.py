@@ -20,7 +20,7 @@ class AttributionConfig:
     """Options of the attribution stage."""
 
     batch_size: int = 8
-    """Completions per forward/backward pass."""
+    """Completions per forward/backward pass (0 or auto: chosen from free device memory)."""
     abar: str = "auto"
     """Mean activation ā for mean ablation: sae (stored with the SAE), dataset (mean over the
     dataset's own tokens), zero, or auto (sae when the SAE stores one, else dataset)."""
@@ -40,7 +40,7 @@ class AttributionConfig:
     time)."""
 
     def __post_init__(self) -> None:
-        _at_least("--batch-size", self.batch_size, 1)
+        _at_least("--batch-size", self.batch_size, 0)
         _one_of("--abar", self.abar, ABAR_SOURCES)
         _one_of("--positions", self.positions, POSITIONS)
         _one_of("--pairing", self.pairing, PAIRINGS)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from latentaudit.cli import field_docs
+from latentaudit.cli import DEVICE_HELP, batch_size_arg, field_docs
 
 NAME = "attribute"
 HELP = "Rank SAE latents by gradient attribution (Δ-attribution) on a behaviour dataset."
@@ -29,8 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "defaults to the layer recorded in the SAE. Repeat to match each --sae.")
     p.add_argument("--data", required=True, help="Behaviour dataset (JSONL).")
     p.add_argument("--out", required=True, help="Output folder.")
-    p.add_argument("--batch-size", type=int, default=8, help=doc["batch_size"])
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps.")
+    p.add_argument("--batch-size", type=batch_size_arg, default=8, help=doc["batch_size"])
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--dtype", default="float32", help="Model dtype: float32 or bfloat16.")
     p.add_argument("--abar", default="auto", choices=["auto", "sae", "dataset", "zero"],
                    help=doc["abar"])
