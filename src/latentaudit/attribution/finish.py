@@ -24,12 +24,16 @@ from latentaudit.attribution.config import (
 )
 from latentaudit.attribution.math import center, deltas_from_moments
 from latentaudit.attribution.plan import Inputs, Plan
+from latentaudit.batching import free_memory
 from latentaudit.errors import LatentAuditError
 from latentaudit.explain.lens import logit_lens, token_strings, unembedding
 from latentaudit.models.load import LoadedModel
 from latentaudit.saes.sae import SAE
+from latentaudit.saes.stream import direction_chunks, latent_chunk
 
 LENS_TOKENS = 10
+DEFAULT_CHUNK = 65536
+"""Latents per chunk of the final contraction when the SAE is on the device."""
 
 
 def finish(model: LoadedModel, inputs: Inputs, plan: Plan, sums: Sums,
@@ -55,14 +59,28 @@ def layer_result(layer: int, sae: SAE, acc: Accumulators,
     """Δ-attribution and Δ-activation at one layer from its accumulators."""
     a_bar, source = choose_abar(cfg.abar, sae, acc)
     M = center(acc.M_raw, acc.g_sum, a_bar)
-    dirs = sae.decoder_directions().to(M.device)
     n_pos, n_neg = acc.counts[1].clamp_min(1), acc.counts[2].clamp_min(1)
     activation = ((acc.f_pos / n_pos - acc.f_neg / n_neg).float().cpu()
                   if cfg.delta_activation else None)
     return LayerAttribution(
-        layer=layer, delta_attribution=deltas_from_moments(M, dirs).cpu(),
+        layer=layer, delta_attribution=contract(M, sae, cfg.sae_chunk).cpu(),
         delta_activation=activation, moment_matrix=M.float().cpu(), a_bar=a_bar.float().cpu(),
         abar_source=source, sae=sae.info)
+
+
+def contract(M: Tensor, sae: SAE, chunk: int = 0,
+             dtype: torch.dtype = torch.float32) -> Tensor:
+    """Δ-attribution −d_iᵀ M d_i of every latent on M's device, the decoder streamed in chunks
+    of ``chunk`` latents (0: 65,536 when the SAE is on M's device, else sized from free memory);
+    each latent's value does not depend on the chunking."""
+    if not chunk:
+        free = free_memory(M.device)
+        chunk = DEFAULT_CHUNK if sae.W_dec.device == M.device or free is None \
+            else latent_chunk(sae, free)
+    out = torch.empty(sae.d_sae, dtype=dtype, device=M.device)
+    for s, d in direction_chunks(sae, chunk, M.device, dtype):
+        out[s:s + d.shape[0]] = deltas_from_moments(M, d, dtype=dtype)
+    return out
 
 
 def choose_abar(source: str, sae: SAE, acc: Accumulators) -> tuple[Tensor, str]:
@@ -92,7 +110,7 @@ def ranking(layers: dict[int, LayerAttribution], saes: dict[int, SAE], model: Lo
         if act is not None:
             act_rank = torch.empty_like(act, dtype=torch.long)
             act_rank[act.argsort(descending=True)] = torch.arange(act.numel())
-        dirs = saes[L].decoder_directions()[top]  # (k, D)
+        dirs = saes[L].decoder_directions(rows=top)  # (k, D)
         lens = logit_lens(dirs.to(W_U.device), W_U, k=LENS_TOKENS)
         for rank, (latent, ids) in enumerate(zip(top, lens.token_ids.tolist(), strict=True), 1):
             rows.append(RankedLatent(
