@@ -69,7 +69,7 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
             f"--dtype '{dtype}' is not one of {', '.join(sorted(DTYPES))}.") from None
 
 
-DEVICES = "auto, auto-map, cpu, cuda, cuda:N or mps"
+DEVICES = "auto, cpu, cuda, cuda:N, mps or auto-map"
 AUTO_MAP = "auto-map"
 """The --device value that spreads the model over every visible GPU (device_map="auto")."""
 
