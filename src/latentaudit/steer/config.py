@@ -70,6 +70,12 @@ class SteerConfig:
     logodds_only: bool = False
     """Run only the log-odds check (no sampling, no judge): a cheap first look."""
 
+    @property
+    def forward_batch(self) -> int:
+        """Rows per forward-only pass (residual norm, log-odds, model diff): ``batch_size``, or
+        32 when generation batches are sized automatically (those passes are light)."""
+        return self.batch_size or 32
+
     def __post_init__(self) -> None:
         self.methods, self.directions = tuple(self.methods), tuple(self.directions)
         self.strengths = tuple(float(s) for s in self.strengths)
