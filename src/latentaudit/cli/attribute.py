@@ -40,6 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-delta-activation", action="store_true",
                    help="Skip the Δ-activation baseline (saves one SAE encoder pass).")
     p.add_argument("--top-k", type=int, default=100, help=doc["top_k"])
+    p.add_argument("--sae-chunk", type=int, default=0, metavar="N", help=doc["sae_chunk"])
     p.add_argument("--checkpoint-every-batches", type=int, default=20, metavar="N",
                    help=doc["checkpoint_every_batches"])
     p.add_argument("--checkpoint-every-seconds", type=float, default=300.0, metavar="S",
@@ -52,7 +53,7 @@ def config_from_args(args: argparse.Namespace):
     from latentaudit.attribution import AttributionConfig
 
     return AttributionConfig(batch_size=args.batch_size, abar=args.abar, positions=args.positions,
-                             pairing=args.pairing, top_k=args.top_k,
+                             pairing=args.pairing, top_k=args.top_k, sae_chunk=args.sae_chunk,
                              delta_activation=not args.no_delta_activation,
                              checkpoint_every_batches=args.checkpoint_every_batches,
                              checkpoint_every_seconds=args.checkpoint_every_seconds)
