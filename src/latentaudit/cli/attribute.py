@@ -31,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="Output folder.")
     p.add_argument("--batch-size", type=batch_size_arg, default=8, help=doc["batch_size"])
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    p.add_argument("--dtype", default="float32", help="Model dtype: float32 or bfloat16.")
+    p.add_argument("--dtype", default="float32", help="Model dtype: float32, bfloat16 or float16.")
     p.add_argument("--abar", default="auto", choices=["auto", "sae", "dataset", "zero"],
                    help=doc["abar"])
     p.add_argument("--positions", default="all", choices=["all", "completion"],

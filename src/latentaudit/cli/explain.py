@@ -65,7 +65,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", help="Folder of the top-activating-examples cache (default "
                                        "$LATENTAUDIT_CACHE or ~/.cache/latentaudit).")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    p.add_argument("--dtype", default="float32", help="Model dtype: float32 or bfloat16.")
+    p.add_argument("--dtype", default="float32", help="Model dtype: float32, bfloat16 or float16.")
     p.add_argument("--show", type=int, default=10, help="Latents printed in the summary.")
 
 

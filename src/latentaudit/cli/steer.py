@@ -66,7 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                         "(--methods ...,model-diff).")
     p.add_argument("--out", help="Output folder (default: the run folder).")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    p.add_argument("--dtype", default="float32", help="Model dtype: float32 or bfloat16.")
+    p.add_argument("--dtype", default="float32", help="Model dtype: float32, bfloat16 or float16.")
     p.add_argument("--top-k", type=int, default=10, help=doc["top_k"])
     p.add_argument("--methods", type=_names, default=("attribution", "activation", "random"),
                    help=doc["methods"] + " Comma-separated.")
