@@ -105,6 +105,10 @@ def main() -> None:
     print(f"forward+backward+moments:   {n_tok / t_mom:>10,.0f} tokens/s   peak +{gib(m_mom)}   "
           f"ratio {t_bare / t_mom:.3f} (target >= 0.9; independent of d_sae)")
 
+    print(f"\nmeasured on {n_tok:,} tokens (latentaudit = fwd+bwd+moments + one contraction):")
+    print(f"{'d_sae':>9} | {'latentaudit':>11} {'ratio':>6} | {'spliced':>9} {'ratio':>6} | "
+          f"{'contract s':>10} | peak above model+SAE: {'latentaudit':>11} {'spliced':>10} "
+          f"{'less':>6}", flush=True)
     rows = []
     for d_sae in args.d_sae:
         sae = random_sae(D, d_sae, device)
@@ -139,20 +143,14 @@ def main() -> None:
         except torch.OutOfMemoryError:
             t_spl, m_spl = float("inf"), float("nan")
         rows.append((d_sae, t_con, m_con, t_spl, m_spl))
-        del sae
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-
-    print(f"\nmeasured on {n_tok:,} tokens (latentaudit = fwd+bwd+moments + one contraction):")
-    print(f"{'d_sae':>9} | {'latentaudit':>11} {'ratio':>6} | {'spliced':>9} {'ratio':>6} | "
-          f"{'contract s':>10} | peak above model+SAE: {'latentaudit':>11} {'spliced':>10} "
-          f"{'less':>6}")
-    for d_sae, t_con, m_con, t_spl, m_spl in rows:
         la = t_mom + t_con
         m_la = max(m_mom, m_con)
         print(f"{d_sae:>9,} | {n_tok / la:>11,.0f} {t_bare / la:>6.3f} | {n_tok / t_spl:>9,.1f} "
               f"{t_bare / t_spl:>6.3f} | {t_con:>10.3f} | {'':>21} {gib(m_la):>11} "
-              f"{gib(m_spl):>10} {m_spl / max(m_la, 1):>5.1f}x")
+              f"{gib(m_spl):>10} {m_spl / max(m_la, 1):>5.1f}x", flush=True)
+        del sae
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     N = args.project_tokens
     print(f"\nprojected to a run of {N:,} tokens (per-token costs above, contraction once):")
     print(f"{'d_sae':>9} | {'latentaudit':>11} {'ratio':>6} | {'spliced':>9} {'ratio':>6} | "
