@@ -11,6 +11,7 @@ import torch
 
 CONFIGS = {
     # name: (model_type, hidden, intermediate, layers, heads, kv heads, head dim, vocab, extra)
+    "small": ("llama", 256, 688, 4, 4, 2, None, 8192, dict(tie_word_embeddings=True)),
     "qwen2.5-0.5b": ("qwen2", 896, 4864, 24, 14, 2, None, 151936,
                      dict(tie_word_embeddings=True, rope_theta=1e6)),
     "qwen2.5-1.5b": ("qwen2", 1536, 8960, 28, 12, 2, None, 151936,
@@ -19,7 +20,8 @@ CONFIGS = {
                    dict(final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
                         query_pre_attn_scalar=256, sliding_window=4096)),
 }
-"""Architectures by name, from their published configs (the weights here are random)."""
+"""Architectures by name, from their published configs (the weights here are random); "small"
+is a 256-wide Llama-style model for quick runs on a CPU."""
 
 
 def model_config(name: str, layers: int | None = None):

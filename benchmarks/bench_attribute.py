@@ -18,7 +18,7 @@ so on few tokens it dominates), and the peak memory each route adds above the re
 and SAE (CUDA allocator statistics on a GPU, sampled resident memory on the CPU).
 
 Usage:
-  python benchmarks/bench_attribute.py --layers 2 --batch 2 --seq 64 --batches 2   # CPU
+  python benchmarks/bench_attribute.py --config small --layers 2 --batch 2 --seq 32  # CPU
   python benchmarks/bench_attribute.py --device cuda --config qwen2.5-1.5b          # GPU
 """
 

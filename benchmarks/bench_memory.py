@@ -8,7 +8,7 @@ Prints per size the peak memory above the resident model and SAE (CUDA allocator
 GPU, sampled resident memory on the CPU) and the throughput.
 
 Usage:
-  python benchmarks/bench_memory.py --layers 2 --sizes 16 64 256 --d-sae 16384   # CPU
+  python benchmarks/bench_memory.py --config small --layers 2 --sizes 8 32 128 --seq 32  # CPU
   python benchmarks/bench_memory.py --device cuda --config qwen2.5-1.5b --d-sae 1048576 \
       --sizes 64 256 1024 --batch 16 --seq 256                                     # GPU
 """
