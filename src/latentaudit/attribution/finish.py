@@ -32,8 +32,10 @@ from latentaudit.saes.sae import SAE
 from latentaudit.saes.stream import direction_chunks, latent_chunk
 
 LENS_TOKENS = 10
-DEFAULT_CHUNK = 65536
-"""Latents per chunk of the final contraction when the SAE is on the device."""
+CHUNK_ELEMENTS = 1 << 24
+"""Elements of one chunk of unit decoder rows in the final contraction (64 MiB in float32: its
+three transient tensors stay under 200 MiB whatever d_sae and d_model, and a chunk of 2,048
+rows of d_model 8,192 still runs the matmul at full speed)."""
 
 
 def finish(model: LoadedModel, inputs: Inputs, plan: Plan, sums: Sums,
@@ -71,12 +73,13 @@ def layer_result(layer: int, sae: SAE, acc: Accumulators,
 def contract(M: Tensor, sae: SAE, chunk: int = 0,
              dtype: torch.dtype = torch.float32) -> Tensor:
     """Δ-attribution −d_iᵀ M d_i of every latent on M's device, the decoder streamed in chunks
-    of ``chunk`` latents (0: 65,536 when the SAE is on M's device, else sized from free memory);
-    each latent's value does not depend on the chunking."""
+    of ``chunk`` latents (0: CHUNK_ELEMENTS / d_model when the SAE is on M's device, else sized
+    from free memory, at most that); each latent's value does not depend on the chunking."""
     if not chunk:
         free = free_memory(M.device)
-        chunk = DEFAULT_CHUNK if sae.W_dec.device == M.device or free is None \
-            else latent_chunk(sae, free)
+        chunk = max(1, CHUNK_ELEMENTS // sae.d_model)  # 64 MiB per float32 chunk tensor
+        if sae.W_dec.device != M.device and free is not None:
+            chunk = min(chunk, latent_chunk(sae, free))
     out = torch.empty(sae.d_sae, dtype=dtype, device=M.device)
     for s, d in direction_chunks(sae, chunk, M.device, dtype):
         out[s:s + d.shape[0]] = deltas_from_moments(M, d, dtype=dtype)
