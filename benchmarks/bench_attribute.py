@@ -1,169 +1,125 @@
-"""Attribution throughput on the default model's architecture (Qwen2.5-0.5B), random weights.
+"""Attribution against a bare forward + backward and against the spliced-SAE way, per d_sae.
 
-Prints, for the same batches, in one process:
-1. bare forward + backward (the same loss, backward to the hooked activation, nothing else) vs
-   latentaudit's attribution without Δ-activation: the throughput ratio (target ≥ 0.9);
-2. for d_sae in --d-sae (random SAEs), the SAE-side cost of three routes on the same gradients:
-   latentaudit's moment matrix (accumulate Σ g aᵀ per batch, one contraction with the decoder at the
-   end), the naive per-token δ (two [tokens × d_sae] matmuls per batch) and the spliced SAE (encode
-   through the SAE inside the forward, backward to the latent activations); plus Δ-activation's
-   encoder pass, timed separately.
+A random-weight model of a named architecture (``--config``, built from its config, no
+downloads), hooked at its middle layer, and random TopK SAEs of each ``--d-sae``. One process
+measures, on the same batches:
 
-Usage: python benchmarks/bench_attribute.py [--device cuda] [--layers 24] [--batch 8] [--seq 128]
-       [--d-sae 4096 65536 1048576]
+1. bare forward + backward: the same completion loss, backward to the hooked activation, nothing
+   else (the floor any gradient method pays);
+2. latentaudit's attribution: the same pass plus the per-batch moments Σ w g aᵀ (d_model ×
+   d_model, independent of d_sae) and, once per run, the contraction −d_iᵀ M d_i with the
+   decoder (streamed in chunks);
+3. the spliced-SAE way: the SAE encodes inside the forward (the latents are leaves that need
+   their gradient), the backward runs to the latents, attribution = −Σ_t g_f · f.
+
+Per d_sae it prints throughput (tokens/s) and the ratio to the bare pass, measured on the
+benchmark's tokens and projected to ``--project-tokens`` (the contraction is paid once per run,
+so on few tokens it dominates), and the peak memory each route adds above the resident model
+and SAE (CUDA allocator statistics on a GPU, sampled resident memory on the CPU).
+
+Usage:
+  python benchmarks/bench_attribute.py --config small --layers 2 --batch 2 --seq 32  # CPU
+  python benchmarks/bench_attribute.py --device cuda --config qwen2.5-1.5b          # GPU
 """
 
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
+from _common import CONFIGS, gib, peak_of, random_model, random_sae, timed
+from latentaudit.attribution.accumulate import Accumulators, forward_backward, layer_sums
+from latentaudit.attribution.finish import contract
+from latentaudit.attribution.math import center, completion_losses
+from latentaudit.data.tokens import collate
+from latentaudit.models.hooks import resid_hooks
+from latentaudit.models.load import parse_dtype
+
 
 def qwen_config(layers: int):
-    from transformers import AutoConfig
+    """The default model's architecture (Qwen2.5-0.5B) with ``layers`` decoder layers."""
+    from _common import model_config
 
-    return AutoConfig.for_model(
-        "qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=layers,
-        num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
-        max_position_embeddings=32768, tie_word_embeddings=True, rope_theta=1e6)
+    return model_config("qwen2.5-0.5b", layers)
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+def make_batches(n: int, rows: int, seq: int, vocab: int, device):
+    g = torch.Generator().manual_seed(0)
+    half = seq // 2
+    return [collate([(torch.randint(0, vocab, (half,), generator=g).tolist(),
+                      torch.randint(0, vocab, (half - (b % 4),), generator=g).tolist())
+                     for b in range(rows)], pad_id=0).to(device) for _ in range(n)]
 
 
-def timed(fn, device, repeat: int) -> float:
-    fn()  # warm-up
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(repeat):
-        fn()
-    sync(device)
-    return (time.perf_counter() - start) / repeat
-
-
-def random_sae(d_model, d_sae, device, dtype):
-    from latentaudit.saes.sae import SAE, SAEInfo
-
-    W_dec = torch.randn(d_sae, d_model, device=device, dtype=dtype) / d_model**0.5
-    return SAE(W_dec.T.contiguous(), torch.zeros(d_sae, device=device, dtype=dtype), W_dec,
-               torch.zeros(d_model, device=device, dtype=dtype),
-               SAEInfo(activation="topk", k=32), mean_activation=torch.zeros(d_model, device=device,
-                                                                              dtype=dtype))
+def less(other: float, ours: float) -> str:
+    """How many times less memory ours takes ("-" below the 1 MiB the CPU sampling resolves)."""
+    return "-" if ours < 2**20 else f"{other / ours:.1f}x"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
-    ap.add_argument("--layers", type=int, default=None, help="Decoder layers (default 24 on "
-                    "CUDA, 4 on CPU).")
-    ap.add_argument("--layer", type=int, default=None, help="Hooked layer (default: middle).")
+    ap.add_argument("--dtype", default=None, help="Default: bfloat16 on CUDA, else float32.")
+    ap.add_argument("--config", default="qwen2.5-0.5b", choices=sorted(CONFIGS))
+    ap.add_argument("--layers", type=int, default=None,
+                    help="Decoder layers (default: the architecture's own).")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128, help="Tokens per sequence (half completion).")
     ap.add_argument("--batches", type=int, default=4)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--d-sae", type=int, nargs="+", default=[4096, 65536, 1048576])
-    ap.add_argument("--project-tokens", type=int, default=100_000,
+    ap.add_argument("--d-sae", type=int, nargs="+", default=[16384, 131072, 1048576])
+    ap.add_argument("--project-tokens", type=int, default=1_000_000,
                     help="Dataset size for the projected whole-run throughput.")
     args = ap.parse_args()
 
-    from transformers import AutoModelForCausalLM
-
-    from latentaudit.attribution.accumulate import (
-        Accumulators,
-        _accumulate,
-        _forward_backward,
-        _latent_sums,
-    )
-    from latentaudit.attribution.math import (
-        center,
-        completion_losses,
-        deltas_from_moments,
-        token_deltas,
-    )
-    from latentaudit.data.tokens import collate
-    from latentaudit.models.hooks import resid_hooks, run_until
-    from latentaudit.models.load import parse_dtype
-
     device = torch.device(args.device)
-    dtype = parse_dtype(args.dtype)
-    n_layers = args.layers or (24 if device.type == "cuda" else 4)
-    layer = args.layer if args.layer is not None else n_layers // 2
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(qwen_config(n_layers), dtype=dtype).to(device)
-    model.eval().requires_grad_(False)
-    D = model.config.hidden_size
-    half = args.seq // 2
-    g = torch.Generator().manual_seed(0)
-    batches = [collate([(torch.randint(0, 150000, (half,), generator=g).tolist(),
-                         torch.randint(0, 150000, (half - (b % 4),), generator=g).tolist())
-                        for b in range(args.batch)], pad_id=0).to(device)
-               for _ in range(args.batches)]
+    dtype = parse_dtype(args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    model = random_model(args.config, args.layers, dtype, device)
+    n_layers, D = model.config.num_hidden_layers, model.config.hidden_size
+    layer = n_layers // 2
+    batches = make_batches(args.batches, args.batch, args.seq, model.config.vocab_size, device)
     weights = torch.tensor([1.0, -1.0] * (args.batch // 2) + [1.0] * (args.batch % 2),
                            device=device) / args.batch
     positive = weights > 0
     n_tok = sum(int(b.attention_mask.sum()) for b in batches)
-    print(f"device {device}, dtype {dtype}, {n_layers} layers (hook {layer}), d_model {D}, "
-          f"{args.batches} batches × {args.batch} × {args.seq} tokens ({n_tok} tokens)")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"device {name}, dtype {dtype}, {args.config} architecture (random weights), "
+          f"{n_layers} layers (hook {layer}), d_model {D}, {args.batches} batches × "
+          f"{args.batch} × {args.seq} tokens ({n_tok} tokens)")
 
     def bare():
         for b in batches:
-            _forward_backward(model, b, [layer], True)
+            forward_backward(model, b, [layer], True)
 
-    def attribution(sae, with_activation=False):
-        acc = Accumulators(D, sae.d_sae, device)
+    def moments():
+        acc = Accumulators(D, 1, device)
         for b in batches:
-            _, per = _forward_backward(model, b, [layer], True)
-            a, gr = per[layer]
-            _accumulate(acc, sae if with_activation else None, a, gr, weights,
-                        b.attention_mask.bool(), b, positive)
-        M = center(acc.M_raw, acc.g_sum, sae.mean_activation.double())
-        return deltas_from_moments(M, sae.decoder_directions())
+            _, per = forward_backward(model, b, [layer], True)
+            a, g = per[layer]
+            acc.add(layer_sums(None, a, g, weights, b.attention_mask.bool(), b, positive))
+        return acc
 
     t_bare = timed(bare, device, args.repeat)
-    sae4k = random_sae(D, 4096, device, torch.float32)
-    t_attr = timed(lambda: attribution(sae4k), device, args.repeat)
-    print(f"\nbare forward+backward:            {n_tok / t_bare:>10,.0f} tokens/s")
-    print(f"attribution (d_sae 4k, no Δ-act): {n_tok / t_attr:>10,.0f} tokens/s   "
-          f"ratio {t_bare / t_attr:.3f} (target >= 0.9)")
+    t_mom = timed(moments, device, args.repeat)
+    m_bare = peak_of(bare, device)
+    m_mom = peak_of(moments, device)
+    acc = moments()
+    M = center(acc.M_raw, acc.g_sum, torch.zeros(D, dtype=torch.float64, device=device))
+    print(f"\nbare forward+backward:      {n_tok / t_bare:>10,.0f} tokens/s   peak +{gib(m_bare)}")
+    print(f"forward+backward+moments:   {n_tok / t_mom:>10,.0f} tokens/s   peak +{gib(m_mom)}   "
+          f"ratio {t_bare / t_mom:.3f} (target >= 0.9; independent of d_sae)")
 
-    cached = []  # the same activations and gradients for every route's SAE-side cost
-    for b in batches:
-        _, per = _forward_backward(model, b, [layer], True)
-        cached.append((b, *per[layer]))
+    print(f"\nmeasured on {n_tok:,} tokens (latentaudit = fwd+bwd+moments + one contraction):")
+    print(f"{'d_sae':>9} | {'latentaudit':>11} {'ratio':>6} | {'spliced':>9} {'ratio':>6} | "
+          f"{'contract s':>10} | peak above model+SAE: {'latentaudit':>11} {'spliced':>10} "
+          f"{'less':>6}", flush=True)
     rows = []
-    print(f"\n{'d_sae':>9} | full pipeline tokens/s: {'latentaudit':>11} {'naive':>9} "
-          f"{'spliced':>9} | SAE side only (s): {'moments':>8} {'contract':>8} {'naive':>8} "
-          f"| Δ-act pass tok/s")
     for d_sae in args.d_sae:
-        sae = random_sae(D, d_sae, device, torch.float32)
-        dirs = sae.decoder_directions()
-        rep = 1 if d_sae > 100_000 else args.repeat
-
-        def moments_only(sae=sae):
-            acc = Accumulators(D, sae.d_sae, device)
-            for b, a, gr in cached:
-                _accumulate(acc, None, a, gr, weights, b.attention_mask.bool(), b, positive)
-            return acc
-
-        acc = moments_only()
-        M = center(acc.M_raw, acc.g_sum, sae.mean_activation.double())
-
-        def naive_only(sae=sae, dirs=dirs):
-            total = torch.zeros(sae.d_sae, device=device)
-            for b, a, gr in cached:
-                m = b.attention_mask.bool()
-                for row in range(a.shape[0]):
-                    idx = m[row].nonzero().squeeze(1)
-                    for s in range(0, idx.numel(), 256):
-                        j = idx[s:s + 256]
-                        total += token_deltas(gr[row, j], a[row, j], sae.mean_activation,
-                                              dirs).sum(0) * weights[row]
-            return total
+        sae = random_sae(D, d_sae, device)
+        rep = 1 if d_sae > 200_000 and device.type == "cpu" else args.repeat
+        t_con = timed(lambda sae=sae: contract(M, sae), device, rep)
+        m_con = peak_of(lambda sae=sae: contract(M, sae), device)
 
         def spliced(sae=sae):
             total = torch.zeros(sae.d_sae, device=device)
@@ -186,44 +142,32 @@ def main() -> None:
                 total += -(gf * store["f"].detach()).sum((0, 1))
             return total
 
-        def activation_pass(sae=sae):
-            for b in batches:
-                a = run_until(model, [layer], input_ids=b.input_ids,
-                              attention_mask=b.attention_mask, position_ids=b.position_ids)[layer]
-                comp = b.completion_mask
-                _latent_sums(sae, a[comp], positive[:, None].expand_as(comp)[comp])
-
-        t_mom = timed(moments_only, device, rep)
-        t_con = timed(lambda M=M, dirs=dirs: deltas_from_moments(M, dirs), device, rep)
-        t_nai = timed(naive_only, device, rep)
         try:
-            t_spl = timed(spliced, device, rep)
+            t_spl = timed(spliced, device, rep, warmup=rep > 1)
+            m_spl = peak_of(spliced, device)
         except torch.OutOfMemoryError:
-            t_spl = float("inf")
-        t_act = timed(activation_pass, device, rep)
-        full = t_bare + t_mom + t_con
-        print(f"{d_sae:>9,} | {'':>22} {n_tok / full:>11,.0f} {n_tok / (t_bare + t_nai):>9,.0f} "
-              f"{n_tok / t_spl:>9,.0f} | {'':>18} {t_mom:>8.3f} {t_con:>8.3f} {t_nai:>8.3f} "
-              f"| {n_tok / t_act:,.0f}")
-        rows.append((d_sae, t_mom, t_con, t_nai, t_spl))
-        del sae, dirs, M
+            t_spl, m_spl = float("inf"), float("nan")
+        rows.append((d_sae, t_con, m_con, t_spl, m_spl))
+        la = t_mom + t_con
+        m_la = max(m_mom, m_con)
+        print(f"{d_sae:>9,} | {n_tok / la:>11,.0f} {t_bare / la:>6.3f} | {n_tok / t_spl:>9,.1f} "
+              f"{t_bare / t_spl:>6.3f} | {t_con:>10.3f} | {'':>21} {gib(m_la):>11} "
+              f"{gib(m_spl):>10} {less(m_spl, m_la):>6}", flush=True)
+        del sae
         if device.type == "cuda":
             torch.cuda.empty_cache()
     N = args.project_tokens
-    per_tok_bare = t_bare / n_tok
-    print(f"\nprojected whole run over {N:,} tokens (per-token costs above, contraction once):")
-    print(f"{'d_sae':>9} | {'latentaudit':>11} {'ratio':>6} | {'naive':>9} {'ratio':>6} | "
-          f"{'spliced':>9} {'ratio':>6}   (tokens/s; ratio = throughput / bare fwd+bwd)")
-    for d_sae, t_mom, t_con, t_nai, t_spl in rows:
-        la = N * (per_tok_bare + t_mom / n_tok) + t_con
-        na = N * (per_tok_bare + t_nai / n_tok)
+    print(f"\nprojected to a run of {N:,} tokens (per-token costs above, contraction once):")
+    print(f"{'d_sae':>9} | {'latentaudit':>11} {'ratio':>6} | {'spliced':>9} {'ratio':>6} | "
+          f"{'latentaudit/spliced':>19}")
+    for d_sae, t_con, _, t_spl, _ in rows:
+        la = N * t_mom / n_tok + t_con
         sp = N * t_spl / n_tok
-        bare = N * per_tok_bare
-        print(f"{d_sae:>9,} | {N / la:>11,.0f} {bare / la:>6.3f} | {N / na:>9,.0f} "
-              f"{bare / na:>6.3f} | {N / sp:>9,.0f} {bare / sp:>6.3f}")
-    print("\nlatentaudit = bare fwd+bwd + per-batch moments (independent of d_sae) + one final "
-          "contraction; naive = bare + per-token δ; spliced = SAE inside the forward, backward "
-          "to the latents.")
+        bare_t = N * t_bare / n_tok
+        print(f"{d_sae:>9,} | {N / la:>11,.0f} {bare_t / la:>6.3f} | {N / sp:>9,.1f} "
+              f"{bare_t / sp:>6.3f} | {sp / la:>18.1f}x")
+    print("\nratio = throughput / bare forward+backward. Peak memory: what each route allocates "
+          "above the resident model and SAE weights.")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""Steered generation throughput on the default model's architecture (Qwen2.5-0.5B), random
-weights.
+"""Steered generation throughput on a random-weight model of a named architecture (``--config``,
+default the default model's, Qwen2.5-0.5B).
 
 Prints, for the same prompts and seeds, in one process:
 1. plain batched ``generate`` vs the same batch steered (one vector per row at the middle
@@ -8,8 +8,8 @@ Prints, for the same prompts and seeds, in one process:
    --batch (rows of many conditions share a batch), vs one ``generate`` call per condition
    (R rows each): completions per second and the ratio.
 
-Usage: python benchmarks/bench_steer.py [--device cuda] [--layers 24] [--batch 32]
-       [--conditions 16] [--rows 4] [--new-tokens 32]
+Usage: python benchmarks/bench_steer.py [--device cuda] [--config qwen2.5-1.5b] [--layers 24]
+       [--batch 32] [--conditions 16] [--rows 4] [--new-tokens 32]
 """
 
 from __future__ import annotations
@@ -26,9 +26,7 @@ def sync(device):
 
 
 def main() -> None:
-    from transformers import AutoModelForCausalLM
-
-    from bench_attribute import qwen_config
+    from _common import CONFIGS, random_model
     from latentaudit.generate import generate
     from latentaudit.models.hooks import RowSteering
     from latentaudit.models.load import prepare
@@ -36,7 +34,9 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--layers", type=int, default=24)
+    ap.add_argument("--config", default="qwen2.5-0.5b", choices=sorted(CONFIGS))
+    ap.add_argument("--layers", type=int, default=None,
+                    help="Decoder layers (default: the architecture's own).")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--conditions", type=int, default=16)
     ap.add_argument("--rows", type=int, default=4, help="rows (prompt × sample) per condition")
@@ -46,10 +46,8 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    torch.manual_seed(0)
-    cfg_model = qwen_config(args.layers)
-    model = AutoModelForCausalLM.from_config(cfg_model, dtype=dtype).to(device).eval()
-    model.requires_grad_(False)
+    model = random_model(args.config, args.layers, dtype, device)
+    cfg_model = model.config
     model.generation_config.eos_token_id = None
 
     class Tok:  # enough of a tokenizer for generate(): no EOS, ids decode to nothing
@@ -58,8 +56,9 @@ def main() -> None:
         def decode(self, ids, **kw):
             return ""
 
-    loaded = prepare(model, Tok(), name="random-qwen2.5-0.5b")
-    layer, D = args.layers // 2, cfg_model.hidden_size
+    loaded = prepare(model, Tok(), name=f"random-{args.config}")
+    n_layers = cfg_model.num_hidden_layers
+    layer, D = n_layers // 2, cfg_model.hidden_size
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(100, 50000, (args.prompt_len,), generator=g).tolist()
                for _ in range(args.batch)]
@@ -80,8 +79,8 @@ def main() -> None:
             times[steer].append(run(steer))
     plain, steered = (sorted(times[s])[len(times[s]) // 2] for s in (False, True))  # medians
     tokens = args.batch * args.new_tokens
-    print(f"device {device}, dtype {dtype}, {args.layers} layers (steer at {layer}), batch "
-          f"{args.batch} × {args.prompt_len} prompt + {args.new_tokens} new tokens\n")
+    print(f"device {device}, dtype {dtype}, {args.config}, {n_layers} layers (steer at {layer}), "
+          f"batch {args.batch} × {args.prompt_len} prompt + {args.new_tokens} new tokens\n")
     print(f"plain generate:            {tokens / plain:8.1f} new tokens/s")
     print(f"steered (a vector a row):  {tokens / steered:8.1f} new tokens/s   ratio "
           f"{plain / steered:.3f} (target >= 0.9)")

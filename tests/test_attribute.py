@@ -280,7 +280,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, monkeypatch):
     cfg = AttributionConfig(batch_size=2, checkpoint_every_batches=1)
     full = attribute(lm, sae, data, cfg).layers[1]
     ckpt = tmp_path / "ckpt.safetensors"
-    real, calls = engine._accumulate, []
+    real, calls = engine.layer_sums, []
 
     def dying(*args, **kw):
         calls.append(1)
@@ -288,13 +288,12 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kw)
 
-    monkeypatch.setattr(engine, "_accumulate", dying)
+    monkeypatch.setattr(engine, "layer_sums", dying)
     with pytest.raises(KeyboardInterrupt):
         attribute(lm, sae, data, cfg, checkpoint=ckpt)
     assert ckpt.exists()
-    monkeypatch.setattr(engine, "_accumulate", real)
     counted = []
-    monkeypatch.setattr(engine, "_accumulate", lambda *a, **k: (counted.append(1), real(*a, **k)))
+    monkeypatch.setattr(engine, "layer_sums", lambda *a, **k: (counted.append(1), real(*a, **k))[1])
     resumed = attribute(lm, sae, data, cfg, checkpoint=ckpt).layers[1]
     assert len(counted) == 5 - 2  # 10 completions in batches of 2; two were done before the kill
     torch.testing.assert_close(resumed.delta_attribution, full.delta_attribution)

@@ -173,7 +173,7 @@ def test_checkpoint_schedule(tmp_path, monkeypatch, batches, seconds, saved):
 def test_bad_option_values_name_the_flag():
     for kw, flag in [({"checkpoint_every_batches": -1}, "--checkpoint-every-batches"),
                      ({"checkpoint_every_seconds": -0.5}, "--checkpoint-every-seconds"),
-                     ({"batch_size": 0}, "--batch-size"), ({"pairing": "some"}, "--pairing"),
+                     ({"batch_size": -1}, "--batch-size"), ({"pairing": "some"}, "--pairing"),
                      ({"top_k": "ten"}, "--top-k")]:
         with pytest.raises(LatentAuditError, match=flag):
             AttributionConfig(**kw)

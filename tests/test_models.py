@@ -96,10 +96,10 @@ def test_bad_model_dtype_and_device_are_clear_errors(tmp_path):
 
 
 @pytest.mark.parametrize(("value", "message"), [
-    ("zero", "--device 'zero' is not a device: use auto, cpu, cuda, cuda:N or mps."),
-    ("cuda:x", "--device 'cuda:x' is not a device: use auto, cpu, cuda, cuda:N or mps."),
-    ("CPU", "--device 'CPU' is not a device: use auto, cpu, cuda, cuda:N or mps."),
-    ("meta", "--device 'meta' is not supported: use auto, cpu, cuda, cuda:N or mps."),
+    ("zero", "--device 'zero' is not a device: use auto, cpu, cuda, cuda:N, mps or auto-map."),
+    ("cuda:x", "--device 'cuda:x' is not a device: use auto, cpu, cuda, cuda:N, mps or auto-map."),
+    ("CPU", "--device 'CPU' is not a device: use auto, cpu, cuda, cuda:N, mps or auto-map."),
+    ("meta", "--device 'meta' is not supported: use auto, cpu, cuda, cuda:N, mps or auto-map."),
 ])
 def test_every_bad_device_is_one_clear_error(value, message):
     with pytest.raises(LatentAuditError) as err:

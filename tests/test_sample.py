@@ -158,7 +158,7 @@ def test_cut_at_stop_drops_a_straddling_token_whole():
 def test_config_validation_names_the_flag():
     for kw, flag in [({"n": 0}, "--n"), ({"temperature": -1}, "--temperature"),
                      ({"top_p": 0}, "--top-p"), ({"max_new_tokens": 0}, "--max-new-tokens"),
-                     ({"batch_size": 0}, "--batch-size"), ({"stop": ("",)}, "--stop")]:
+                     ({"batch_size": -1}, "--batch-size"), ({"stop": ("",)}, "--stop")]:
         with pytest.raises(LatentAuditError, match=flag):
             S.SampleConfig(**kw)
     assert S.SampleConfig(stop="\n").stop == ("\n",)

@@ -11,12 +11,19 @@ Algorithm (one batch of prompts, each with its own seed):
    tokens are sorted when they hold the set, the same result as sorting all). Draw
    ``u ~ U[0, 1)`` from the row's own CPU generator and take the token where the kept
    cumulative mass first exceeds ``u · mass`` (inverse CDF, float64). Temperature 0 is greedy
-   (argmax). A row's draws depend only on its seed, never on batch size or batch neighbours.
+   (argmax). A row's draws depend only on its seed, never on batch size or batch neighbours:
+   its n-th token uses its generator's n-th draw, all ``max_new_tokens`` of them drawn before
+   the loop (one call per row, the same numbers as one call per step) and sent to the device
+   once, so no step waits on the host for random numbers.
 3. Feed the new tokens with the cache (a :class:`~latentaudit.models.hooks.RowSteering` adds
    its row's vector at the prefill and at every step, and follows the rows that remain); a row
    stops at an EOS id (``finish_reason`` "eos"), when
    its decoded text contains a stop string ("stop") or after ``max_new_tokens`` ("length").
-   Finished rows leave the cache.
+   Finished rows leave the cache. The new ids go to the host once per step (to check EOS and
+   stop strings); masks, positions and the next input stay on the device.
+4. A batch that runs out of device memory is generated as two halves
+   (:class:`~latentaudit.batching.BatchGuard`): rows are independent, so the completions are
+   the same.
 
 Token ids (what attribution conditions on): a generation's ``token_ids`` are exactly those the
 model generated, no padding, nothing after the end. With "eos" the EOS id is KEPT as the last id
@@ -35,9 +42,10 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from latentaudit.batching import guard_for
 from latentaudit.data.tokens import left_pad
 from latentaudit.errors import LatentAuditError
-from latentaudit.models.hooks import RowSteering, steer_resid
+from latentaudit.models.hooks import RowSteering, layer_device, steer_resid
 from latentaudit.models.load import LoadedModel
 
 if TYPE_CHECKING:
@@ -71,13 +79,17 @@ def sample_tokens(logits: Float[Tensor, "batch vocab"], uniforms: Float[Tensor, 
         return _inverse_cdf(probs, uniforms)
     picked = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)  # (B,)
     short, order, ok = _top_candidates(probs, top_p)  # (B, K) each, (B,)
+    uniforms = uniforms.to(probs.device)
+    if ok.all():  # the usual case: one pass over the candidates, no selection
+        pick = _inverse_cdf(_cut_top_p(short, top_p), uniforms)
+        return order.gather(-1, pick[:, None]).squeeze(-1)
     if ok.any():
-        pick = _inverse_cdf(_cut_top_p(short[ok], top_p), uniforms[ok.cpu()])
+        pick = _inverse_cdf(_cut_top_p(short[ok], top_p), uniforms[ok])
         picked[ok] = order[ok].gather(-1, pick[:, None]).squeeze(-1)
-    if not ok.all():  # a flat row: the top-p set reaches past the candidates, sort it all
-        full, order = probs[~ok].sort(dim=-1, descending=True, stable=True)  # (b, V)
-        pick = _inverse_cdf(_cut_top_p(full, top_p), uniforms[(~ok).cpu()])
-        picked[~ok] = order.gather(-1, pick[:, None]).squeeze(-1)
+    # a flat row: the top-p set reaches past the candidates, sort it all
+    full, order = probs[~ok].sort(dim=-1, descending=True, stable=True)  # (b, V)
+    pick = _inverse_cdf(_cut_top_p(full, top_p), uniforms[~ok])
+    picked[~ok] = order.gather(-1, pick[:, None]).squeeze(-1)
     return picked
 
 
@@ -168,14 +180,30 @@ def generate(loaded: LoadedModel, prompts: list[list[int]], seeds: list[int],
     """
     if not prompts:
         return []
-    if steering is not None:
-        if steering.vectors.shape[0] != len(prompts):
-            raise LatentAuditError(
-                f"steering holds {steering.vectors.shape[0]} row(s) for {len(prompts)} "
-                "prompt(s); give one vector per batch row.")
-        steering = RowSteering(steering.layer, steering.vectors)  # selected rows stay ours
-    with steer_resid(loaded.model, steering):
-        return _generate(loaded, prompts, seeds, cfg, steering)
+    if steering is not None and steering.vectors.shape[0] != len(prompts):
+        raise LatentAuditError(
+            f"steering holds {steering.vectors.shape[0]} row(s) but the batch has "
+            f"{len(prompts)} prompt(s); give one vector per batch row.")
+
+    def run(rows: list[int]) -> list[Generation]:
+        part = None
+        if steering is not None:  # a copy per call: selected rows stay ours
+            vectors = steering.vectors[torch.as_tensor(rows, device=steering.vectors.device)]
+            part = RowSteering(steering.layer,
+                               vectors.to(layer_device(loaded.model, steering.layer)))
+        with steer_resid(loaded.model, part):
+            return _generate(loaded, [prompts[r] for r in rows], [seeds[r] for r in rows], cfg,
+                             part)
+
+    parts = guard_for(loaded.model, "generate").run(list(range(len(prompts))), run)
+    return [g for part in parts for g in part]
+
+
+def row_uniforms(seeds: list[int], steps: int) -> Float[Tensor, "batch steps"]:
+    """Row b's first ``steps`` draws of U[0, 1) (float64) from a CPU generator seeded with
+    seeds[b]: the same numbers as ``steps`` single draws."""
+    return torch.stack([torch.rand(steps, generator=torch.Generator().manual_seed(s),
+                                   dtype=torch.float64) for s in seeds])
 
 
 def _generate(loaded: LoadedModel, prompts: list[list[int]], seeds: list[int],
@@ -184,14 +212,15 @@ def _generate(loaded: LoadedModel, prompts: list[list[int]], seeds: list[int],
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     eos = eos_token_ids(loaded)
     B, padded = len(prompts), left_pad(prompts, pad)
-    ids, mask, pos = padded.input_ids, padded.attention_mask, padded.position_ids  # (B, T)
-    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    ids, mask, pos = (t.to(dev) for t in (padded.input_ids, padded.attention_mask,
+                                          padded.position_ids))  # (B, T)
+    uniforms = row_uniforms(seeds, cfg.max_new_tokens).to(dev)  # (B, max_new_tokens)
     out: list[list[int]] = [[] for _ in range(B)]
     done: list[Generation | None] = [None] * B
     rows, past, extra = list(range(B)), None, last_logits_only(model)  # rows: prompt of cache row
     cache_arg = cache_argument(model)
     uniq, inverse = distinct_rows(prompts, steering)
-    while True:
+    for step in range(cfg.max_new_tokens):
         shared = None
         if past is None and len(uniq) < B:  # samples of one prompt and condition share a prefill
             shared = _shared_prefill(model, ids, mask, pos, steering, uniq, inverse, cache_arg,
@@ -199,30 +228,30 @@ def _generate(loaded: LoadedModel, prompts: list[list[int]], seeds: list[int],
         if shared is not None:
             past, logits = shared
         else:
-            res = model(input_ids=ids.to(dev), attention_mask=mask.to(dev),
-                        position_ids=pos.to(dev), use_cache=True, **{cache_arg: past}, **extra)
+            res = model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                        use_cache=True, **{cache_arg: past}, **extra)
             past, logits = returned_cache(res, cache_arg), res.logits[:, -1]
         logits = logits.float()  # (A, V), sampled on the model's device
-        u = torch.zeros(len(rows), dtype=torch.float64)  # (A,)
-        for j, r in enumerate(rows):
+        u = uniforms[:, step]  # (A,) a finished row still cached draws a number it ignores
+        nxt = sample_tokens(logits, u, cfg.temperature, cfg.top_p)  # (A,) on the device
+        for r, token in zip(rows, nxt.tolist(), strict=True):  # the step's one wait
             if done[r] is None:
-                u[j] = torch.rand((), generator=gens[r], dtype=torch.float64)
-        nxt = sample_tokens(logits, u, cfg.temperature, cfg.top_p).cpu()  # (A,)
-        for j, r in enumerate(rows):
-            if done[r] is None:
-                out[r].append(int(nxt[j]))
+                out[r].append(token)
                 done[r] = _finish(tok, out[r], eos, cfg)
         keep = [j for j, r in enumerate(rows) if done[r] is None]
         if not keep:
-            return list(done)
+            break
         if len(keep) < len(rows) and hasattr(past, "batch_select_indices"):
-            past.batch_select_indices(torch.tensor(keep, device=dev))
+            sel = torch.tensor(keep, device=dev)
+            past.batch_select_indices(sel)
             if steering is not None:
-                steering.select(keep)
-            rows, mask, pos, nxt = [rows[j] for j in keep], mask[keep], pos[keep], nxt[keep]
+                steering.select(sel)
+            rows, mask, pos, nxt = [rows[j] for j in keep], mask[sel], pos[sel], nxt[sel]
+            uniforms = uniforms[sel]
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (A, T + 1)
         pos = pos[:, -1:] + 1  # (A, 1)
         ids = nxt[:, None]  # (A, 1); rows already finished but still cached are ignored
+    return list(done)
 
 
 def distinct_rows(prompts: list[list[int]], steering: RowSteering | None
@@ -247,8 +276,8 @@ def _shared_prefill(model, ids, mask, pos, steering: RowSteering | None, uniq: l
     if steering is not None:
         steering.vectors = full[torch.as_tensor(uniq, device=full.device)]
     try:
-        res = model(input_ids=ids[uniq].to(dev), attention_mask=mask[uniq].to(dev),
-                    position_ids=pos[uniq].to(dev), use_cache=True, **{cache_arg: None}, **extra)
+        res = model(input_ids=ids[uniq], attention_mask=mask[uniq], position_ids=pos[uniq],
+                    use_cache=True, **{cache_arg: None}, **extra)
     finally:
         if steering is not None:
             steering.vectors = full

@@ -80,15 +80,17 @@ class SampleConfig:
     seed: int = 0
     """Base seed; each (prompt_id, sample_index) derives its own, so runs are reproducible."""
     batch_size: int = 8
-    """Completions generated together (does not change the results)."""
+    """Completions generated together (does not change the results; 0 or auto: chosen from free
+    device memory)."""
     system: str | None = None
     """System prompt for prompts that do not carry their own."""
 
     def __post_init__(self) -> None:
         self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         for flag, value, low in (("--n", self.n, 1), ("--max-new-tokens", self.max_new_tokens, 1),
-                                 ("--batch-size", self.batch_size, 1), ("--seed", self.seed, None)):
-            if isinstance(value, bool) or not isinstance(value, int) or (low and value < low):
+                                 ("--batch-size", self.batch_size, 0), ("--seed", self.seed, None)):
+            if isinstance(value, bool) or not isinstance(value, int) or (
+                    low is not None and value < low):
                 raise LatentAuditError(f"{flag} must be a whole number{f' ≥ {low}' if low else ''}"
                                        f", got {value!r}.")
         if not self.temperature >= 0:
@@ -284,6 +286,16 @@ def encode_row_prompt(loaded: LoadedModel, p: Prompt, cfg: SampleConfig) -> list
     return ids
 
 
+def generation_batch_size(model: LoadedModel, cfg: SampleConfig, prompt_tokens: int,
+                          what: str) -> int:
+    """``cfg.batch_size``, or (when 0) rows of ``prompt_tokens`` + ``max_new_tokens`` tokens
+    that fit in free device memory (:mod:`latentaudit.batching`)."""
+    from latentaudit.batching import resolve_batch_size
+
+    return resolve_batch_size(cfg.batch_size, model.model, model.device, "generate",
+                              prompt_tokens + cfg.max_new_tokens, 8, what)
+
+
 def sample_completions(model: LoadedModel, prompts: str | os.PathLike | list,
                        cfg: SampleConfig, out_path: str | os.PathLike) -> Path:
     """Sample ``cfg.n`` completions per prompt into ``out_path`` (JSONL), resuming if present."""
@@ -301,14 +313,15 @@ def run_sampling(model: LoadedModel, plan: SamplePlan) -> Path:
     if plan.done:
         log.info("%s: %d completions present, %d to go", out, len(plan.done), len(todo))
     encoded: dict[str, list[int]] = {}
+    for p, _ in todo:
+        if p.prompt_id not in encoded:
+            encoded[p.prompt_id] = encode_row_prompt(model, p, cfg)
+    size = generation_batch_size(model, cfg, max(map(len, encoded.values()), default=1), "sample")
     n_tokens, start = 0, time.perf_counter()
     with open(out, "a", encoding="utf-8") as f, \
             progress(total=len(todo), desc="sample", unit="completion") as bar:
-        for k in range(0, len(todo), cfg.batch_size):
-            batch = todo[k:k + cfg.batch_size]
-            for p, _ in batch:
-                if p.prompt_id not in encoded:
-                    encoded[p.prompt_id] = encode_row_prompt(model, p, cfg)
+        for k in range(0, len(todo), size):
+            batch = todo[k:k + size]
             ids = [encoded[p.prompt_id] for p, _ in batch]
             seeds = [sample_seed(cfg.seed, p.prompt_id, i) for p, i in batch]
             gens = generate(model, ids, seeds, cfg)

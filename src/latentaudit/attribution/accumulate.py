@@ -3,12 +3,18 @@ docstring).
 
 1. Left-pad a batch of the plan, run one forward (logits only where the completion is predicted)
    and one backward of the summed completion losses to the hooked activations.
-2. Add the batch's weighted moments Σ w g aᵀ and Σ w g, the activation sum (for a dataset ā)
-   and, for Δ-activation, the SAE latent sums over positive and negative completion tokens.
+2. Compute the batch's weighted moments Σ w g aᵀ and Σ w g, the activation sum (for a dataset ā)
+   and, for Δ-activation, the SAE latent sums over positive and negative completion tokens
+   (streamed a latent chunk at a time when the SAE is not on the device,
+   :mod:`latentaudit.saes.stream`), then add them to the running sums. A batch that runs out of
+   device memory is split and retried (:class:`~latentaudit.batching.BatchGuard`): its sums are
+   added only once it succeeds, so nothing is lost or counted twice.
 3. Every ``checkpoint_every_batches`` batches or ``checkpoint_every_seconds`` seconds, save the
    sums with the number of batches done; a rerun with the same inputs resumes after them.
 
-Accumulators are plain sums, so the order of batches does not change the result.
+Accumulators are plain sums, so the order of batches does not change the result. The loop does
+not wait for the device: masks select by weight 0, token indices are computed on the host, and
+losses are copied back only at checkpoints and at the end.
 """
 
 from __future__ import annotations
@@ -28,16 +34,19 @@ from torch import Tensor
 
 from latentaudit._progress import progress
 from latentaudit.attribution.config import AttributionConfig
-from latentaudit.attribution.math import batch_moments, completion_losses
+from latentaudit.attribution.math import _wide, batch_moments, completion_losses
 from latentaudit.attribution.plan import Plan
+from latentaudit.batching import guard_for
 from latentaudit.data.tokens import Batch, collate
-from latentaudit.models.hooks import capture_resid
+from latentaudit.models.hooks import capture_resid, layer_device
 from latentaudit.models.load import LoadedModel
 from latentaudit.saes.sae import SAE
+from latentaudit.saes.stream import encode_chunks
 
 log = logging.getLogger(__name__)
 
-FINISH_ONLY = ("abar", "top_k", "checkpoint_every_batches", "checkpoint_every_seconds")
+FINISH_ONLY = ("abar", "top_k", "checkpoint_every_batches", "checkpoint_every_seconds",
+               "sae_chunk")
 """Options that do not change the sums, so changing them keeps a checkpoint valid."""
 
 
@@ -62,6 +71,12 @@ class Accumulators:
         for name in self.NAMES:
             getattr(self, name).copy_(tensors[f"{name}.{layer}"])
 
+    def add(self, sums: dict[str, Tensor | None]) -> None:
+        """Add one batch's sums (:func:`layer_sums`); absent Δ-activation sums add nothing."""
+        for name in self.NAMES:
+            if sums.get(name) is not None:
+                getattr(self, name).add_(sums[name].to(self.M_raw.device))
+
 
 class Sums(NamedTuple):
     """What the loop leaves for the finish step."""
@@ -72,37 +87,82 @@ class Sums(NamedTuple):
     """ℓ_C of each used completion (float64, in plan order)."""
 
 
+class BatchSums(NamedTuple):
+    """What one batch (or slice of one) adds: its rows' losses and each layer's sums."""
+
+    rows: list[int]
+    """Positions into the plan's ``used`` completions."""
+    losses: Tensor
+    """ℓ_C of those rows, on the device."""
+    layers: dict[int, dict[str, Tensor | None]]
+    """{layer: sums named as :attr:`Accumulators.NAMES`}."""
+
+
 def run_batches(model: LoadedModel, saes: dict[int, SAE], plan: Plan, cfg: AttributionConfig,
-                checkpoint: str | os.PathLike | None = None) -> Sums:
-    """Run every batch of ``plan`` not already in ``checkpoint`` and return the sums."""
-    lm, device, layers = model.model, model.device, list(saes)
-    acc = {L: Accumulators(model.d_model, sae.d_sae, device) for L, sae in saes.items()}
+                checkpoint: str | os.PathLike | None = None,
+                chunks: dict[int, int] | None = None) -> Sums:
+    """Run every batch of ``plan`` not already in ``checkpoint`` and return the sums.
+
+    ``chunks``: latents per streamed chunk of each layer's SAE (default: all at once).
+    """
+    lm = model.model
+    acc = {L: Accumulators(model.d_model, sae.d_sae, layer_device(lm, L))
+           for L, sae in saes.items()}
     losses = torch.zeros(len(plan.used), dtype=torch.float64)
     keep_arg = "logits_to_keep" in inspect.signature(lm.forward).parameters
     key = run_key(model, saes, plan, cfg)
     start = _resume(checkpoint, key, acc, losses)
     every_n, every_s = cfg.checkpoint_every_batches, cfg.checkpoint_every_seconds
     last_save = monotonic()
+    guard = guard_for(lm, "attribute")
+    pending: list[BatchSums] = []  # losses still on the device
+
+    def slice_sums(rows: list[int]) -> BatchSums:
+        return batch_sums(model, saes, plan, rows, cfg, keep_arg, chunks)
+
     with progress(total=len(plan.batches), desc="attribute", unit="batch", initial=start) as bar:
         for b in range(start, len(plan.batches)):
-            idx = plan.batches[b]
-            batch = collate([plan.seqs[j] for j in idx], plan.pad_id).to(device)
-            w = torch.tensor([plan.weights[j] for j in idx], device=device)  # (B,)
-            positive = torch.tensor([plan.positive[j] for j in idx], device=device)  # (B,)
-            batch_losses, per_layer = forward_backward(lm, batch, layers, keep_arg)
-            losses[idx] = batch_losses.double().cpu()
-            mask = batch.attention_mask.bool() if cfg.positions == "all" else batch.completion_mask
-            for L, (a, g) in per_layer.items():
-                _accumulate(acc[L], saes[L] if cfg.delta_activation else None, a, g, w, mask,
-                            batch, positive)
+            for part in guard.run(plan.batches[b], slice_sums):
+                for L, sums in part.layers.items():
+                    acc[L].add(sums)
+                pending.append(part._replace(layers={}))
             bar.update(1)
             if checkpoint and ((every_n and (b + 1) % every_n == 0)
                                or (every_s and monotonic() - last_save >= every_s)):
+                _flush_losses(pending, losses)
                 _save_checkpoint(checkpoint, key, b + 1, acc, losses)
                 last_save = monotonic()
+    _flush_losses(pending, losses)
     if checkpoint and (every_n or every_s):
         _save_checkpoint(checkpoint, key, len(plan.batches), acc, losses)
     return Sums(acc, losses)
+
+
+def _flush_losses(pending: list[BatchSums], losses: Tensor) -> None:
+    """Copy the losses of finished batches to the host (one wait for the device)."""
+    for part in pending:
+        losses[part.rows] = part.losses.double().cpu()
+    pending.clear()
+
+
+def batch_sums(model: LoadedModel, saes: dict[int, SAE], plan: Plan, rows: list[int],
+               cfg: AttributionConfig, keep_arg: bool | None = None,
+               chunks: dict[int, int] | None = None) -> BatchSums:
+    """Steps 1–2 for the completions ``rows`` of the plan, changing nothing outside."""
+    cpu_batch = collate([plan.seqs[j] for j in rows], plan.pad_id)
+    comp_idx = cpu_batch.completion_mask.reshape(-1).nonzero().squeeze(1)  # (N,) host side
+    batch = cpu_batch.to(model.device)
+    w = torch.tensor([plan.weights[j] for j in rows])  # (B,)
+    positive = torch.tensor([plan.positive[j] for j in rows])  # (B,)
+    batch_losses, per_layer = forward_backward(model.model, batch, list(saes), keep_arg)
+    out = {}
+    for L, (a, g) in per_layer.items():
+        mask = (batch.attention_mask.bool() if cfg.positions == "all"
+                else batch.completion_mask)
+        sae = saes[L] if cfg.delta_activation else None
+        out[L] = layer_sums(sae, a, g, w, mask, batch, positive, comp_idx,
+                            (chunks or {}).get(L))
+    return BatchSums(list(rows), batch_losses, out)
 
 
 def run_key(model: LoadedModel, saes: dict[int, SAE], plan: Plan, cfg: AttributionConfig) -> str:
@@ -115,16 +175,20 @@ def run_key(model: LoadedModel, saes: dict[int, SAE], plan: Plan, cfg: Attributi
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _latent_sums(sae: SAE, acts: Tensor, positive: Tensor) -> tuple[Tensor, Tensor]:
-    """Σ of SAE latent activations over positive rows and negative rows, in token chunks."""
-    chunk = max(1, (1 << 26) // sae.d_sae)  # ~256 MB of float32 latents per chunk
+def _latent_sums(sae: SAE, acts: Tensor, positive: Tensor, chunk: int | None = None
+                 ) -> tuple[Tensor, Tensor]:
+    """Σ of SAE latent activations over positive rows and negative rows, in token chunks and
+    (``chunk``) latent chunks."""
+    chunk = chunk or sae.d_sae
+    rows = max(1, (1 << 26) // chunk)  # ~256 MB of float32 latents per block
     pos = torch.zeros(sae.d_sae, dtype=torch.float64, device=acts.device)
     neg = torch.zeros_like(pos)
-    for s in range(0, acts.shape[0], chunk):
-        f = sae.encode(acts[s:s + chunk].to(sae.W_enc.dtype)).double()  # (n, S)
-        side = positive[s:s + chunk].double()  # (n,)
-        pos += side @ f
-        neg += (1 - side) @ f
+    for r in range(0, acts.shape[0], rows):
+        side = positive[r:r + rows].to(acts.device, torch.float64)  # (n,)
+        for s, f in encode_chunks(sae, acts[r:r + rows], chunk):
+            f = f.double()  # (n, c)
+            pos[s:s + f.shape[1]] += side @ f
+            neg[s:s + f.shape[1]] += (1 - side) @ f
     return pos, neg
 
 
@@ -151,21 +215,42 @@ def forward_backward(model, batch: Batch, layers: list[int], keep_arg: bool | No
     return losses.detach(), {L: (store[L].detach(), g) for L, g in zip(layers, grads, strict=True)}
 
 
+def layer_sums(sae: SAE | None, a: Tensor, g: Tensor, w: Tensor, mask: Tensor, batch: Batch,
+               positive: Tensor, comp_idx: Tensor | None = None, chunk: int | None = None
+               ) -> dict[str, Tensor | None]:
+    """One batch's sums at one layer, on the layer's device (named as
+    :attr:`Accumulators.NAMES`; f_pos and f_neg are None without an SAE).
+
+    ``comp_idx``: flat indices of the completion positions (computed on the host, so selecting
+    them does not wait for the device; None: from ``batch``).
+    """
+    dev = a.device
+    w, mask, positive = w.to(dev), mask.to(dev), positive.to(dev)
+    m = batch_moments(g, a, w, mask)
+    valid = batch.attention_mask.to(dev).bool()  # (B, T)
+    comp = batch.completion_mask.to(dev)  # (B, T)
+    side_bt = positive[:, None] & comp  # (B, T)
+    counts = torch.stack([valid.sum(), side_bt.sum(), (comp & ~positive[:, None]).sum()])
+    wide = _wide(a).reshape(-1, a.shape[-1])  # (B*T, D)
+    out = {"M_raw": m.M_raw.double(), "g_sum": m.g_sum.double(),
+           "a_sum": (valid.reshape(1, -1).to(wide.dtype) @ wide).squeeze(0).double(),
+           "f_pos": None, "f_neg": None,
+           "counts": counts.double()}
+    if sae is not None:
+        if comp_idx is None:
+            comp_idx = batch.completion_mask.reshape(-1).nonzero().squeeze(1)
+        comp_idx = comp_idx.to(dev, non_blocking=True)
+        acts = a.reshape(-1, a.shape[-1]).index_select(0, comp_idx)  # (N, D)
+        side = side_bt.reshape(-1).index_select(0, comp_idx)  # (N,)
+        with torch.no_grad():
+            out["f_pos"], out["f_neg"] = _latent_sums(sae, acts, side, chunk)
+    return out
+
+
 def _accumulate(acc: Accumulators, sae: SAE | None, a: Tensor, g: Tensor, w: Tensor,
                 mask: Tensor, batch: Batch, positive: Tensor) -> None:
-    m = batch_moments(g, a, w, mask)
-    acc.M_raw += m.M_raw.double()
-    acc.g_sum += m.g_sum.double()
-    valid = batch.attention_mask.bool()  # (B, T)
-    acc.a_sum += a[valid].double().sum(0)
-    comp = batch.completion_mask  # (B, T)
-    side = positive[:, None].expand_as(comp)[comp]  # (N,)
-    if sae is not None:
-        with torch.no_grad():
-            pos, neg = _latent_sums(sae, a[comp], side)
-        acc.f_pos += pos
-        acc.f_neg += neg
-    acc.counts += torch.stack([valid.sum(), side.sum(), (~side).sum()]).double()  # no sync
+    """Add one batch's sums at one layer to ``acc`` (:func:`layer_sums`)."""
+    acc.add(layer_sums(sae, a, g, w, mask, batch, positive))
 
 
 def _save_checkpoint(path, key: str, done: int, acc: dict[int, Accumulators],

@@ -20,7 +20,7 @@ class AttributionConfig:
     """Options of the attribution stage."""
 
     batch_size: int = 8
-    """Completions per forward/backward pass."""
+    """Completions per forward/backward pass (0 or auto: chosen from free device memory)."""
     abar: str = "auto"
     """Mean activation ā for mean ablation: sae (stored with the SAE), dataset (mean over the
     dataset's own tokens), zero, or auto (sae when the SAE stores one, else dataset)."""
@@ -33,6 +33,10 @@ class AttributionConfig:
     delta_activation: bool = True
     """Also compute the Δ-activation baseline (one SAE encoder pass over completion tokens; the
     only SAE-side cost that grows with d_sae during the pass)."""
+    sae_chunk: int = 0
+    """Latents per chunk when the SAE is streamed to the device (0: the whole SAE on the
+    device when it fits next to the model, else chunks sized from free memory). Does not change
+    the result."""
     checkpoint_every_batches: int = 20
     """Save a resumable checkpoint every N batches (0: never by count)."""
     checkpoint_every_seconds: float = 300.0
@@ -40,11 +44,12 @@ class AttributionConfig:
     time)."""
 
     def __post_init__(self) -> None:
-        _at_least("--batch-size", self.batch_size, 1)
+        _at_least("--batch-size", self.batch_size, 0)
         _one_of("--abar", self.abar, ABAR_SOURCES)
         _one_of("--positions", self.positions, POSITIONS)
         _one_of("--pairing", self.pairing, PAIRINGS)
         _at_least("--top-k", self.top_k, 1)
+        _at_least("--sae-chunk", self.sae_chunk, 0)
         _at_least("--checkpoint-every-batches", self.checkpoint_every_batches, 0)
         _at_least("--checkpoint-every-seconds", self.checkpoint_every_seconds, 0)
 

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 
 from latentaudit.attribution.accumulate import run_batches
 from latentaudit.attribution.config import AttributionConfig, AttributionResult
 from latentaudit.attribution.finish import finish
-from latentaudit.attribution.plan import Data, Inputs, SAEs, check_inputs, make_plan
+from latentaudit.attribution.plan import Data, Inputs, Plan, SAEs, check_inputs, make_plan
+from latentaudit.batching import resolve_batch_size
 from latentaudit.models import load as model_load
-from latentaudit.models.hooks import layer_module
+from latentaudit.models.hooks import layer_device, layer_module, num_layers
 from latentaudit.models.load import LoadedModel
+from latentaudit.saes.stream import place
 
 
 def attribute(model: LoadedModel | str | os.PathLike, saes: SAEs, data: Data,
@@ -49,12 +52,33 @@ def attribute_checked(model: LoadedModel, inputs: Inputs, cfg: AttributionConfig
                       checkpoint: str | os.PathLike | None = None) -> AttributionResult:
     """:func:`attribute` on inputs already checked by
     :func:`~latentaudit.attribution.plan.check_inputs` (for callers that check before they load
-    the model, e.g. the pipeline of :mod:`latentaudit.pipeline`)."""
+    the model, e.g. the pipeline of :mod:`latentaudit.pipeline`).
+
+    Each SAE goes to the device of its hooked layer, or stays in host memory and is streamed
+    when it does not fit there (:func:`~latentaudit.saes.stream.place`); a batch size of 0 is
+    chosen from free device memory for the plan's longest sequence.
+    """
+    chunks = {}
     for layer, sae in inputs.saes.items():
-        sae.to(model.device)
-        sae.check_fits(model.d_model, model_name=model.name)
         layer_module(model.model, layer)  # a clear error for a layer the model lacks
+        sae.check_fits(model.d_model, model_name=model.name)
+        chunks[layer] = place(sae, layer_device(model.model, layer), cfg.sae_chunk)
     max_len = getattr(model.model.config, "max_position_embeddings", None)
-    plan = make_plan(inputs, model.tokenizer, max_len, cfg.batch_size)
-    sums = run_batches(model, inputs.saes, plan, cfg, checkpoint)
+    plan = make_plan(inputs, model.tokenizer, max_len, cfg.batch_size or len(inputs.data) or 1)
+    if not cfg.batch_size:
+        cfg = replace(cfg, batch_size=_auto_batch_size(model, plan, min(inputs.saes)))
+        order = [j for b in plan.batches for j in b]
+        plan.batches = [order[s:s + cfg.batch_size]
+                        for s in range(0, len(order), cfg.batch_size)]
+    sums = run_batches(model, inputs.saes, plan, cfg, checkpoint, chunks)
     return finish(model, inputs, plan, sums, cfg)
+
+
+def _auto_batch_size(model: LoadedModel, plan: Plan, lowest: int) -> int:
+    """Completions per batch from free device memory, for rows as long as the longest."""
+    longest = max((len(p) + len(q) for p, q in plan.seqs), default=1)
+    completion = max((len(q) for _, q in plan.seqs), default=1)
+    layers = num_layers(model.model) - lowest
+    return resolve_batch_size(0, model.model, model.device, "backward", longest,
+                              AttributionConfig.batch_size, "attribute", layers=layers,
+                              logit_tokens=completion + 1)

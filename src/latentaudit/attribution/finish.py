@@ -24,12 +24,18 @@ from latentaudit.attribution.config import (
 )
 from latentaudit.attribution.math import center, deltas_from_moments
 from latentaudit.attribution.plan import Inputs, Plan
+from latentaudit.batching import free_memory
 from latentaudit.errors import LatentAuditError
 from latentaudit.explain.lens import logit_lens, token_strings, unembedding
 from latentaudit.models.load import LoadedModel
 from latentaudit.saes.sae import SAE
+from latentaudit.saes.stream import direction_chunks, latent_chunk
 
 LENS_TOKENS = 10
+CHUNK_ELEMENTS = 1 << 24
+"""Elements of one chunk of unit decoder rows in the final contraction (64 MiB in float32: its
+three transient tensors stay under 200 MiB whatever d_sae and d_model, and a chunk of 2,048
+rows of d_model 8,192 still runs the matmul at full speed)."""
 
 
 def finish(model: LoadedModel, inputs: Inputs, plan: Plan, sums: Sums,
@@ -55,14 +61,29 @@ def layer_result(layer: int, sae: SAE, acc: Accumulators,
     """Δ-attribution and Δ-activation at one layer from its accumulators."""
     a_bar, source = choose_abar(cfg.abar, sae, acc)
     M = center(acc.M_raw, acc.g_sum, a_bar)
-    dirs = sae.decoder_directions().to(M.device)
     n_pos, n_neg = acc.counts[1].clamp_min(1), acc.counts[2].clamp_min(1)
     activation = ((acc.f_pos / n_pos - acc.f_neg / n_neg).float().cpu()
                   if cfg.delta_activation else None)
     return LayerAttribution(
-        layer=layer, delta_attribution=deltas_from_moments(M, dirs).cpu(),
+        layer=layer, delta_attribution=contract(M, sae, cfg.sae_chunk).cpu(),
         delta_activation=activation, moment_matrix=M.float().cpu(), a_bar=a_bar.float().cpu(),
         abar_source=source, sae=sae.info)
+
+
+def contract(M: Tensor, sae: SAE, chunk: int = 0,
+             dtype: torch.dtype = torch.float32) -> Tensor:
+    """Δ-attribution −d_iᵀ M d_i of every latent on M's device, the decoder streamed in chunks
+    of ``chunk`` latents (0: CHUNK_ELEMENTS / d_model when the SAE is on M's device, else sized
+    from free memory, at most that); each latent's value does not depend on the chunking."""
+    if not chunk:
+        free = free_memory(M.device)
+        chunk = max(1, CHUNK_ELEMENTS // sae.d_model)  # 64 MiB per float32 chunk tensor
+        if sae.W_dec.device != M.device and free is not None:
+            chunk = min(chunk, latent_chunk(sae, free))
+    out = torch.empty(sae.d_sae, dtype=dtype, device=M.device)
+    for s, d in direction_chunks(sae, chunk, M.device, dtype):
+        out[s:s + d.shape[0]] = deltas_from_moments(M, d, dtype=dtype)
+    return out
 
 
 def choose_abar(source: str, sae: SAE, acc: Accumulators) -> tuple[Tensor, str]:
@@ -92,7 +113,7 @@ def ranking(layers: dict[int, LayerAttribution], saes: dict[int, SAE], model: Lo
         if act is not None:
             act_rank = torch.empty_like(act, dtype=torch.long)
             act_rank[act.argsort(descending=True)] = torch.arange(act.numel())
-        dirs = saes[L].decoder_directions()[top]  # (k, D)
+        dirs = saes[L].decoder_directions(rows=top)  # (k, D)
         lens = logit_lens(dirs.to(W_U.device), W_U, k=LENS_TOKENS)
         for rank, (latent, ids) in enumerate(zip(top, lens.token_ids.tolist(), strict=True), 1):
             rows.append(RankedLatent(

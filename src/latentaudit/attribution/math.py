@@ -26,12 +26,16 @@ class Moments(NamedTuple):
 def batch_moments(grads: Float[Tensor, "batch pos d_model"],
                   acts: Float[Tensor, "batch pos d_model"],
                   weights: Float[Tensor, " batch"], mask: Bool[Tensor, "batch pos"]) -> Moments:
-    """Moments Σ_b w_b Σ_{t in mask} g_t a_tᵀ and Σ_b w_b Σ_t g_t (one matmul)."""
-    sel = mask.reshape(-1).nonzero().squeeze(1)  # (N,)
+    """Moments Σ_b w_b Σ_{t in mask} g_t a_tᵀ and Σ_b w_b Σ_t g_t (one matmul).
+
+    Positions outside ``mask`` get weight 0 instead of being selected out, so the device never
+    waits for the host to count them.
+    """
     D = grads.shape[-1]
-    w = weights[:, None].expand(mask.shape).reshape(-1)[sel]  # (N,)
-    g = _wide(grads.reshape(-1, D)[sel]) * w[:, None].to(_wide(grads).dtype)  # (N, D)
-    a = _wide(acts.reshape(-1, D)[sel]).to(g.dtype)  # (N, D)
+    g = _wide(grads).reshape(-1, D)  # (B*T, D)
+    wm = (weights[:, None].to(g.dtype) * mask.to(g.dtype)).reshape(-1)  # (B*T,)
+    g = g * wm[:, None]
+    a = _wide(acts).reshape(-1, D).to(g.dtype)  # (B*T, D)
     return Moments(g.T @ a, g.sum(0))
 
 
@@ -43,12 +47,13 @@ def center(M_raw: Float[Tensor, "d_model d_model"], g_sum: Float[Tensor, " d_mod
 
 def deltas_from_moments(M: Float[Tensor, "d_model d_model"],
                         directions: Float[Tensor, "d_sae d_model"],
-                        chunk: int = 65536) -> Float[Tensor, " d_sae"]:
-    """δ_i = −d_iᵀ M d_i for every direction, in chunks of rows."""
-    M = M.to(directions.device, torch.float32)
-    out = torch.empty(directions.shape[0], dtype=torch.float32, device=directions.device)
+                        chunk: int = 65536, dtype: torch.dtype = torch.float32
+                        ) -> Float[Tensor, " d_sae"]:
+    """δ_i = −d_iᵀ M d_i for every direction, in chunks of rows, in ``dtype``."""
+    M = M.to(directions.device, dtype)
+    out = torch.empty(directions.shape[0], dtype=dtype, device=directions.device)
     for start in range(0, directions.shape[0], chunk):
-        d = directions[start:start + chunk].float()  # (n, D)
+        d = directions[start:start + chunk].to(dtype)  # (n, D)
         out[start:start + chunk] = -((d @ M) * d).sum(1)
     return out
 

@@ -48,6 +48,23 @@ def field_docs(source: str, cls: str) -> dict[str, str]:
     return docs
 
 
+DEVICE_HELP = ("auto, auto-map (spread a model too large for one GPU over every GPU), cpu, cuda, "
+               "cuda:N or mps.")
+
+
+def batch_size_arg(text: str) -> int:
+    """``--batch-size``: a whole number ≥ 1, or auto (0: chosen from free device memory)."""
+    if text.strip().lower() == "auto":
+        return 0
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number ≥ 1 or auto, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from latentaudit import __version__
 

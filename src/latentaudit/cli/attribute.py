@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from latentaudit.cli import field_docs
+from latentaudit.cli import DEVICE_HELP, batch_size_arg, field_docs
 
 NAME = "attribute"
 HELP = "Rank SAE latents by gradient attribution (Δ-attribution) on a behaviour dataset."
@@ -29,9 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "defaults to the layer recorded in the SAE. Repeat to match each --sae.")
     p.add_argument("--data", required=True, help="Behaviour dataset (JSONL).")
     p.add_argument("--out", required=True, help="Output folder.")
-    p.add_argument("--batch-size", type=int, default=8, help=doc["batch_size"])
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps.")
-    p.add_argument("--dtype", default="float32", help="Model dtype: float32 or bfloat16.")
+    p.add_argument("--batch-size", type=batch_size_arg, default=8, help=doc["batch_size"])
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--dtype", default="float32", help="Model dtype: float32, bfloat16 or float16.")
     p.add_argument("--abar", default="auto", choices=["auto", "sae", "dataset", "zero"],
                    help=doc["abar"])
     p.add_argument("--positions", default="all", choices=["all", "completion"],
@@ -40,6 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-delta-activation", action="store_true",
                    help="Skip the Δ-activation baseline (saves one SAE encoder pass).")
     p.add_argument("--top-k", type=int, default=100, help=doc["top_k"])
+    p.add_argument("--sae-chunk", type=int, default=0, metavar="N", help=doc["sae_chunk"])
     p.add_argument("--checkpoint-every-batches", type=int, default=20, metavar="N",
                    help=doc["checkpoint_every_batches"])
     p.add_argument("--checkpoint-every-seconds", type=float, default=300.0, metavar="S",
@@ -52,7 +53,7 @@ def config_from_args(args: argparse.Namespace):
     from latentaudit.attribution import AttributionConfig
 
     return AttributionConfig(batch_size=args.batch_size, abar=args.abar, positions=args.positions,
-                             pairing=args.pairing, top_k=args.top_k,
+                             pairing=args.pairing, top_k=args.top_k, sae_chunk=args.sae_chunk,
                              delta_activation=not args.no_delta_activation,
                              checkpoint_every_batches=args.checkpoint_every_batches,
                              checkpoint_every_seconds=args.checkpoint_every_seconds)

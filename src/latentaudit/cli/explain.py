@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from latentaudit.cli import field_docs
+from latentaudit.cli import DEVICE_HELP, batch_size_arg, field_docs
 
 NAME = "explain"
 HELP = "Explain a run's top latents: logit lens, top-activating text, per-token maps, exact check."
@@ -42,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--examples", type=int, default=20, help=doc["examples"])
     p.add_argument("--context-before", type=int, default=16, help=doc["context_before"])
     p.add_argument("--context-after", type=int, default=4, help=doc["context_after"])
-    p.add_argument("--batch-size", type=int, default=8, help=doc["batch_size"])
+    p.add_argument("--batch-size", type=batch_size_arg, default=8, help=doc["batch_size"])
     p.add_argument("--lens-tokens", type=int, default=10, help=doc["lens_tokens"])
     p.add_argument("--through-final-norm", action="store_true", help=doc["through_final_norm"])
     p.add_argument("--no-maps", action="store_true",
@@ -64,8 +64,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="With --across: the fewest runs a latent must be in the top of.")
     p.add_argument("--cache-dir", help="Folder of the top-activating-examples cache (default "
                                        "$LATENTAUDIT_CACHE or ~/.cache/latentaudit).")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps.")
-    p.add_argument("--dtype", default="float32", help="Model dtype: float32 or bfloat16.")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--dtype", default="float32", help="Model dtype: float32, bfloat16 or float16.")
     p.add_argument("--show", type=int, default=10, help="Latents printed in the summary.")
 
 

@@ -23,7 +23,7 @@ def _reader(p: argparse.ArgumentParser, model_help: str) -> None:
     p.add_argument("--layer", type=int, help="0-indexed layer (default: the run's / SAE's).")
     p.add_argument("--batch-size", type=int, default=8, help="Completions per forward pass.")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps.")
-    p.add_argument("--dtype", default="float32", help="Model dtype: float32 or bfloat16.")
+    p.add_argument("--dtype", default="float32", help="Model dtype: float32, bfloat16 or float16.")
 
 
 def _latents(text: str) -> list[int]:

@@ -68,7 +68,7 @@ def _add_evaluate(ev: argparse.ArgumentParser) -> None:
                     help="Positions per text for the CE-loss increase (its first sequences).")
     ev.add_argument("--batch-size", type=int, default=16, help="Sequences per forward pass.")
     ev.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    ev.add_argument("--dtype", default="float32", help="Model dtype: float32 or bfloat16.")
+    ev.add_argument("--dtype", default="float32", help="Model dtype: float32, bfloat16 or float16.")
     ev.add_argument("--json", action="store_true", help="Print one JSON object per line.")
     ev.add_argument("--record", action="store_true",
                     help="Also store the results, with this command, under 'evaluation' in each "

@@ -22,7 +22,7 @@ def unescape(text: str) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from latentaudit.cli import field_docs
+    from latentaudit.cli import DEVICE_HELP, batch_size_arg, field_docs
 
     doc = field_docs("sample.py", "SampleConfig")
     p.add_argument("--model", required=True,
@@ -40,8 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", nargs="+", action="extend", default=[], metavar="STR",
                    help=f"{doc.get('stop')} Escapes \\n and \\t are understood.")
     p.add_argument("--seed", type=int, default=0, help=doc.get("seed"))
-    p.add_argument("--batch-size", type=int, default=8, help=doc.get("batch_size"))
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto.")
+    p.add_argument("--batch-size", type=batch_size_arg, default=8, help=doc.get("batch_size"))
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--dtype", default="float32", help="Model dtype: float32, bfloat16, float16.")
 
 
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
                        max_new_tokens=args.max_new_tokens,
                        stop=tuple(unescape(s) for s in args.stop), seed=args.seed,
                        batch_size=args.batch_size, system=args.system)
-    check_model_options(args.device, args.dtype, cfg.batch_size)
+    check_model_options(args.device, args.dtype, cfg.batch_size or 1)  # 0: auto
     dtype = str(parse_dtype(args.dtype)).removeprefix("torch.")
     plan = plan_sampling(args.prompts, cfg, args.out, model=args.model, dtype=dtype)
     if plan.todo or plan.previous is None:

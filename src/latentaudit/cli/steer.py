@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from latentaudit.cli import field_docs
+from latentaudit.cli import DEVICE_HELP, batch_size_arg, field_docs
 
 NAME = "steer"
 HELP = "Steer the latents of an attribution run and measure the behaviour rate (the causal test)."
@@ -65,8 +65,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-model", help="Base model for the model-diffing baseline "
                                         "(--methods ...,model-diff).")
     p.add_argument("--out", help="Output folder (default: the run folder).")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps.")
-    p.add_argument("--dtype", default="float32", help="Model dtype: float32 or bfloat16.")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--dtype", default="float32", help="Model dtype: float32, bfloat16 or float16.")
     p.add_argument("--top-k", type=int, default=10, help=doc["top_k"])
     p.add_argument("--methods", type=_names, default=("attribution", "activation", "random"),
                    help=doc["methods"] + " Comma-separated.")
@@ -85,7 +85,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=0.9, help=doc["top_p"])
     p.add_argument("--max-new-tokens", type=int, default=48, help=doc["max_new_tokens"])
     p.add_argument("--seed", type=int, default=0, help=doc["seed"])
-    p.add_argument("--batch-size", type=int, default=32, help=doc["batch_size"])
+    p.add_argument("--batch-size", type=batch_size_arg, default=32, help=doc["batch_size"])
     p.add_argument("--system", help=doc["system"])
     p.add_argument("--n-boot", type=int, default=2000, help=doc["n_boot"])
     p.add_argument("--level", type=float, default=0.95, help=doc["level"])
@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     from latentaudit.steer import plan_steering, run_steering
 
     cfg = config_from_args(args)
-    check_model_options(args.device, args.dtype, cfg.batch_size)
+    check_model_options(args.device, args.dtype, cfg.batch_size or 1)  # 0: auto
     coherence = None if args.coherence_judge == "none" else args.coherence_judge
     plan = plan_steering(cfg, run=args.run, latents=args.latents, model=args.model, sae=args.sae,
                          layer=args.layer, prompts=args.prompts, rubric=args.rubric,

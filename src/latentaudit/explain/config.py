@@ -30,7 +30,8 @@ class ExplainConfig:
     context_after: int = 4
     """Tokens shown after an example's activating token."""
     batch_size: int = 8
-    """Sequences per forward pass (reference text and completions)."""
+    """Sequences per forward pass (reference text and completions; 0 or auto: chosen from free
+    device memory)."""
     lens_tokens: int = 10
     """Tokens in each logit-lens list (cosine, promoted, suppressed)."""
     through_final_norm: bool = False
@@ -61,7 +62,7 @@ class ExplainConfig:
                 ("--top-k", self.top_k, 1), ("--examples", self.examples, 1),
                 ("--corpus-tokens", self.corpus_tokens, 1), ("--context-len", self.context_len, 2),
                 ("--skip-first", self.skip_first, 0), ("--context-before", self.context_before, 0),
-                ("--context-after", self.context_after, 0), ("--batch-size", self.batch_size, 1),
+                ("--context-after", self.context_after, 0), ("--batch-size", self.batch_size, 0),
                 ("--lens-tokens", self.lens_tokens, 1), ("--map-pairs", self.map_pairs, 0),
                 ("--exact-pairs", self.exact_pairs, 0),
                 ("--exact-batch-size", self.exact_batch_size, 1), ("--rescore", self.rescore, 0),

@@ -24,9 +24,10 @@ from latentaudit.explain.maps import CompletionMap, completion_maps, sample_pair
 from latentaudit.explain.output import ExplainResult, assemble, write_explain
 from latentaudit.explain.run import RunFolder, choose_latents, read_run
 from latentaudit.models import load as model_load
-from latentaudit.models.hooks import layer_module
+from latentaudit.models.hooks import layer_device, layer_module
 from latentaudit.models.load import LoadedModel
 from latentaudit.saes.sae import SAE
+from latentaudit.saes.stream import place
 
 log = logging.getLogger(__name__)
 
@@ -163,11 +164,13 @@ def explain_latents(run: str | os.PathLike, latents: Sequence[int] | None = None
     interpreter = _interpreter(cfg, out)
     if not isinstance(model, LoadedModel):
         model = model_load.load_model(inputs.model_name, device=device, dtype=dtype)
+    chunks = {}
     for L, s in inputs.saes.items():
-        s.to(model.device)
-        s.check_fits(model.d_model, model_name=model.name)
         layer_module(model.model, L)  # a clear error for a layer the model lacks
-    corpus = {L: ex.corpus_examples(model, s, L, cfg, inputs.keys[L], cache_dir)
+        s.check_fits(model.d_model, model_name=model.name)
+        chunks[L] = place(s, layer_device(model.model, L))  # or streamed from host memory
+    corpus = {L: ex.corpus_examples(model, s, L, cfg, inputs.keys[L], cache_dir,
+                                    chunk=chunks[L])
               for L, s in inputs.saes.items()}
     maps, exact = _maps_and_exact(model, inputs, cfg)
     result = assemble(model, inputs, cfg, corpus, maps, exact, interpreter, out)
@@ -224,7 +227,7 @@ def _maps_and_exact(model: LoadedModel, inputs: Inputs, cfg: ExplainConfig
     seqs = encode_completions(model.tokenizer, [inputs.data[i] for i in rows], max_len)
     run = inputs.run
     a_bars = {L: run.tensor("a_bar", L).to(model.device) for L in inputs.scored}
-    dirs = {L: s.decoder_directions()[inputs.scored[L]].to(model.device)
+    dirs = {L: s.decoder_directions(rows=inputs.scored[L]).to(layer_device(model.model, L))
             for L, s in inputs.saes.items()}
     positions = run.option.get("positions", "all")
     pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0

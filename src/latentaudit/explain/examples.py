@@ -9,7 +9,12 @@
 2. Each batch runs only up to layer L (:func:`~latentaudit.models.hooks.run_until`); the SAE
    encodes resid_post at positions >= ``skip_first``; :func:`~.topk.merge_topk` merges the
    activations of every latent into the running top-k with context windows, and
-   :func:`~.topk.update_density` counts firing tokens and the activation histogram.
+   :func:`~.topk.update_density` counts firing tokens and the activation histogram. Both are
+   per latent, so an SAE streamed from host memory runs a latent chunk at a time
+   (:func:`~latentaudit.saes.stream.encode_chunks`) with the same result. A batch that runs out
+   of device memory is merged as two halves (:class:`~latentaudit.batching.BatchGuard`): the
+   state is replaced only when a slice succeeds, and merging in order keeps what one merge
+   would.
 3. The state is cached per SAE in ``<cache>/explain/examples-<key>.safetensors`` (key: sha256 of
    the SAE's files, the model, its dtype, the layer, the corpus and its file hashes or pinned
    integrities, and every size), checkpointed atomically every ``checkpoint_seconds`` while the
@@ -33,6 +38,7 @@ import torch
 
 from latentaudit._io import save_safetensors, sha256_file
 from latentaudit._progress import progress
+from latentaudit.batching import guard_for, resolve_batch_size
 from latentaudit.data.corpus import (
     SOURCES,
     TRAINING_SOURCES,
@@ -49,9 +55,10 @@ from latentaudit.explain.topk import (
     merge_topk,
     update_density,
 )
-from latentaudit.models.hooks import run_until
+from latentaudit.models.hooks import layer_device, run_until
 from latentaudit.saes.harvest import pad_batch, token_sequences
 from latentaudit.saes.sae import SAE
+from latentaudit.saes.stream import encode_chunks
 
 log = logging.getLogger(__name__)
 
@@ -169,14 +176,18 @@ def is_cached(key: str, cache_dir: str | os.PathLike | None) -> bool:
 
 def corpus_examples(loaded, sae: SAE, layer: int, cfg: ExplainConfig, key: str,
                     cache_dir: str | os.PathLike | None = None,
-                    checkpoint_seconds: float = 120.0) -> CorpusExamples:
-    """Run (or resume, or read back) the pass of the module docstring for one SAE."""
+                    checkpoint_seconds: float = 120.0, chunk: int | None = None
+                    ) -> CorpusExamples:
+    """Run (or resume, or read back) the pass of the module docstring for one SAE.
+
+    ``chunk``: latents per streamed chunk of the SAE (default: all at once).
+    """
     path = cache_path(key, cache_dir)
     got = read_cache(path, key)
     if got is not None and got[4]:
         log.info("top-activating examples of layer %d read from the cache %s", layer, path)
         return CorpusExamples(got[0], got[1], got[2], got[3], key, path)
-    dev = loaded.device
+    dev = layer_device(loaded.model, layer)
     if got is None:
         top = empty_topk(sae.d_sae, cfg.examples, cfg.context_before, cfg.context_after, dev)
         density, tokens, done = empty_density(sae.d_sae, dev), 0, 0
@@ -188,12 +199,23 @@ def corpus_examples(loaded, sae: SAE, layer: int, cfg: ExplainConfig, key: str,
     seqs = itertools.islice(corpus_sequences(cfg, loaded.tokenizer), done, None)
     total = n_sequences(cfg)
     last = monotonic()
-    with progress(total=total, desc=f"top examples L{layer}", unit="seq", initial=done) as bar:
-        while batch := list(itertools.islice(seqs, cfg.batch_size)):
-            ids, mask = (t.to(dev) for t in pad_batch(batch, pad))
-            top, density, n = _merge_batch(loaded.model, sae, layer, ids, mask, done, top,
-                                           density, cfg)
-            tokens, done = tokens + n, done + len(batch)
+    what = f"top examples L{layer}"
+    size = resolve_batch_size(cfg.batch_size, loaded.model, loaded.device, "forward",
+                              cfg.context_len, 8, what)
+    guard = guard_for(loaded.model, "explain scan")
+    state = [top, density, tokens]
+
+    def scan(rows: list[int]) -> None:
+        ids, mask = (t.to(loaded.device) for t in pad_batch([batch[r] for r in rows], pad))
+        new_top, new_density, n = _merge_batch(loaded.model, sae, layer, ids, mask,
+                                               done + rows[0], state[0], state[1], cfg, chunk)
+        state[:] = [new_top, new_density, state[2] + n]  # only once the slice succeeded
+
+    with progress(total=total, desc=what, unit="seq", initial=done) as bar:
+        while batch := list(itertools.islice(seqs, size)):
+            guard.run(list(range(len(batch))), scan)
+            top, density, tokens = state
+            done += len(batch)
             bar.update(len(batch))
             if checkpoint_seconds and monotonic() - last >= checkpoint_seconds:
                 _save(path, key, top, density, tokens, done, complete=False)
@@ -205,18 +227,32 @@ def corpus_examples(loaded, sae: SAE, layer: int, cfg: ExplainConfig, key: str,
 
 @torch.no_grad()
 def _merge_batch(model, sae: SAE, layer: int, ids, mask, first: int, top: TopK,
-                 density: Density, cfg: ExplainConfig) -> tuple[TopK, Density, int]:
-    """Step 2 for one batch, in row chunks that keep the latent tensor near 128 MB."""
+                 density: Density, cfg: ExplainConfig, chunk: int | None = None
+                 ) -> tuple[TopK, Density, int]:
+    """Step 2 for one batch, in row blocks and latent chunks that keep the latent tensor near
+    128 MB; returns new state (``top`` and ``density`` are not changed)."""
     hidden = run_until(model, [layer], input_ids=ids, attention_mask=mask)[layer]  # (B, T, D)
     B, T = ids.shape
-    valid = mask.bool()  # (B, T)
+    dev = top.values.device
+    real = mask.to(dev).bool()  # (B, T)
+    valid = real.clone()
     valid[:, :cfg.skip_first] = False
-    ids = ids.masked_fill(~mask.bool(), -1)
-    rows = max(1, (1 << 25) // (T * sae.d_sae))
+    ids = ids.to(dev).masked_fill(~real, -1)
+    chunk = chunk or sae.d_sae
+    rows = max(1, (1 << 25) // (T * chunk))
     for s in range(0, B, rows):
-        f = sae.encode(hidden[s:s + rows].to(sae.W_enc.dtype)).float()  # (b, T, S)
-        seq = torch.arange(first + s, first + s + f.shape[0], device=ids.device)
-        top = merge_topk(top, f, ids[s:s + rows], valid[s:s + rows], seq, cfg.context_before,
-                         cfg.context_after)
-        density = update_density(density, f[valid[s:s + rows]])
+        h = hidden[s:s + rows].to(dev)  # (b, T, D)
+        b = h.shape[0]
+        seq = torch.arange(first + s, first + s + b, device=dev)
+        v = valid[s:s + rows]  # (b, T)
+        tops, dens = [], []
+        for c, f in encode_chunks(sae, h.reshape(b * T, -1), chunk):
+            n = f.shape[1]
+            f = f.float().view(b, T, n) * real[s:s + rows, :, None]  # (b, T, n) 0 on padding
+            part = TopK(*(t[c:c + n] for t in top))
+            tops.append(merge_topk(part, f, ids[s:s + rows], v, seq, cfg.context_before,
+                                   cfg.context_after))
+            dens.append(update_density(Density(*(t[c:c + n] for t in density)), f[v]))
+        top = TopK(*(torch.cat(parts) for parts in zip(*tops, strict=True)))
+        density = Density(*(torch.cat(parts) for parts in zip(*dens, strict=True)))
     return top, density, int(valid.sum())

@@ -23,6 +23,7 @@ from torch import Tensor
 from latentaudit._progress import progress
 from latentaudit.attribution.accumulate import forward_backward
 from latentaudit.attribution.math import token_deltas
+from latentaudit.batching import guard_for, resolve_batch_size
 from latentaudit.data.tokens import collate
 
 
@@ -65,14 +66,24 @@ class CompletionMap(NamedTuple):
 def completion_maps(loaded, seqs: Sequence[tuple[list[int], list[int]]],
                     directions: dict[int, Tensor], a_bars: dict[int, Tensor], positions: str,
                     batch_size: int, pad_id: int) -> list[CompletionMap]:
-    """Step 2–3 for every (prompt ids, completion ids) in ``seqs``, in their order."""
+    """Step 2–3 for every (prompt ids, completion ids) in ``seqs``, in their order.
+
+    ``batch_size`` 0: chosen from free device memory; a batch that runs out of it is mapped as
+    two halves (:mod:`latentaudit.batching`), with the same maps.
+    """
     layers = sorted(directions)
     order = sorted(range(len(seqs)), key=lambda j: (sum(map(len, seqs[j])), j))
     out: list[CompletionMap | None] = [None] * len(seqs)
+    longest = max((sum(map(len, s)) for s in seqs), default=1)
+    batch_size = resolve_batch_size(batch_size, loaded.model, loaded.device, "backward", longest,
+                                    8, "attribution maps", logit_tokens=longest)
     batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
-    for idx in progress(batches, desc="attribution maps", unit="batch"):
+    guard = guard_for(loaded.model, "attribution maps")
+
+    def one_slice(idx: list[int]) -> list[tuple[int, CompletionMap]]:
         batch = collate([seqs[j] for j in idx], pad_id).to(loaded.device)
         losses, per_layer = forward_backward(loaded.model, batch, layers)
+        done = []
         for row, j in enumerate(idx):
             real = batch.attention_mask[row].bool()  # (T,)
             mask = real[real] if positions == "all" else batch.completion_mask[row][real]
@@ -80,7 +91,13 @@ def completion_maps(loaded, seqs: Sequence[tuple[list[int], list[int]]],
                                    mask).float().cpu()
                       for L, (a, g) in per_layer.items()}
             p, q = seqs[j]
-            out[j] = CompletionMap(p + q, len(p), float(losses[row]), deltas)
+            done.append((j, CompletionMap(p + q, len(p), float(losses[row]), deltas)))
+        return done
+
+    for idx in progress(batches, desc="attribution maps", unit="batch"):
+        for part in guard.run(idx, one_slice):
+            for j, m in part:
+                out[j] = m
     return out
 
 

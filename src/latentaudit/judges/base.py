@@ -228,4 +228,4 @@ def check_model_options(device: str | None, dtype: str, batch_size: int,
             resolve_device(device)
         except RuntimeError:  # torch's own complaint about an unknown device string
             raise LatentAuditError(f"--device {device!r} is not a device: use cpu, cuda, "
-                                   "cuda:N or auto.") from None
+                                   "cuda:N, auto or auto-map.") from None

@@ -9,7 +9,8 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "capture_resid": "hooks", "layer_list": "hooks", "layer_module": "hooks",
+    "capture_resid": "hooks", "layer_device": "hooks", "layer_list": "hooks",
+    "layer_module": "hooks",
     "num_layers": "hooks", "resid_hooks": "hooks", "run_until": "hooks",
     "LoadedModel": "load", "load_model": "load", "parse_dtype": "load", "prepare": "load",
 }

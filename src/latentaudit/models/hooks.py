@@ -79,6 +79,22 @@ def layer_module(model: nn.Module, layer: int) -> nn.Module:
     return layers[layer]
 
 
+def layer_device(model: nn.Module, layer: int) -> torch.device:
+    """The device decoder layer ``layer`` computes on: where its output, and so anything that
+    works on it (an SAE, a steering vector, attribution sums), lives. With a model spread over
+    devices (``device_map``) that is the layer's execution device, which may differ from the
+    device of the inputs."""
+    module = layer_module(model, layer)
+    hook = getattr(module, "_hf_hook", None)
+    execution = getattr(hook, "execution_device", None)
+    if execution is not None:
+        return torch.device(execution)
+    param = next(module.parameters(), None)
+    if param is None or param.device.type == "meta":
+        return next(model.parameters()).device
+    return param.device
+
+
 def _resid_hook(fn: ResidFn) -> Callable:
     """Wrap ``fn(hidden) -> new hidden | None`` as a forward hook on a decoder layer."""
 

@@ -3,6 +3,12 @@
 Parameters are frozen (``requires_grad=False``): attribution differentiates with respect to
 activations only. Hub ids are used only when a network is available; embedded short names
 (:mod:`latentaudit.models.embedded`) resolve to a local dequantized cache.
+
+``--device auto-map`` spreads a model too large for one GPU over every visible GPU (then host
+memory), layer by layer (Hugging Face ``device_map="auto"``, which needs ``accelerate``). Inputs
+go to the device of the input embedding (:attr:`LoadedModel.device`); whatever works at a hook
+point (an SAE, a steering vector, the attribution sums) lives on the device of the hooked layer
+(:func:`~latentaudit.models.hooks.layer_device`).
 """
 
 from __future__ import annotations
@@ -39,7 +45,11 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: the device of the input embedding."""
+        emb = self.model.get_input_embeddings() if hasattr(
+            self.model, "get_input_embeddings") else None
+        weight = getattr(emb, "weight", None)
+        return weight.device if weight is not None else next(self.model.parameters()).device
 
     @property
     def d_model(self) -> int:
@@ -59,13 +69,16 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
             f"--dtype '{dtype}' is not one of {', '.join(sorted(DTYPES))}.") from None
 
 
-DEVICES = "auto, cpu, cuda, cuda:N or mps"
+DEVICES = "auto, cpu, cuda, cuda:N, mps or auto-map"
+AUTO_MAP = "auto-map"
+"""The --device value that spreads the model over every visible GPU (device_map="auto")."""
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """'auto' (or None) picks CUDA when available; otherwise the named device, which must be
-    cpu, cuda, cuda:N or mps and present on this machine (else one clear error)."""
-    if device is None or device == "auto":
+    cpu, cuda, cuda:N or mps and present on this machine (else one clear error). 'auto-map'
+    resolves to where its inputs go: the first GPU, or the CPU when there is none."""
+    if device is None or device in ("auto", AUTO_MAP):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
@@ -104,16 +117,21 @@ def resolve_model_path(name: str) -> str:
 
 def load_model(name: str, device: str | None = "auto", dtype: str | torch.dtype = "float32",
                attn_implementation: str | None = None) -> LoadedModel:
-    """Load a causal LM and its tokenizer, frozen, in eval mode, on ``device`` in ``dtype``."""
+    """Load a causal LM and its tokenizer, frozen, in eval mode, on ``device`` in ``dtype``
+    (``device="auto-map"``: spread over every visible GPU, see the module docstring)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = parse_dtype(dtype)
     dev = resolve_device(device)
+    spread = device == AUTO_MAP
     path = resolve_model_path(name)
     offline = not Path(path).exists()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         kwargs = {"dtype": torch_dtype}
+        if spread:
+            _need_accelerate()
+            kwargs["device_map"] = "auto"
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
@@ -124,7 +142,16 @@ def load_model(name: str, device: str | None = "auto", dtype: str | torch.dtype 
         raise LatentAuditError(f"Could not load model '{name}': {err}.{hint}") from err
     from latentaudit.models.embedded import canonical
 
-    return prepare(model, tokenizer, name=canonical(name), path=path, device=dev)
+    return prepare(model, tokenizer, name=canonical(name), path=path,
+                   device=None if spread else dev)
+
+
+def _need_accelerate() -> None:
+    try:
+        import accelerate  # noqa: F401
+    except ImportError:
+        raise LatentAuditError("--device auto-map needs the accelerate package: pip install "
+                               "accelerate (or latentaudit[models]).") from None
 
 
 def prepare(model: nn.Module, tokenizer, *, name: str, path: str = "",

@@ -34,7 +34,7 @@ SCHEMA_VERSION = 1
 FILE = "pipeline.json"
 VOLATILE = ("batch_size", "exact_batch_size", "checkpoint_every_batches",
             "checkpoint_every_seconds", "judge_workers", "judge_timeout", "judge_retries",
-            "interpret_timeout", "cache_dir", "device", "skip")
+            "interpret_timeout", "cache_dir", "device", "skip", "sae_chunk")
 """Options that do not change a stage's results: not part of any fingerprint."""
 
 

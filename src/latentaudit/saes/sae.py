@@ -152,10 +152,12 @@ class SAE(nn.Module):
         recon = self.decode(self.activate(pre))
         return recon if mu is None else recon * std + mu
 
-    def decoder_directions(self, dtype: torch.dtype = torch.float32
+    def decoder_directions(self, dtype: torch.dtype = torch.float32, rows=None
                            ) -> Float[Tensor, "d_sae d_model"]:
-        """Decoder rows normalised to unit length (zero rows stay zero)."""
-        W = self.W_dec.detach().to(dtype)
+        """Decoder rows normalised to unit length (zero rows stay zero); ``rows``: only those
+        latents (a list or slice), without a normalised copy of the whole decoder."""
+        W = self.W_dec.detach()
+        W = (W if rows is None else W[rows]).to(dtype)
         return W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
     # -- compatibility checks --------------------------------------------------------------

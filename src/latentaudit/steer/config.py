@@ -49,7 +49,8 @@ class SteerConfig:
     seed: int = 0
     """Base seed: every condition uses the same per-(prompt, sample) seeds as the baseline."""
     batch_size: int = 32
-    """Completions generated together (rows of different conditions share a batch)."""
+    """Completions generated together (rows of different conditions share a batch; 0 or auto:
+    chosen from free device memory)."""
     system: str | None = None
     """System prompt for prompts that carry none."""
     n_boot: int = 2000
@@ -69,12 +70,18 @@ class SteerConfig:
     logodds_only: bool = False
     """Run only the log-odds check (no sampling, no judge): a cheap first look."""
 
+    @property
+    def forward_batch(self) -> int:
+        """Rows per forward-only pass (residual norm, log-odds, model diff): ``batch_size``, or
+        32 when generation batches are sized automatically (those passes are light)."""
+        return self.batch_size or 32
+
     def __post_init__(self) -> None:
         self.methods, self.directions = tuple(self.methods), tuple(self.directions)
         self.strengths = tuple(float(s) for s in self.strengths)
         for flag, value, low in (("--top-k", self.top_k, 1), ("--n", self.n, 1),
                                  ("--max-new-tokens", self.max_new_tokens, 1),
-                                 ("--batch-size", self.batch_size, 1),
+                                 ("--batch-size", self.batch_size, 0),
                                  ("--search-n", self.search_n, 1), ("--n-boot", self.n_boot, 100),
                                  ("--logodds-top", self.logodds_top, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:

@@ -76,7 +76,7 @@ def model_diff(plan, loaded, sae, *, device: str = "auto",
     means = []
     for m in (loaded, base):
         seqs = encode_completions(m.tokenizer, completions, None)
-        means.append(mean_completion_activation(m, sae, plan.layer, seqs, plan.cfg.batch_size))
+        means.append(mean_completion_activation(m, sae, plan.layer, seqs, plan.cfg.forward_batch))
     diff = means[0] - means[1]
     save_safetensors(path, {"model_diff": diff, "mean_main": means[0], "mean_base": means[1]},
                      metadata={"key": key, "schema_version": "1"})

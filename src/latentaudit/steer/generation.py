@@ -31,7 +31,7 @@ from latentaudit.errors import LatentAuditError
 from latentaudit.generate import generate
 from latentaudit.models.hooks import RowSteering
 from latentaudit.models.load import LoadedModel
-from latentaudit.sample import SampleConfig, sample_seed
+from latentaudit.sample import SampleConfig, generation_batch_size, sample_seed
 from latentaudit.steer.config import Condition
 
 log = logging.getLogger(__name__)
@@ -61,10 +61,12 @@ def generate_rows(loaded: LoadedModel, layer: int, todo: Sequence[tuple[Conditio
     """Generate ``todo`` rows (condition, prompt_id, sample_index) into ``path``; returns count."""
     if not todo:
         return 0
+    longest = max(len(prompt_ids[pid]) for _, pid, _ in todo)
+    size = generation_batch_size(loaded, cfg, longest, desc)
     with open(path, "a", encoding="utf-8") as f, \
             progress(total=len(todo), desc=desc, unit="completion") as bar:
-        for start in range(0, len(todo), cfg.batch_size):
-            batch = todo[start:start + cfg.batch_size]
+        for start in range(0, len(todo), size):
+            batch = todo[start:start + size]
             seeds = [sample_seed(cfg.seed, pid, i) for _, pid, i in batch]
             steering = RowSteering(layer, torch.stack([vectors[c.key] for c, _, _ in batch]))
             gens = generate(loaded, [prompt_ids[pid] for _, pid, _ in batch], seeds, cfg,

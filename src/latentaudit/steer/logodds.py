@@ -186,7 +186,7 @@ def check(ctx, conds, ranking: Sequence[int], previous: Sequence[dict] = ()) -> 
         vecs = condition_vectors(mine, ctx.dirs)  # (C, D)
         P = len(pids)
         grid = log_odds_grid(loaded, plan.layer, [ctx.enc[name][p] for p in pids], vecs, sig,
-                             cfg.batch_size)  # (C, P)
+                             cfg.forward_batch)  # (C, P)
         for c, row in zip(mine[1:], grid[1:] - grid[0], strict=True):
             sums, counts = row.numpy(), torch.ones(P, dtype=torch.float64).numpy()
             est = stats.ratio_estimate(sums, counts, stats.draw_weights(P, cfg.n_boot, cfg.seed),

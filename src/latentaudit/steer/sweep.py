@@ -323,7 +323,7 @@ def _resid_norm(plan: SteerPlan, loaded, enc: dict[str, list[int]]) -> float:
     if path.is_file():
         return float(json.loads(path.read_text(encoding="utf-8"))["resid_norm"])
     seqs = list(enc.values())
-    value = mean_resid_norm(loaded, plan.layer, seqs, batch_size=plan.cfg.batch_size)
+    value = mean_resid_norm(loaded, plan.layer, seqs, batch_size=plan.cfg.forward_batch)
     write_json(path, {"resid_norm": value, "model": plan.model, "layer": plan.layer,
                       "text": "held-out prompts (chat template), first position left out",
                       "sequences": len(seqs), "tokens": sum(len(s) - 1 for s in seqs)})
