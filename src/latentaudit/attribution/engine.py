@@ -13,7 +13,9 @@ from collections.abc import Sequence
 from latentaudit.attribution.accumulate import run_batches
 from latentaudit.attribution.config import AttributionConfig, AttributionResult
 from latentaudit.attribution.finish import finish
-from latentaudit.attribution.plan import Data, Inputs, SAEs, check_inputs, make_plan
+from latentaudit.attribution.plan import Data, Inputs, Plan, SAEs, check_inputs, make_plan
+from latentaudit.distributed.config import EngineConfig, require_ray
+from latentaudit.errors import LatentAuditError
 from latentaudit.models import load as model_load
 from latentaudit.models.hooks import layer_module
 from latentaudit.models.load import LoadedModel
@@ -23,7 +25,8 @@ def attribute(model: LoadedModel | str | os.PathLike, saes: SAEs, data: Data,
               cfg: AttributionConfig | None = None, *,
               layers: int | Sequence[int] | None = None,
               checkpoint: str | os.PathLike | None = None,
-              device: str = "auto", dtype: str = "float32") -> AttributionResult:
+              device: str = "auto", dtype: str = "float32",
+              engine: EngineConfig | None = None) -> AttributionResult:
     """Rank SAE latents by Δ-attribution for a behaviour dataset.
 
     model: a :class:`~latentaudit.models.load.LoadedModel`, or a short name, folder or hub id
@@ -33,13 +36,25 @@ def attribute(model: LoadedModel | str | os.PathLike, saes: SAEs, data: Data,
     config records, or the matching entry of ``layers`` (see
     :func:`~latentaudit.attribution.plan.saes_by_layer`). data: a behaviour JSONL path or a list
     of :class:`~latentaudit.data.behaviour.Completion`. checkpoint: a file for resumable
-    checkpoints (a rerun with the same inputs continues from it).
+    checkpoints (a rerun with the same inputs continues from it). engine: with ``--engine ray``
+    the completions are sharded across Ray workers (:mod:`latentaudit.distributed.attribute`;
+    ``model`` must then be a name or path, and ``checkpoint`` is a folder of finished shards).
     """
     cfg = cfg or AttributionConfig()
+    if engine is not None and engine.distributed:
+        require_ray()
+        if isinstance(model, LoadedModel):
+            raise LatentAuditError("--engine ray: pass the model by name or path (every worker "
+                                   "loads its own copy), not a loaded model.")
     if not isinstance(model, LoadedModel):
         model_load.parse_dtype(dtype)
         model_load.resolve_device(device)
     inputs = check_inputs(saes, data, layers, cfg)
+    if engine is not None and engine.distributed:
+        from latentaudit.distributed.attribute import attribute_ray
+
+        return attribute_ray(str(model), inputs, cfg, engine, checkpoint=checkpoint,
+                             device=device, dtype=dtype)
     if not isinstance(model, LoadedModel):
         model = model_load.load_model(str(model), device=device, dtype=dtype)
     return attribute_checked(model, inputs, cfg, checkpoint)
@@ -50,11 +65,16 @@ def attribute_checked(model: LoadedModel, inputs: Inputs, cfg: AttributionConfig
     """:func:`attribute` on inputs already checked by
     :func:`~latentaudit.attribution.plan.check_inputs` (for callers that check before they load
     the model, e.g. the pipeline of :mod:`latentaudit.pipeline`)."""
+    plan = prepare_plan(model, inputs, cfg)
+    sums = run_batches(model, inputs.saes, plan, cfg, checkpoint)
+    return finish(model, inputs, plan, sums, cfg)
+
+
+def prepare_plan(model: LoadedModel, inputs: Inputs, cfg: AttributionConfig) -> Plan:
+    """Move the SAEs to the model's device, check that they fit it, and plan the batches."""
     for layer, sae in inputs.saes.items():
         sae.to(model.device)
         sae.check_fits(model.d_model, model_name=model.name)
         layer_module(model.model, layer)  # a clear error for a layer the model lacks
     max_len = getattr(model.model.config, "max_position_embeddings", None)
-    plan = make_plan(inputs, model.tokenizer, max_len, cfg.batch_size)
-    sums = run_batches(model, inputs.saes, plan, cfg, checkpoint)
-    return finish(model, inputs, plan, sums, cfg)
+    return make_plan(inputs, model.tokenizer, max_len, cfg.batch_size)
