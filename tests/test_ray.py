@@ -70,9 +70,13 @@ def test_ray_not_installed_is_one_error(tmp_path, capsys, monkeypatch):
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A local Ray cluster with 2 CPUs for the module; its address for other drivers."""
+    """A local Ray cluster with 2 CPUs for the module (or the one at $RAY_ADDRESS, started with
+    ``ray start --head --num-cpus 2``); its address for other drivers."""
     ray = pytest.importorskip("ray", reason="the Ray engine's tests need Ray")
-    ctx = ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    if os.environ.get("RAY_ADDRESS"):
+        ctx = ray.init(logging_level=logging.WARNING)
+    else:
+        ctx = ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
     try:
         yield ctx.address_info["gcs_address"]
     finally:

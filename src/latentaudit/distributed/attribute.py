@@ -26,6 +26,7 @@ import dataclasses
 import logging
 import math
 import os
+import time
 from pathlib import Path
 
 from torch import Tensor
@@ -51,8 +52,10 @@ def attribute_ray(model: str, inputs: Inputs, cfg: AttributionConfig, engine: En
     """Attribute on Ray workers (steps 1–4 of the module docstring); ``checkpoint`` is the
     folder of finished shards (None: keep nothing)."""
     folder = Path(checkpoint) if checkpoint else None
+    start = time.perf_counter()
     with WorkerPool(engine, device=device, dtype=dtype) as pool:
         plan, key = pool.call(_plan, model, inputs, cfg)
+        ready = time.perf_counter()
         n_batches = len(plan.batches)
         done = read_shards(folder, key) if folder else {}
         per = shard_size(n_batches, pool.n_workers, cfg.checkpoint_every_batches)
@@ -70,7 +73,12 @@ def attribute_ray(model: str, inputs: Inputs, cfg: AttributionConfig, engine: En
         shared = pool.share((model, inputs, plan, cfg))
         pool.run(_shard, todo, shared=shared, on_result=keep, sizes=[e - s for s, e in todo],
                  desc="attribute", unit="batch", initial=n_batches - sum(e - s for s, e in todo))
-        return pool.call(_finish, total.result(), shared=shared)
+        loop = time.perf_counter()
+        result = pool.call(_finish, total.result(), shared=shared)
+    log.info("Ray attribution on %d worker(s): start and plan %.1f s, %d shard(s) %.1f s, "
+             "finish %.1f s", pool.n_workers, ready - start, len(todo), loop - ready,
+             time.perf_counter() - loop)
+    return result
 
 
 # ---- on the workers ---------------------------------------------------------------------------
