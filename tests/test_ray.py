@@ -336,3 +336,71 @@ def test_steering_sweep_on_workers_equals_the_local_sweep(run_dir):  # noqa: F81
     assert lines(run_dir / "steering.jsonl") == lines(other / "steering.jsonl")
 
 
+
+
+# ---- pure parts: shard ranges, merging top-k states -------------------------------------------
+
+def test_shard_ranges_cover_what_is_missing_once():
+    from latentaudit.distributed.attribute import missing_ranges, shard_size, split_ranges
+
+    assert shard_size(8, 2, 20) == 1 and shard_size(100, 2, 20) == 13
+    assert shard_size(100, 1, 5) == 5 and shard_size(3, 4, 0) == 1
+    assert missing_ranges(10, []) == [(0, 10)]
+    assert missing_ranges(10, [(2, 4), (0, 1), (8, 10)]) == [(1, 2), (4, 8)]
+    assert split_ranges([(1, 2), (4, 9)], 2) == [(1, 2), (4, 6), (6, 8), (8, 9)]
+
+
+def test_merging_two_parts_keeps_what_one_pass_keeps():
+    from latentaudit.explain.topk import (
+        add_density,
+        empty_density,
+        empty_topk,
+        merge_states,
+        merge_topk,
+        update_density,
+    )
+
+    g = torch.Generator().manual_seed(0)
+    acts = torch.relu(torch.randn(6, 10, 5, generator=g))  # (B, T, S)
+    ids = torch.randint(0, 50, (6, 10), generator=g)
+    valid = torch.ones(6, 10, dtype=torch.bool)
+    seq = torch.arange(6)
+
+    def scan(rows):
+        top = merge_topk(empty_topk(5, 4, 2, 1), acts[rows], ids[rows], valid[rows], seq[rows],
+                         2, 1)
+        return top, update_density(empty_density(5), acts[rows][valid[rows]])
+
+    whole, whole_d = scan(slice(0, 6))
+    (a, ad), (b, bd) = scan(slice(0, 2)), scan(slice(2, 6))
+    merged = merge_states(a, b)
+    for x, y in zip(whole, merged, strict=True):
+        assert torch.equal(x, y)
+    assert all(torch.equal(x, y) for x, y in zip(whole_d, add_density(ad, bd), strict=True))
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("cluster")
+def test_top_example_scan_on_workers_equals_the_local_pass(tiny_model_dir, tmp_path):
+    from latentaudit.distributed.examples import corpus_examples_ray
+    from latentaudit.distributed.pool import WorkerPool
+    from latentaudit.explain import ExplainConfig
+    from latentaudit.explain import examples as ex
+    from latentaudit.models.load import load_model
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"Line {i}: the sky is blue and grass is green." * 3
+                                for i in range(40)))
+    cfg = ExplainConfig(corpus=str(corpus), corpus_tokens=1500, context_len=32, batch_size=4,
+                        examples=5)
+    loaded = load_model(str(tiny_model_dir), device="cpu")
+    sae = random_sae(32, 64, layer=1)
+    ref = ex.corpus_examples(loaded, sae, 1, cfg, "k", tmp_path / "local")
+    with WorkerPool(EngineConfig("ray", ray_workers=2), device="cpu") as pool:
+        got = corpus_examples_ray(pool, loaded, sae, 1, cfg, "k", tmp_path / "ray",
+                                  checkpoint_seconds=0)
+    assert (got.tokens, got.sequences) == (ref.tokens, ref.sequences)
+    assert torch.equal(got.top.values, ref.top.values)
+    assert torch.equal(got.top.window_ids, ref.top.window_ids)
+    assert torch.equal(got.density.histogram, ref.density.histogram)
+    assert ex.read_cache(got.path, "k")[4]  # the cache says finished, in the local format
