@@ -76,7 +76,15 @@ def cluster():
     if os.environ.get("RAY_ADDRESS"):
         ctx = ray.init(logging_level=logging.WARNING)
     else:
-        ctx = ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+        for attempt in range(3):  # Ray gives its node 30 s to start: a busy machine may need more
+            try:
+                ctx = ray.init(num_cpus=2, include_dashboard=False,
+                               logging_level=logging.WARNING)
+                break
+            except Exception as err:
+                ray.shutdown()
+                if "timed out during startup" not in str(err) or attempt == 2:
+                    raise
     try:
         yield ctx.address_info["gcs_address"]
     finally:

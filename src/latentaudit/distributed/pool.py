@@ -85,15 +85,16 @@ class WorkerPool:
     def __enter__(self) -> WorkerPool:
         self.ray = ray = require_ray()
         if not ray.is_initialized():
-            kwargs: dict[str, Any] = dict(logging_level=logging.WARNING, include_dashboard=False)
-            if self.engine.ray_address:
-                kwargs.pop("include_dashboard")
+            address = self.engine.ray_address
+            kwargs: dict[str, Any] = dict(logging_level=logging.WARNING)
+            if not (address or os.environ.get("RAY_ADDRESS")):  # Ray joins $RAY_ADDRESS
+                kwargs["include_dashboard"] = False
             try:
-                ray.init(address=self.engine.ray_address, **kwargs)
-            except (ConnectionError, RuntimeError, ValueError) as err:
-                where = self.engine.ray_address or "a local cluster"
-                raise LatentAuditError(f"--ray-address {where}: could not join the Ray "
-                                       f"cluster ({err}).") from None
+                ray.init(address=address, **kwargs)
+            except Exception as err:  # Ray raises many kinds; each is about the cluster
+                what = (f"--ray-address {address}: could not join the Ray cluster" if address
+                        else "--engine ray: could not start or join a Ray cluster")
+                raise LatentAuditError(f"{what} ({str(err).splitlines()[0]}).") from None
             self._started = True
         try:
             self._start_actors()
