@@ -4,7 +4,8 @@ Prints, for the same model (a small Llama-style config with random weights, save
 temporary folder so that every worker loads it by path), SAE and dataset:
 1. the local path (this process, ``torch.get_num_threads()`` threads);
 2. ``--engine ray`` with 1 worker and with 2 workers (one CPU and one thread each) on a local
-   cluster started once beforehand (its start-up time is printed apart): wall time of the whole
+   2-CPU cluster started once beforehand (or the one at $RAY_ADDRESS; its start-up time is
+   printed apart): wall time of the whole
    ``attribute`` call (workers starting and loading the model included) and of its batch loop
    alone (the shards, from the engine's log line), tokens/s and the ratios to the local path;
 3. whether the Δ-attribution of each run equals the local one.
@@ -100,9 +101,12 @@ def main() -> None:
         print(f"local path: {torch.get_num_threads()} thread(s); each Ray worker: 1 CPU")
 
         start = time.perf_counter()
-        ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
-        print(f"local Ray cluster start-up:      {time.perf_counter() - start:7.1f} s "
-              "(once, not in the times below)")
+        if os.environ.get("RAY_ADDRESS"):  # a cluster started beforehand (ray start --head)
+            ray.init(logging_level=logging.WARNING)
+        else:
+            ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+        print(f"Ray cluster start-up or join: {time.perf_counter() - start:.1f} s (once, not in "
+              "the times below)")
         try:
             rows = []
             for workers in (1, 2):
