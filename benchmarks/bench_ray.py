@@ -5,10 +5,10 @@ temporary folder so that every worker loads it by path), SAE and dataset:
 1. the local path (this process, ``torch.get_num_threads()`` threads);
 2. ``--engine ray`` with 1 worker and with 2 workers (one CPU and one thread each) on a local
    2-CPU cluster started once beforehand (or the one at $RAY_ADDRESS; its start-up time is
-   printed apart): wall time of the whole
-   ``attribute`` call (workers starting and loading the model included) and of its batch loop
-   alone (the shards, from the engine's log line), tokens/s and the ratios to the local path;
-3. whether the Δ-attribution of each run equals the local one.
+   printed apart): wall time of the whole ``attribute`` call (workers starting and loading the
+   model included) and of its batch loop alone (the shards, from the engine's log line),
+   tokens/s and the ratios to the local path;
+3. the largest difference of each run's Δ-attribution from the local one.
 
 Usage: python benchmarks/bench_ray.py [--layers 4] [--d-model 256] [--completions 96]
        [--tokens 256] [--d-sae 4096] [--batch-size 8]
