@@ -38,7 +38,8 @@ def grade_all_ray(spec: str, rubric: Rubric, options: dict[str, Any],
     device, dtype = options.get("device", "auto"), options.get("dtype", "float32")
     with WorkerPool(engine, device=device, dtype=dtype) as pool:
         shared = pool.share((spec, rubric, options))
-        judge = RemoteJudge(*pool.call(_describe, shared=shared), rubric=rubric)
+        judge_id, chunk_size = pool.call(_describe, shared=shared)
+        judge = RemoteJudge(judge_id, rubric, chunk_size)
 
         def run_chunks(chunks: list[list[JudgeItem]], keep) -> None:
             pool.run(_grade, [(c,) for c in chunks], shared=shared, on_result=keep,
