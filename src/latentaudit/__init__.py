@@ -37,6 +37,7 @@ _EXPORTS = {
     "plan_steering": "latentaudit.steer",
     "run_steering": "latentaudit.steer",
     "write_report": "latentaudit.report",
+    "EngineConfig": "latentaudit.distributed",
     "LatentAuditError": "latentaudit.errors",
     "fetch_corpus": "latentaudit.data.corpus",
     "load_corpus": "latentaudit.data.corpus",

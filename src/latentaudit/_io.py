@@ -74,6 +74,14 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+def append_jsonl(f: IO[str], rows: Iterable[dict]) -> None:
+    """Append rows to an open append-only JSONL file and fsync them: a kill cuts at most the
+    line being written (:func:`complete_lines` drops it on the next read)."""
+    f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    f.flush()
+    os.fsync(f.fileno())
+
+
 def save_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict | None = None) -> None:
     """Save a dict of tensors as safetensors, atomically (tensors made contiguous on CPU)."""
     from safetensors.torch import save_file

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from latentaudit._io import complete_lines, write_json
+from latentaudit._io import append_jsonl, complete_lines, write_json
 from latentaudit._progress import progress
 from latentaudit.data.behaviour import default_prompt_id
 from latentaudit.data.tokens import is_chat_messages, prompt_ids
@@ -231,11 +231,20 @@ def _settings(plan: SamplePlan) -> dict[str, Any]:
             "batch_size": cfg.batch_size}
 
 
-def _manifest(loaded: LoadedModel, plan: SamplePlan) -> dict[str, Any]:
+def model_manifest(loaded: LoadedModel, plan: SamplePlan) -> dict[str, Any]:
+    """The manifest of a run of ``plan`` on ``loaded``."""
     dtype = next(loaded.model.parameters()).dtype
     return {"schema_version": SCHEMA_VERSION, "model": loaded.name, "model_path": loaded.path,
             "dtype": str(dtype).removeprefix("torch."), **_settings(plan),
             "device": str(loaded.device)}
+
+
+def record_manifest(plan: SamplePlan, manifest: dict[str, Any]) -> None:
+    """Refuse to add to earlier output made with other parameters; write the manifest."""
+    mpath = manifest_path(plan.out)
+    if plan.previous is not None:
+        _check_manifest(plan.previous, manifest, mpath)
+    write_json(mpath, manifest)
 
 
 def _check_manifest(old: dict, new: dict, path: Path) -> None:
@@ -296,6 +305,18 @@ def generation_batch_size(model: LoadedModel, cfg: SampleConfig, prompt_tokens: 
                               prompt_tokens + cfg.max_new_tokens, 8, what)
 
 
+def sample_rows(model: LoadedModel, batch: list[tuple[Prompt, int]], cfg: SampleConfig,
+                encoded: dict[str, list[int]]) -> list[dict]:
+    """The output rows of one batch of (prompt, sample index); ``encoded`` caches prompt ids."""
+    for p, _ in batch:
+        if p.prompt_id not in encoded:
+            encoded[p.prompt_id] = encode_row_prompt(model, p, cfg)
+    ids = [encoded[p.prompt_id] for p, _ in batch]
+    seeds = [sample_seed(cfg.seed, p.prompt_id, i) for p, i in batch]
+    gens = generate(model, ids, seeds, cfg)
+    return [_row(model, p, i, pid, g, cfg) for (p, i), pid, g in zip(batch, ids, gens, strict=True)]
+
+
 def sample_completions(model: LoadedModel, prompts: str | os.PathLike | list,
                        cfg: SampleConfig, out_path: str | os.PathLike) -> Path:
     """Sample ``cfg.n`` completions per prompt into ``out_path`` (JSONL), resuming if present."""
@@ -304,11 +325,8 @@ def sample_completions(model: LoadedModel, prompts: str | os.PathLike | list,
 
 def run_sampling(model: LoadedModel, plan: SamplePlan) -> Path:
     """Sample what :func:`plan_sampling` found left to do; returns the output file."""
-    cfg, out, mpath = plan.cfg, plan.out, manifest_path(plan.out)
-    manifest = _manifest(model, plan)
-    if plan.previous is not None:
-        _check_manifest(plan.previous, manifest, mpath)
-    write_json(mpath, manifest)
+    cfg, out = plan.cfg, plan.out
+    record_manifest(plan, model_manifest(model, plan))
     todo = plan.todo
     if plan.done:
         log.info("%s: %d completions present, %d to go", out, len(plan.done), len(todo))
@@ -322,14 +340,9 @@ def run_sampling(model: LoadedModel, plan: SamplePlan) -> Path:
             progress(total=len(todo), desc="sample", unit="completion") as bar:
         for k in range(0, len(todo), size):
             batch = todo[k:k + size]
-            ids = [encoded[p.prompt_id] for p, _ in batch]
-            seeds = [sample_seed(cfg.seed, p.prompt_id, i) for p, i in batch]
-            gens = generate(model, ids, seeds, cfg)
-            f.write("".join(json.dumps(_row(model, p, i, pid, g, cfg), ensure_ascii=False) + "\n"
-                            for (p, i), pid, g in zip(batch, ids, gens, strict=True)))
-            f.flush()
-            os.fsync(f.fileno())
-            n_tokens += sum(len(g.token_ids) for g in gens)
+            rows = sample_rows(model, batch, cfg, encoded)
+            append_jsonl(f, rows)
+            n_tokens += sum(len(r["completion_token_ids"]) for r in rows)
             bar.update(len(batch))
     seconds = time.perf_counter() - start
     log.info("sampled %d completions, %d tokens in %.1f s (%.1f tokens/s)", len(todo), n_tokens,

@@ -16,6 +16,8 @@ from latentaudit.attribution.config import AttributionConfig, AttributionResult
 from latentaudit.attribution.finish import finish
 from latentaudit.attribution.plan import Data, Inputs, Plan, SAEs, check_inputs, make_plan
 from latentaudit.batching import resolve_batch_size
+from latentaudit.distributed.config import EngineConfig, require_ray
+from latentaudit.errors import LatentAuditError
 from latentaudit.models import load as model_load
 from latentaudit.models.hooks import layer_device, layer_module, num_layers
 from latentaudit.models.load import LoadedModel
@@ -26,7 +28,8 @@ def attribute(model: LoadedModel | str | os.PathLike, saes: SAEs, data: Data,
               cfg: AttributionConfig | None = None, *,
               layers: int | Sequence[int] | None = None,
               checkpoint: str | os.PathLike | None = None,
-              device: str = "auto", dtype: str = "float32") -> AttributionResult:
+              device: str = "auto", dtype: str = "float32",
+              engine: EngineConfig | None = None) -> AttributionResult:
     """Rank SAE latents by Δ-attribution for a behaviour dataset.
 
     model: a :class:`~latentaudit.models.load.LoadedModel`, or a short name, folder or hub id
@@ -36,13 +39,25 @@ def attribute(model: LoadedModel | str | os.PathLike, saes: SAEs, data: Data,
     config records, or the matching entry of ``layers`` (see
     :func:`~latentaudit.attribution.plan.saes_by_layer`). data: a behaviour JSONL path or a list
     of :class:`~latentaudit.data.behaviour.Completion`. checkpoint: a file for resumable
-    checkpoints (a rerun with the same inputs continues from it).
+    checkpoints (a rerun with the same inputs continues from it). engine: with ``--engine ray``
+    the completions are sharded across Ray workers (:mod:`latentaudit.distributed.attribute`;
+    ``model`` must then be a name or path, and ``checkpoint`` is a folder of finished shards).
     """
     cfg = cfg or AttributionConfig()
+    if engine is not None and engine.distributed:
+        require_ray()
+        if isinstance(model, LoadedModel):
+            raise LatentAuditError("--engine ray: pass the model by name or path (every worker "
+                                   "loads its own copy), not a loaded model.")
     if not isinstance(model, LoadedModel):
         model_load.parse_dtype(dtype)
         model_load.resolve_device(device)
     inputs = check_inputs(saes, data, layers, cfg)
+    if engine is not None and engine.distributed:
+        from latentaudit.distributed.attribute import attribute_ray
+
+        return attribute_ray(str(model), inputs, cfg, engine, checkpoint=checkpoint,
+                             device=device, dtype=dtype)
     if not isinstance(model, LoadedModel):
         model = model_load.load_model(str(model), device=device, dtype=dtype)
     return attribute_checked(model, inputs, cfg, checkpoint)
@@ -52,7 +67,20 @@ def attribute_checked(model: LoadedModel, inputs: Inputs, cfg: AttributionConfig
                       checkpoint: str | os.PathLike | None = None) -> AttributionResult:
     """:func:`attribute` on inputs already checked by
     :func:`~latentaudit.attribution.plan.check_inputs` (for callers that check before they load
-    the model, e.g. the pipeline of :mod:`latentaudit.pipeline`).
+    the model, e.g. the pipeline of :mod:`latentaudit.pipeline`)."""
+    plan, cfg, chunks = prepare(model, inputs, cfg)
+    sums = run_batches(model, inputs.saes, plan, cfg, checkpoint, chunks)
+    return finish(model, inputs, plan, sums, cfg)
+
+
+def prepare_plan(model: LoadedModel, inputs: Inputs, cfg: AttributionConfig) -> Plan:
+    """The batches of :func:`prepare` (what a Ray worker needs to find its shard)."""
+    return prepare(model, inputs, cfg)[0]
+
+
+def prepare(model: LoadedModel, inputs: Inputs, cfg: AttributionConfig
+            ) -> tuple[Plan, AttributionConfig, dict]:
+    """Place the SAEs, check that they fit the model, and plan the batches.
 
     Each SAE goes to the device of its hooked layer, or stays in host memory and is streamed
     when it does not fit there (:func:`~latentaudit.saes.stream.place`); a batch size of 0 is
@@ -70,8 +98,7 @@ def attribute_checked(model: LoadedModel, inputs: Inputs, cfg: AttributionConfig
         order = [j for b in plan.batches for j in b]
         plan.batches = [order[s:s + cfg.batch_size]
                         for s in range(0, len(order), cfg.batch_size)]
-    sums = run_batches(model, inputs.saes, plan, cfg, checkpoint, chunks)
-    return finish(model, inputs, plan, sums, cfg)
+    return plan, cfg, chunks
 
 
 def _auto_batch_size(model: LoadedModel, plan: Plan, lowest: int) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from latentaudit.cli import DEVICE_HELP, batch_size_arg, field_docs
+from latentaudit.cli._engine import add_engine_options, engine_from_args
 
 NAME = "attribute"
 HELP = "Rank SAE latents by gradient attribution (Δ-attribution) on a behaviour dataset."
@@ -15,6 +16,8 @@ DESCRIPTION = (
     "from its checkpoint when rerun with the same arguments. Every input is checked before the "
     "model loads.")
 CHECKPOINT_FILE = "attribute.checkpoint.safetensors"
+SHARDS_DIR = "attribute.shards"
+"""With --engine ray: the folder of finished shards (removed once the run is written)."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,6 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every-seconds", type=float, default=300.0, metavar="S",
                    help=doc["checkpoint_every_seconds"])
     p.add_argument("--show", type=int, default=10, help="Latents printed in the summary table.")
+    add_engine_options(p)
 
 
 def config_from_args(args: argparse.Namespace):
@@ -60,6 +64,7 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    import shutil
     from pathlib import Path
 
     from latentaudit.attribution import attribute
@@ -68,17 +73,21 @@ def run(args: argparse.Namespace) -> int:
     from latentaudit.saes.shipped import resolve_sae_path
 
     cfg = config_from_args(args)
+    engine = engine_from_args(args)
     if args.show < 0:
         raise LatentAuditError(f"--show must be at least 0, got {args.show}.")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise LatentAuditError(f"--out {out} is a file: pass a folder for the run's files.")
     saes = [resolve_sae_path(s, args.model) for s in args.sae]
-    ckpt = out / CHECKPOINT_FILE
+    ckpt = out / (SHARDS_DIR if engine.distributed else CHECKPOINT_FILE)
     result = attribute(args.model, saes, args.data, cfg, layers=args.layer, checkpoint=ckpt,
-                       device=args.device, dtype=args.dtype)
+                       device=args.device, dtype=args.dtype, engine=engine)
     write_run(out, result)
-    ckpt.unlink(missing_ok=True)
+    if engine.distributed:
+        shutil.rmtree(ckpt, ignore_errors=True)
+    else:
+        ckpt.unlink(missing_ok=True)
     _print_summary(result, args.show)
     print(f"\nwrote {out}/attribution.safetensors, ranking.jsonl, manifest.json")
     return 0

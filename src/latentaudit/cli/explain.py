@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from latentaudit.cli import DEVICE_HELP, batch_size_arg, field_docs
+from latentaudit.cli._engine import add_engine_options, engine_from_args
 
 NAME = "explain"
 HELP = "Explain a run's top latents: logit lens, top-activating text, per-token maps, exact check."
@@ -67,6 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--dtype", default="float32", help="Model dtype: float32, bfloat16 or float16.")
     p.add_argument("--show", type=int, default=10, help="Latents printed in the summary.")
+    add_engine_options(p)
 
 
 def config_from_args(args: argparse.Namespace):
@@ -98,12 +100,13 @@ def run(args: argparse.Namespace) -> int:
     from latentaudit.saes.shipped import resolve_sae_path
 
     cfg = config_from_args(args)
+    engine = engine_from_args(args)
     latents = parse_latents(args.latents) if args.latents is not None else None
     model = args.model or read_run(args.run).model_name
     sae = resolve_sae_path(args.sae, model) if args.sae else None
     result = explain_latents(args.run, latents, cfg, layer=args.layer, model=args.model, sae=sae,
                              data=args.data, out=args.out, cache_dir=args.cache_dir,
-                             device=args.device, dtype=args.dtype)
+                             device=args.device, dtype=args.dtype, engine=engine)
     _print_summary(result, args.show)
     print(f"\nwrote {result.out}/ (" + ", ".join(sorted(p.name for p in result.out.iterdir()
                                                       if not p.name.startswith("."))) + ")")

@@ -18,6 +18,8 @@ DESCRIPTION = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from latentaudit.cli._engine import add_engine_options
+
     p.add_argument("--completions", help="Completions JSONL (from `latentaudit sample`).")
     p.add_argument("--rubric", help="Shipped rubric name (see --list-rubrics) or a rubric JSON "
                                     "file (an edited copy from --copy-rubric).")
@@ -37,6 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="local / probe judge: float32 or bfloat16.")
     p.add_argument("--batch-size", type=int, default=None,
                    help="local / probe judge: sequences per forward pass (default 16 / 8).")
+    add_engine_options(p)
     p.add_argument("--export-labels", metavar="FILE",
                    help="Write the completions to FILE (.csv or .jsonl) for human labelling "
                         "and stop.")
@@ -134,11 +137,13 @@ def run(args) -> int:
               f"positive/negative/excluded), then run with --judge human:{args.export_labels}")
         return 0
     _need(args, "--out")
+    from latentaudit.cli._engine import engine_from_args
     from latentaudit.judges import resolve_spec
     from latentaudit.judges.run import judge_file
 
+    engine = engine_from_args(args)
     spec = resolve_spec(args.judge, rubric)
-    summary = judge_file(args.completions, rubric, spec, args.out, args.cache,
+    summary = judge_file(args.completions, rubric, spec, args.out, args.cache, engine=engine,
                          **judge_options(spec, args))
     print("\n".join(_report(summary, rubric)))
     return 1 if summary.run.failures else 0

@@ -23,6 +23,7 @@ def unescape(text: str) -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from latentaudit.cli import DEVICE_HELP, batch_size_arg, field_docs
+    from latentaudit.cli._engine import add_engine_options
 
     doc = field_docs("sample.py", "SampleConfig")
     p.add_argument("--model", required=True,
@@ -43,11 +44,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=batch_size_arg, default=8, help=doc.get("batch_size"))
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--dtype", default="float32", help="Model dtype: float32, bfloat16, float16.")
+    add_engine_options(p)
 
 
 def run(args: argparse.Namespace) -> int:
     import json
 
+    from latentaudit.cli._engine import engine_from_args
     from latentaudit.judges.base import check_model_options
     from latentaudit.models.load import load_model, parse_dtype
     from latentaudit.sample import SampleConfig, plan_sampling, run_sampling
@@ -57,9 +60,14 @@ def run(args: argparse.Namespace) -> int:
                        stop=tuple(unescape(s) for s in args.stop), seed=args.seed,
                        batch_size=args.batch_size, system=args.system)
     check_model_options(args.device, args.dtype, cfg.batch_size or 1)  # 0: auto
+    engine = engine_from_args(args)
     dtype = str(parse_dtype(args.dtype)).removeprefix("torch.")
     plan = plan_sampling(args.prompts, cfg, args.out, model=args.model, dtype=dtype)
-    if plan.todo or plan.previous is None:
+    if (plan.todo or plan.previous is None) and engine.distributed:
+        from latentaudit.distributed.sample import sample_ray
+
+        out = sample_ray(args.model, plan, engine, device=args.device, dtype=args.dtype)
+    elif plan.todo or plan.previous is None:
         out = run_sampling(load_model(args.model, device=args.device, dtype=args.dtype), plan)
     else:  # every completion is there, sampled with these parameters
         out = plan.out

@@ -39,6 +39,7 @@ def _names(text: str) -> tuple[str, ...]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from latentaudit.cli._engine import add_engine_options
     from latentaudit.cli.judge import add_api_options
 
     doc = field_docs("steer/config.py", "SteerConfig")
@@ -94,6 +95,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--logodds-top", type=int, default=100, help=doc["logodds_top"])
     p.add_argument("--logodds-prompts", type=int, help=doc["logodds_prompts"])
     p.add_argument("--logodds-only", action="store_true", help=doc["logodds_only"])
+    add_engine_options(p)
 
 
 def config_from_args(args: argparse.Namespace):
@@ -111,12 +113,14 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from latentaudit.cli._engine import engine_from_args
     from latentaudit.cli.judge import judge_options
     from latentaudit.judges.base import check_model_options
     from latentaudit.steer import plan_steering, run_steering
 
     cfg = config_from_args(args)
     check_model_options(args.device, args.dtype, cfg.batch_size or 1)  # 0: auto
+    engine = engine_from_args(args)
     coherence = None if args.coherence_judge == "none" else args.coherence_judge
     plan = plan_steering(cfg, run=args.run, latents=args.latents, model=args.model, sae=args.sae,
                          layer=args.layer, prompts=args.prompts, rubric=args.rubric,
@@ -126,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
                          judge_options=judge_options(args.judge, args))
     print(f"steering on {len(plan.prompts)} held-out prompts ({plan.excluded_prompts} used by "
           f"attribution left out), {cfg.n} completions each per condition")
-    result = run_steering(plan, device=args.device, dtype=args.dtype)
+    result = run_steering(plan, device=args.device, dtype=args.dtype, engine=engine)
     for line in summary_lines(result) if not cfg.logodds_only else logodds_lines(result):
         print(line)
     files = ["steering.jsonl", "steering_summary.json"]

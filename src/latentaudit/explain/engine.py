@@ -144,14 +144,16 @@ def explain_latents(run: str | os.PathLike, latents: Sequence[int] | None = None
                     sae: SAE | str | os.PathLike | None = None,
                     data: str | os.PathLike | None = None, out: str | os.PathLike | None = None,
                     cache_dir: str | os.PathLike | None = None, device: str = "auto",
-                    dtype: str = "float32") -> ExplainResult:
+                    dtype: str = "float32", engine=None) -> ExplainResult:
     """Explain the top latents of an attribution run (or ``latents`` at ``layer``) and write
     ``<run>/explain/`` (or ``out``); see :mod:`latentaudit.explain` for the files.
 
     model: a :class:`~latentaudit.models.load.LoadedModel` or a name (default: the run's model),
     loaded on ``device`` in ``dtype`` after every other input checked out. sae / data replace the
     run's SAE (one layer) and dataset when they have moved. cache_dir: where the per-SAE example
-    cache lives (default ``$LATENTAUDIT_CACHE``, else ``~/.cache/latentaudit``).
+    cache lives (default ``$LATENTAUDIT_CACHE``, else ``~/.cache/latentaudit``). engine: an
+    :class:`~latentaudit.distributed.EngineConfig`; with ``--engine ray`` the top-activating
+    scan of the corpus runs on Ray workers (:mod:`latentaudit.distributed.examples`).
     """
     cfg = cfg or ExplainConfig()
     if not isinstance(model, LoadedModel):
@@ -169,13 +171,28 @@ def explain_latents(run: str | os.PathLike, latents: Sequence[int] | None = None
         layer_module(model.model, L)  # a clear error for a layer the model lacks
         s.check_fits(model.d_model, model_name=model.name)
         chunks[L] = place(s, layer_device(model.model, L))  # or streamed from host memory
-    corpus = {L: ex.corpus_examples(model, s, L, cfg, inputs.keys[L], cache_dir,
-                                    chunk=chunks[L])
-              for L, s in inputs.saes.items()}
+    corpus = _corpus_examples(model, inputs, cfg, cache_dir, engine, chunks)
     maps, exact = _maps_and_exact(model, inputs, cfg)
     result = assemble(model, inputs, cfg, corpus, maps, exact, interpreter, out)
     write_explain(result)
     return result
+
+
+def _corpus_examples(model: LoadedModel, inputs, cfg: ExplainConfig, cache_dir, engine,
+                     chunks: dict) -> dict[int, ex.CorpusExamples]:
+    """The top-activating scan of each layer, here or on Ray workers."""
+    if engine is None or not engine.distributed or all(
+            ex.is_cached(inputs.keys[L], cache_dir) for L in inputs.saes):
+        return {L: ex.corpus_examples(model, s, L, cfg, inputs.keys[L], cache_dir,
+                                      chunk=chunks[L])
+                for L, s in inputs.saes.items()}
+    from latentaudit.distributed.examples import corpus_examples_ray
+    from latentaudit.distributed.pool import WorkerPool
+
+    dtype = str(next(model.model.parameters()).dtype).replace("torch.", "")
+    with WorkerPool(engine, device=str(model.device), dtype=dtype) as pool:
+        return {L: corpus_examples_ray(pool, model, s, L, cfg, inputs.keys[L], cache_dir)
+                for L, s in inputs.saes.items()}
 
 
 def _interpreter(cfg: ExplainConfig, out: Path):

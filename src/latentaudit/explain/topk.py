@@ -113,3 +113,22 @@ def update_density(density: Density, acts: Float[Tensor, "rows d_sae"]) -> Densi
         0, latents * bins + which, torch.ones_like(which))
     fired = density.fired.index_add(0, latents, torch.ones_like(latents))
     return Density(fired, hist.view_as(density.histogram))
+
+
+def merge_states(a: TopK, b: TopK) -> TopK:
+    """The k largest of two states of the same latents (e.g. of two parts of the corpus): what
+    one pass over both parts keeps, up to the order of exactly equal values."""
+    k = a.values.shape[1]
+    top = torch.cat([a.values, b.values], dim=1).topk(k, dim=1)  # (S, k)
+
+    def pick(x: Tensor, y: Tensor) -> Tensor:
+        both = torch.cat([x, y], dim=1)  # (S, 2k, ...)
+        index = top.indices.view(*top.indices.shape, *([1] * (both.dim() - 2)))
+        return both.gather(1, index.expand(-1, -1, *both.shape[2:]))
+
+    return TopK(top.values, *(pick(x, y) for x, y in zip(a[1:], b[1:], strict=True)))
+
+
+def add_density(a: Density, b: Density) -> Density:
+    """The firing counts and histograms of two parts of the corpus together."""
+    return Density(a.fired + b.fired, a.histogram + b.histogram)

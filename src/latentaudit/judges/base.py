@@ -24,7 +24,7 @@ import hashlib
 import json
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -175,12 +175,18 @@ class JudgeRun:
     """Items the judge could not grade (sent in this run, not cached)."""
 
 
+RunChunks = Callable[[list[list[JudgeItem]], Callable[[int, list[Verdict]], None]], None]
+"""Grades chunks of items somewhere, handing each chunk's verdicts to the callback."""
+
+
 def grade_all(judge: Judge, items: Sequence[JudgeItem], cache: JudgeCache | None = None,
-              chunk: int | None = None) -> JudgeRun:
+              chunk: int | None = None, run_chunks: RunChunks | None = None) -> JudgeRun:
     """Grade ``items`` with ``judge``, reading and filling ``cache``; never raises per item.
 
     ``chunk`` (default: the judge's ``chunk_size`` attribute, else 32) items go to the judge at
-    a time: the cache and the progress bar advance after each chunk.
+    a time: the cache and the progress bar advance after each chunk. ``run_chunks(chunks,
+    keep)`` grades the chunks elsewhere instead of with ``judge.grade`` (e.g. on Ray workers,
+    :mod:`latentaudit.distributed.judge`), calling ``keep(chunk index, verdicts)`` for each.
     """
     chunk = chunk or getattr(judge, "chunk_size", 32)
     keys = [cache_key(judge, it) for it in items]
@@ -194,19 +200,26 @@ def grade_all(judge: Judge, items: Sequence[JudgeItem], cache: JudgeCache | None
             todo.setdefault(key, []).append(i)
     n_cached = sum(v is not None for v in verdicts)
     pending = list(todo.items())
-    with progress(total=len(pending), desc=f"judging ({judge.id})", unit="item") as bar:
-        for start in range(0, len(pending), chunk):
-            part = pending[start:start + chunk]
-            got = judge.grade([items[idx[0]] for _, idx in part])
-            if len(got) != len(part):
-                raise RuntimeError(f"judge {judge.id} returned {len(got)} verdicts for "
-                                   f"{len(part)} items")
-            for (key, idx), verdict in zip(part, got, strict=True):
-                if verdict.ok and cache is not None:
-                    cache.put(key, verdict, judge)
-                for i in idx:
-                    verdicts[i] = verdict
-            bar.update(len(part))
+    parts = [pending[start:start + chunk] for start in range(0, len(pending), chunk)]
+
+    def keep(k: int, got: list[Verdict]) -> None:
+        if len(got) != len(parts[k]):
+            raise RuntimeError(f"judge {judge.id} returned {len(got)} verdicts for "
+                               f"{len(parts[k])} items")
+        for (key, idx), verdict in zip(parts[k], got, strict=True):
+            if verdict.ok and cache is not None:
+                cache.put(key, verdict, judge)
+            for i in idx:
+                verdicts[i] = verdict
+
+    chunks = [[items[idx[0]] for _, idx in part] for part in parts]
+    if run_chunks is not None:
+        run_chunks(chunks, keep)
+    else:
+        with progress(total=len(pending), desc=f"judging ({judge.id})", unit="item") as bar:
+            for k, part in enumerate(chunks):
+                keep(k, judge.grade(part))
+                bar.update(len(part))
     failures = [Failure(i, items[i].prompt_id, items[i].sample_index, v.error)
                 for i, v in enumerate(verdicts) if not v.ok]
     return JudgeRun(verdicts=verdicts, n_cached=n_cached,

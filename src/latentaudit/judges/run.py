@@ -104,22 +104,30 @@ class JudgeSummary:
 
 
 def judge_file(completions: str | Path, rubric: Rubric, judge: Judge | str, out: str | Path,
-               cache_path: str | Path | None = None, **options: Any) -> JudgeSummary:
+               cache_path: str | Path | None = None, engine=None, **options: Any
+               ) -> JudgeSummary:
     """Grade every completion in ``completions`` and write ``out`` (see the module docstring).
 
     ``judge`` is a judge or a ``--judge`` spec built with ``options`` by
     :func:`~latentaudit.judges.make_judge` once the completions have been checked, so a bad
-    file is reported before any judge model loads.
+    file is reported before any judge model loads. ``engine``: an
+    :class:`~latentaudit.distributed.EngineConfig`; with ``--engine ray`` a spec's judge is
+    built and run on Ray workers (:mod:`latentaudit.distributed.judge`).
     """
     out = Path(out)
     rows = read_completions(completions)
     items = items_from_rows(rows, rubric, completions)
-    if isinstance(judge, str):
-        from latentaudit.judges import make_judge
-
-        judge = make_judge(judge, rubric, **options)
     cache = JudgeCache(cache_path or out.parent / "judge_cache.jsonl")
-    run = grade_all(judge, items, cache)
+    if isinstance(judge, str) and engine is not None and engine.distributed:
+        from latentaudit.distributed.judge import grade_all_ray
+
+        run, judge = grade_all_ray(judge, rubric, options, items, cache, engine)
+    else:
+        if isinstance(judge, str):
+            from latentaudit.judges import make_judge
+
+            judge = make_judge(judge, rubric, **options)
+        run = grade_all(judge, items, cache)
     shipped = rubric.source is not None and rubric.source.parent == shipped_dir()
     outcomes = {"positive": 0, "negative": 0, "excluded": 0}
     judged = []

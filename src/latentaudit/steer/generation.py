@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from latentaudit._io import complete_lines
+from latentaudit._io import append_jsonl, complete_lines
 from latentaudit._progress import progress
 from latentaudit.errors import LatentAuditError
 from latentaudit.generate import generate
@@ -67,18 +66,22 @@ def generate_rows(loaded: LoadedModel, layer: int, todo: Sequence[tuple[Conditio
             progress(total=len(todo), desc=desc, unit="completion") as bar:
         for start in range(0, len(todo), size):
             batch = todo[start:start + size]
-            seeds = [sample_seed(cfg.seed, pid, i) for _, pid, i in batch]
-            steering = RowSteering(layer, torch.stack([vectors[c.key] for c, _, _ in batch]))
-            gens = generate(loaded, [prompt_ids[pid] for _, pid, _ in batch], seeds, cfg,
-                            steering=steering)
-            f.write("".join(json.dumps(
-                {"key": c.key, "prompt_id": pid, "sample_index": i, "completion": g.text,
-                 "completion_token_ids": g.token_ids, "finish_reason": g.finish_reason},
-                ensure_ascii=False) + "\n" for (c, pid, i), g in zip(batch, gens, strict=True)))
-            f.flush()
-            os.fsync(f.fileno())
+            append_jsonl(f, steered_rows(loaded, layer, batch, prompt_ids, vectors, cfg))
             bar.update(len(batch))
     return len(todo)
+
+
+def steered_rows(loaded: LoadedModel, layer: int, batch: Sequence[tuple[Condition, str, int]],
+                 prompt_ids: dict[str, list[int]],
+                 vectors: dict[str, Float[Tensor, " d_model"]], cfg: SampleConfig) -> list[dict]:
+    """The rows of one batch of (condition, prompt_id, sample_index), each with its vector."""
+    seeds = [sample_seed(cfg.seed, pid, i) for _, pid, i in batch]
+    steering = RowSteering(layer, torch.stack([vectors[c.key] for c, _, _ in batch]))
+    gens = generate(loaded, [prompt_ids[pid] for _, pid, _ in batch], seeds, cfg,
+                    steering=steering)
+    return [{"key": c.key, "prompt_id": pid, "sample_index": i, "completion": g.text,
+             "completion_token_ids": g.token_ids, "finish_reason": g.finish_reason}
+            for (c, pid, i), g in zip(batch, gens, strict=True)]
 
 
 # ---- the sweep's view: which rows are missing, and their grades -------------------------------
@@ -97,6 +100,9 @@ class Context:
     scfg: SampleConfig
     path: Path
     judges: dict[str, Any] = field(default_factory=dict)
+    remote: Any = None
+    """Generates rows on Ray workers instead (:class:`~latentaudit.distributed.steer.RemoteRows`,
+    same signature as :func:`generate_rows`); None: here."""
 
 
 def generate_missing(ctx: Context, conds: Sequence[Condition],
@@ -115,8 +121,9 @@ def generate_missing(ctx: Context, conds: Sequence[Condition],
         for c in mine:  # position of the condition within its method's list
             rank[c.key], per_method[c.method] = per_method[c.method], per_method[c.method] + 1
         todo.sort(key=lambda row: (rank[row[0].key], len(ctx.enc[name][row[1]])))
-        n += generate_rows(loaded, ctx.plan.layer, todo, ctx.enc[name], vecs, ctx.scfg, ctx.path,
-                           desc="steer" if name == "main" else f"steer ({name})")
+        gen = ctx.remote.generate_rows if ctx.remote is not None else generate_rows
+        n += gen(loaded, ctx.plan.layer, todo, ctx.enc[name], vecs, ctx.scfg, ctx.path,
+                 desc="steer" if name == "main" else f"steer ({name})")
     return n
 
 

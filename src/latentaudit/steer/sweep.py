@@ -204,9 +204,23 @@ class SteerResult:
     figures: list[Path]
 
 
-def run_steering(plan: SteerPlan, model=None, *, device: str = "auto",
-                 dtype: str = "float32") -> SteerResult:
-    """Run a planned sweep (steps 2–7 of the module docstring); ``model`` may be loaded already."""
+def run_steering(plan: SteerPlan, model=None, *, device: str = "auto", dtype: str = "float32",
+                 engine=None) -> SteerResult:
+    """Run a planned sweep (steps 2–7 of the module docstring); ``model`` may be loaded already.
+
+    engine: an :class:`~latentaudit.distributed.EngineConfig`; with ``--engine ray`` the steered
+    completions (step 6, and the search's trials) are generated on Ray workers.
+    """
+    if engine is None or not engine.distributed:
+        return _run_steering(plan, model, device=device, dtype=dtype)
+    from latentaudit.distributed.steer import RemoteRows
+
+    with RemoteRows(engine, device=device, dtype=dtype) as remote:
+        return _run_steering(plan, model, device=device, dtype=dtype, remote=remote)
+
+
+def _run_steering(plan: SteerPlan, model=None, *, device: str = "auto", dtype: str = "float32",
+                  remote=None) -> SteerResult:
     from latentaudit.models.load import load_model
     from latentaudit.saes import load_sae
     from latentaudit.steer import figures, logodds, search
@@ -236,7 +250,7 @@ def run_steering(plan: SteerPlan, model=None, *, device: str = "auto",
                        diff)
     units = [(p.prompt_id, i) for p in plan.prompts for i in range(cfg.n)]
     ctx = Context(plan=plan, models=models, enc=enc, dirs=dirs, rbar=rbar, scfg=scfg,
-                         path=plan.work / "completions.jsonl")
+                         path=plan.work / "completions.jsonl", remote=remote)
     conds = make_conditions(sets, cfg, rbar, "toward" in models)
     if cfg.search:
         conds = search.search_strengths(ctx, conds, units)
