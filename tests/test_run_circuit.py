@@ -25,6 +25,7 @@ batch_size = 4
 target_batch = 2
 lens_tokens = 3
 node_examples = 2
+examples = true
 """
 
 
@@ -123,3 +124,12 @@ def test_a_circuit_section_without_upstream_sae_is_refused(tiny_model_dir, saes,
     config.write_text(config.read_text() + "\n[circuit]\ntop_k = 2\n")
     with pytest.raises(LatentAuditError, match="upstream_sae is missing"):
         read_config(config)
+
+
+def test_the_shipped_demo_config_traces_a_circuit_from_layer_6():
+    from latentaudit.pipeline import DEMO_CONFIG
+
+    cfg = read_config(DEMO_CONFIG, out="x")
+    assert cfg.circuit is not None and cfg.circuit.top_k == 5
+    assert cfg.circuit_options.upstream_sae == ("qwen2.5-0.5b-instruct-l6",)
+    assert any(n.startswith("Circuit:") for n in cfg.settings.notes)
