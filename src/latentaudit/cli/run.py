@@ -12,8 +12,8 @@ DESCRIPTION = (
     "Run the stages a config names into one run folder: sample → judge → pair → attribute → "
     "explain → circuit (with a [circuit] section) → steer → report. Each stage is fingerprinted "
     "(its options, the stages it reads, the files it reads) in RUN/pipeline.json: a finished "
-    "stage whose fingerprint is unchanged is skipped, an interrupted one resumes, and a changed one reruns with every stage that reads "
-    "it. Every input is checked before any model loads.")
+    "stage whose fingerprint is unchanged is skipped, an interrupted one resumes, and a changed "
+    "one reruns with every stage that reads it. Every input is checked before any model loads.")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
