@@ -425,7 +425,8 @@ def test_the_demo_dry_run_checks_every_input_and_loads_no_model(tmp_path, capsys
     assert main(["demo", "--dry-run", "--out", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out
     assert "sample     given" in out
-    assert all(f"{s:<10} run" in out for s in ("judge", "attribute", "explain", "steer"))
+    assert all(f"{s:<10} run" in out for s in ("judge", "attribute", "explain", "circuit",
+                                                "steer"))
     assert not (tmp_path / "demo").exists()
 
 

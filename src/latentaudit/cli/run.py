@@ -5,14 +5,15 @@ from __future__ import annotations
 import argparse
 
 NAME = "run"
-HELP = "Run every stage (sample → judge → pair → attribute → explain → steer → report) from a " \
-       "TOML or YAML config, skipping finished stages and resuming an interrupted one."
+HELP = "Run every stage (sample → judge → pair → attribute → explain → circuit → steer → " \
+       "report) from a TOML or YAML config, skipping finished stages and resuming an " \
+       "interrupted one."
 DESCRIPTION = (
     "Run the stages a config names into one run folder: sample → judge → pair → attribute → "
-    "explain → steer → report. Each stage is fingerprinted (its options, the stages it reads, "
-    "the files it reads) in RUN/pipeline.json: a finished stage whose fingerprint is unchanged is "
-    "skipped, an interrupted one resumes, and a changed one reruns with every stage that reads "
-    "it. Every input is checked before any model loads.")
+    "explain → circuit (with a [circuit] section) → steer → report. Each stage is fingerprinted "
+    "(its options, the stages it reads, the files it reads) in RUN/pipeline.json: a finished "
+    "stage whose fingerprint is unchanged is skipped, an interrupted one resumes, and a changed "
+    "one reruns with every stage that reads it. Every input is checked before any model loads.")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -7,6 +7,8 @@
 3. The entry file, read and validated as its stage will read it: prompts, completions (with the
    facts a fact-using rubric needs), judged completions, or a behaviour dataset with its pairs.
 4. Steering's prompts and options; explain's reference text.
+5. The circuit's upstream SAEs: each must exist, read a layer below the run's and have the run's
+   SAE's d_model.
 
 Problems are collected and raised as one error.
 """
@@ -55,6 +57,8 @@ def check_inputs(cfg: RunConfig) -> str:
         from latentaudit.saes.evaluate import text_documents
 
         check(("explain", "corpus"), text_documents, cfg.explain.corpus)
+    if cfg.circuit is not None and sae is not None:
+        check(("circuit", "upstream_sae"), check_upstream, cfg, sae)
     if problems:
         head = f"{cfg.source} has {len(problems)} problem(s); fix them and rerun:\n  " \
             if len(problems) > 1 else ""
@@ -85,6 +89,21 @@ def sae_path(value: str, model: str) -> str:
         raise LatentAuditError(f"{path}: no such SAE file or folder; give its path, a shipped "
                                "SAE's name or default.")
     return path
+
+
+def check_upstream(cfg: RunConfig, sae: str) -> None:
+    """The [circuit] upstream SAEs: present, each at a layer below the run's, one d_model."""
+    from latentaudit.attribution.plan import _load, saes_by_layer
+    from latentaudit.circuit.inputs import upstream_saes
+
+    paths = [sae_path(u, cfg.settings.model) for u in cfg.circuit_options.upstream_sae]
+    run_sae = _load(sae)
+    (layer, _), = saes_by_layer([run_sae], cfg.settings.layer).items()
+    try:
+        upstream_saes(paths, cfg.circuit_options.upstream_layer, layer, run_sae)
+    except LatentAuditError as err:  # name the config's keys, not the command's flags
+        raise LatentAuditError(str(err).replace("--upstream-layer", "upstream_layer")
+                               .replace("--upstream-sae", "upstream_sae")) from None
 
 
 def _rubric(name: str):

@@ -6,8 +6,9 @@
    is reported with the allowed ones and the closest match.
 3. Check each value's type against the stage's dataclass field, then build the dataclass
    (:class:`~latentaudit.sample.SampleConfig`, :class:`~latentaudit.attribution.AttributionConfig`,
-   :class:`~latentaudit.explain.ExplainConfig`, :class:`~latentaudit.steer.SteerConfig` and the
-   small option classes below); a problem its own check finds is reported at the key.
+   :class:`~latentaudit.explain.ExplainConfig`, :class:`~latentaudit.circuit.CircuitConfig`,
+   :class:`~latentaudit.steer.SteerConfig` and the small option classes below); a problem its
+   own check finds is reported at the key.
 4. Resolve relative paths from the config file's folder, so a config travels with its files.
 
 Every problem of the file is collected and raised as one error. The option names are those of
@@ -24,7 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from latentaudit.errors import LatentAuditError
-from latentaudit.pipeline.options import JudgeOptions, PairOptions, RunSettings, SteerOptions
+from latentaudit.pipeline.options import (
+    CircuitOptions,
+    JudgeOptions,
+    PairOptions,
+    RunSettings,
+    SteerOptions,
+)
 from latentaudit.pipeline.parse import Located, parse_file
 
 ENTRIES = ("dataset", "judged", "completions", "prompts")
@@ -58,6 +65,12 @@ class RunConfig:
     """The file's content as parsed."""
     located: Located | None = None
     """Where each key is in the file (for errors found later, by the input checks)."""
+    circuit: Any | None = None
+    """The CircuitConfig, or None when the config has no [circuit] section or [circuit] skip =
+    true."""
+    circuit_options: CircuitOptions | None = None
+    """The [circuit] section's upstream SAEs and layers (None when the config has no [circuit]
+    section: the run has no circuit stage)."""
 
     def where(self, *keys: str) -> str:
         """``file:line: key`` of a key, for error messages."""
@@ -72,17 +85,19 @@ class RunConfig:
 def _sections() -> dict[str, tuple[type, ...]]:
     """Section name -> the dataclasses whose fields are its keys."""
     from latentaudit.attribution.config import AttributionConfig
+    from latentaudit.circuit.config import CircuitConfig
     from latentaudit.explain.config import ExplainConfig
     from latentaudit.sample import SampleConfig
     from latentaudit.steer.config import SteerConfig
 
     return {"sample": (SampleConfig,), "judge": (JudgeOptions,), "pair": (PairOptions,),
             "attribute": (AttributionConfig,), "explain": (ExplainConfig,),
-            "steer": (SteerConfig, SteerOptions), "report": ()}
+            "circuit": (CircuitConfig, CircuitOptions), "steer": (SteerConfig, SteerOptions),
+            "report": ()}
 
 
 EXTRA_KEYS = {"explain": {"skip": "bool", "cache_dir": "str | None"},
-              "steer": {"skip": "bool"}, "report": {"skip": "bool"}}
+              "circuit": {"skip": "bool"}, "steer": {"skip": "bool"}, "report": {"skip": "bool"}}
 """Section keys of the pipeline itself: ``skip`` leaves an optional stage out."""
 
 
@@ -217,6 +232,7 @@ def build_config(data: dict[str, Any], loc: Located, *, out: str | Path | None =
                  ) -> RunConfig:
     """Check the parsed mapping ``data`` (step 2–4 of the module docstring)."""
     from latentaudit.attribution.config import AttributionConfig
+    from latentaudit.circuit.config import CircuitConfig
     from latentaudit.explain.config import ExplainConfig
     from latentaudit.sample import SampleConfig
     from latentaudit.steer.config import SteerConfig
@@ -243,6 +259,15 @@ def build_config(data: dict[str, Any], loc: Located, *, out: str | Path | None =
         sec["explain"], base), "explain", loc, problems)
     steer = None if sec["steer"].get("skip") else _build(SteerConfig, sec["steer"], "steer",
                                                          loc, problems)
+    circuit = circuit_options = None
+    if "circuit" in data:
+        circuit_options = _build(CircuitOptions, sec["circuit"], "circuit", loc, problems)
+        if not sec["circuit"].get("skip"):
+            circuit = _build(CircuitConfig, sec["circuit"], "circuit", loc, problems)
+            if circuit_options is not None and not circuit_options.upstream_sae:
+                problems.append(f"{loc.where(('circuit',))}: key upstream_sae is missing; add "
+                                'e.g. upstream_sae = ["qwen2.5-0.5b-instruct-l6"] (the SAE of '
+                                "an earlier layer), or skip = true")
     if problems:
         head = f"{loc.path} has {len(problems)} problem(s); fix them and rerun:\n  " \
             if len(problems) > 1 else ""
@@ -252,13 +277,16 @@ def build_config(data: dict[str, Any], loc: Located, *, out: str | Path | None =
     opts.judge = _resolve_spec(opts.judge, base)
     opts.coherence_judge = _resolve_spec(opts.coherence_judge, base)
     opts.prompts = _resolve(opts.prompts, base)
+    if circuit_options is not None:
+        circuit_options.upstream_sae = tuple(_resolve(u, base) for u in
+                                             circuit_options.upstream_sae)
     cache_dir = sec["explain"].get("cache_dir")
     return RunConfig(source=loc.path, settings=settings, out=run_dir.resolve(), entry=entry,
                      sample=built["sample"], judge=judge, pair=built["pair"],
                      attribute=built["attribute"], explain=explain,
                      explain_cache_dir=_path(cache_dir, base) if cache_dir else None,
                      steer=steer, steer_options=opts, report=not sec["report"].get("skip"),
-                     raw=data, located=loc)
+                     raw=data, located=loc, circuit=circuit, circuit_options=circuit_options)
 
 
 def _top_level(data: dict[str, Any], loc: Located, base: Path, out: str | Path | None,

@@ -1,4 +1,5 @@
-"""The pipeline: sample → judge → pair → attribute → explain → steer → report, in one run folder.
+"""The pipeline: sample → judge → pair → attribute → explain → circuit → steer → report, in one run
+folder (circuit only when the config has a [circuit] section).
 
 1. Read and check the config (:mod:`.config`), then every input it names (:mod:`.checks`),
    before any model loads.
@@ -99,6 +100,7 @@ def _outputs_present(cfg: RunConfig, name: str, old: StageRecord) -> bool:
 def _off(cfg: RunConfig, name: str) -> str | None:
     """Why the config leaves stage ``name`` out (None when it runs)."""
     if (name == "explain" and cfg.explain is None) or (name == "steer" and cfg.steer is None) \
+            or (name == "circuit" and cfg.circuit is None) \
             or (name == "report" and not cfg.report):
         return f"left out by the config ([{name}] skip = true)"
     return None
@@ -113,6 +115,8 @@ def plan_stages(cfg: RunConfig, sae: str, record: Record, redo: tuple[str, ...] 
     fps: dict[str, str | None] = {}
     plans = []
     for i, name in enumerate(ORDER):
+        if name == "circuit" and cfg.circuit_options is None:
+            continue  # no [circuit] section: the run has no circuit stage
         if i < first:
             plan = StagePlan(name, "unused", f"the run starts from {cfg.entry} {cfg.entry_file}")
         elif i == first:
@@ -124,7 +128,8 @@ def plan_stages(cfg: RunConfig, sae: str, record: Record, redo: tuple[str, ...] 
             plan = StagePlan(name, "off", why)
         else:
             config, inputs = STAGES[name].spec(cfg, sae)
-            reads = {r: fps.get(r) for r in STAGES[name].reads}
+            reads = {r: fps[r] for r in STAGES[name].reads if r in fps}  # a stage the run
+            # lacks (circuit without a [circuit] section) is not read
             plan = StagePlan(name, "run", "", fingerprint(name, config, reads, inputs), reads,
                              config, inputs)
             old = record.stages.get(name)

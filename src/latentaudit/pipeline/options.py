@@ -107,3 +107,14 @@ class SteerOptions:
     """Steer toward the behaviour on this model instead."""
     base_model: str | None = None
     """Base model of the model-diffing baseline (methods = [..., "model-diff"])."""
+
+
+@dataclass
+class CircuitOptions:
+    """The [circuit] keys besides :class:`~latentaudit.circuit.CircuitConfig`'s."""
+
+    upstream_sae: tuple[str, ...] = ()
+    """SAEs of earlier layers (paths or shipped SAE names): one for a two-layer circuit, several
+    for a chain down the layers."""
+    upstream_layer: int | tuple[int, ...] | None = None
+    """The layer of each upstream SAE (default: the layer each SAE records)."""

@@ -9,6 +9,8 @@ Files in the run folder (each written by its stage's own module, atomically):
   ``attribute.checkpoint.safetensors`` (kept: it is keyed by the inputs, so a change of an option
   that does not change the sums, such as ``top_k``, finishes from it at once)
 - explain: ``explain/`` (and ``explain-corpus.jsonl`` when ``corpus = "dataset"``)
+- circuit: ``circuit/circuit.json`` and ``circuit/circuit.safetensors`` (and per-hop checkpoints
+  while it runs, keyed by their inputs)
 - steer: ``steering.jsonl``, ``steering_summary.json``, ``steering_logodds.jsonl``, figures and
   the work folder ``steer/``
 - report: whatever ``latentaudit.write_report`` writes (its path is recorded)
@@ -33,7 +35,7 @@ from latentaudit.pipeline.checks import steer_prompts
 from latentaudit.pipeline.config import RunConfig
 from latentaudit.pipeline.records import digest, effective
 
-ORDER = ("sample", "judge", "pair", "attribute", "explain", "steer", "report")
+ORDER = ("sample", "judge", "pair", "attribute", "explain", "circuit", "steer", "report")
 STEER_FILES = ("steering.jsonl", "steering_summary.json", "steering_logodds.jsonl",
                "steering_away.png", "steering_away.svg", "steering_toward.png",
                "steering_toward.svg", "steer/judged.jsonl")
@@ -41,6 +43,7 @@ EXPLAIN_FILES = ("explain/latents.jsonl", "explain/manifest.json", "explain/exac
                  "explain/token_maps.safetensors", "explain/completions.jsonl",
                  "explain-corpus.jsonl")
 ATTRIBUTE_FILES = ("attribution.safetensors", "ranking.jsonl", "manifest.json")
+CIRCUIT_FILES = ("circuit/circuit.json", "circuit/circuit.safetensors")
 CHECKPOINT = "attribute.checkpoint.safetensors"
 
 
@@ -152,6 +155,22 @@ def _explain(cfg: RunConfig, sae: str):
     return config, {"corpus": file}
 
 
+def upstream_paths(cfg: RunConfig) -> list[str]:
+    """The [circuit] upstream SAEs' resolved paths (shipped names resolved for the run's model)."""
+    from latentaudit.saes.shipped import resolve_sae_path
+
+    return [resolve_sae_path(u, cfg.settings.model) for u in cfg.circuit_options.upstream_sae]
+
+
+def _circuit(cfg: RunConfig, sae: str):
+    s, opts = cfg.settings, cfg.circuit_options
+    config = {k: v for k, v in effective(cfg.circuit).items() if k not in ("target_batch",)}
+    layers = opts.upstream_layer
+    config.update(model=s.model, dtype=s.dtype,
+                  upstream_layer=list(layers) if isinstance(layers, tuple) else layers)
+    return config, {f"upstream_sae_{i}": digest(p) for i, p in enumerate(upstream_paths(cfg))}
+
+
 def _steer(cfg: RunConfig, sae: str):
     opts = cfg.steer_options
     judge = opts.judge or cfg.judge.judge
@@ -182,7 +201,10 @@ STAGES = {
     "explain": Stage("explain", ("attribute",), _explain,
                      lambda cfg: ["explain/latents.jsonl", "explain/manifest.json"],
                      EXPLAIN_FILES),
+    "circuit": Stage("circuit", ("attribute", "explain"), _circuit,
+                     lambda cfg: list(CIRCUIT_FILES), CIRCUIT_FILES),
     "steer": Stage("steer", ("attribute",), _steer, _steer_outputs, STEER_FILES),
-    "report": Stage("report", ("sample", "judge", "pair", "attribute", "explain", "steer"),
+    "report": Stage("report", ("sample", "judge", "pair", "attribute", "explain", "circuit",
+                               "steer"),
                     _report, lambda cfg: [], ("report.html",)),
 }

@@ -214,6 +214,25 @@ def explain(ctx: Context) -> dict[str, Any]:
             "corpus_tokens": result.manifest["corpus"]["tokens"], "spearman": spearman}
 
 
+def circuit(ctx: Context) -> dict[str, Any]:
+    from latentaudit.circuit import trace_circuit
+    from latentaudit.circuit.inputs import check_inputs
+    from latentaudit.pipeline.stages import upstream_paths
+
+    cfg, opts, dataset = ctx.cfg.circuit, ctx.cfg.circuit_options, dataset_path(ctx.cfg)
+    ups = upstream_paths(ctx.cfg)
+    if ctx.model.loaded is None:  # check before the model loads
+        check_inputs(ctx.run, ups, opts.upstream_layer, cfg, sae=ctx.sae, data=dataset,
+                     model_name=ctx.cfg.settings.model)
+    result = trace_circuit(ctx.run, ups, cfg, upstream_layers=opts.upstream_layer,
+                           model=ctx.model(), sae=ctx.sae, data=dataset,
+                           cache_dir=ctx.cfg.explain_cache_dir)
+    return {"hops": [{"upstream_layer": h.upstream_layer, "target_layer": h.target_layer,
+                      "targets": h.targets, "edges_kept": int(h.keep.sum())}
+                     for h in result.hops],
+            "nodes": len(result.nodes), "edges": len(result.edges)}
+
+
 def steer(ctx: Context) -> dict[str, Any]:
     from latentaudit.judges import load_rubric, resolve_spec
     from latentaudit.steer import plan_steering, run_steering
@@ -258,4 +277,4 @@ def report(ctx: Context) -> dict[str, Any]:
 
 STEPS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "sample": sample, "judge": judge, "pair": pair, "attribute": attribute, "explain": explain,
-    "steer": steer, "report": report}
+    "circuit": circuit, "steer": steer, "report": report}

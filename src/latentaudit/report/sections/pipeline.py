@@ -60,6 +60,10 @@ def _what(name: str, s: dict[str, Any]) -> str:
         if name == "explain":
             return (f"{len(s['latents'])} latents; examples from {s['corpus_tokens']} tokens of "
                     "reference text")
+        if name == "circuit":
+            return "; ".join(f"{len(h['targets'])} targets at layer {h['target_layer']}, "
+                             f"{h['edges_kept']} edges kept from layer {h['upstream_layer']}"
+                             for h in s["hops"]) or "no hop"
         if name == "steer":
             return f"{s['rows']} conditions on {s['prompts']} held-out prompts"
     except (KeyError, TypeError):
