@@ -387,8 +387,9 @@ def test_merging_two_parts_keeps_what_one_pass_keeps():
     assert all(torch.equal(x, y) for x, y in zip(whole_d, add_density(ad, bd), strict=True))
 
 
-@pytest.mark.xfail(reason="latents with tied activations: the merged scan of the workers and the "
-                          "chunked local scan may keep different windows among the ties", strict=False)
+@pytest.mark.xfail(reason="latents with tied activations: the merged scan of the workers and "
+                          "the chunked local scan may keep different windows among the ties",
+                   strict=False)
 @pytest.mark.slow
 @pytest.mark.usefixtures("cluster")
 def test_top_example_scan_on_workers_equals_the_local_pass(tiny_model_dir, tmp_path):
