@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -396,9 +397,11 @@ def test_top_example_scan_on_workers_equals_the_local_pass(tiny_model_dir, tmp_p
     from latentaudit.explain import examples as ex
     from latentaudit.models.load import load_model
 
+    rng = random.Random(0)  # varied text: exactly equal activations are rare
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(f"Line {i}: the sky is blue and grass is green." * 3
-                                for i in range(40)))
+    corpus.write_text("\n".join(" ".join("".join(rng.choice("abcdefghijklmnop")
+                                                 for _ in range(rng.randint(1, 8)))
+                                         for _ in range(30)) for _ in range(20)))
     cfg = ExplainConfig(corpus=str(corpus), corpus_tokens=1500, context_len=32, batch_size=4,
                         examples=5)
     loaded = load_model(str(tiny_model_dir), device="cpu")
@@ -409,6 +412,7 @@ def test_top_example_scan_on_workers_equals_the_local_pass(tiny_model_dir, tmp_p
                                   checkpoint_seconds=0)
     assert (got.tokens, got.sequences) == (ref.tokens, ref.sequences)
     assert torch.equal(got.top.values, ref.top.values)
-    assert torch.equal(got.top.window_ids, ref.top.window_ids)
+    for name in ("sequence", "position", "window_ids", "window_acts"):
+        assert torch.equal(getattr(got.top, name), getattr(ref.top, name)), name
     assert torch.equal(got.density.histogram, ref.density.histogram)
     assert ex.read_cache(got.path, "k")[4]  # the cache says finished, in the local format
