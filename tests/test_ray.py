@@ -79,7 +79,7 @@ def cluster():
     else:
         for attempt in range(3):  # Ray gives its node 30 s to start: a busy machine may need more
             try:
-                ctx = ray.init(num_cpus=2, include_dashboard=False,
+                ctx = ray.init(address="local", num_cpus=2, include_dashboard=False,
                                logging_level=logging.WARNING)
                 break
             except Exception as err:
