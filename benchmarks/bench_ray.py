@@ -104,7 +104,8 @@ def main() -> None:
         if os.environ.get("RAY_ADDRESS"):  # a cluster started beforehand (ray start --head)
             ray.init(logging_level=logging.WARNING)
         else:
-            ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+            ray.init(address="local", num_cpus=2, include_dashboard=False,
+                     logging_level=logging.WARNING)
         print(f"Ray cluster start-up or join: {time.perf_counter() - start:.1f} s (once, not in "
               "the times below)")
         try:

@@ -89,8 +89,8 @@ class WorkerPool:
             kwargs: dict[str, Any] = dict(logging_level=logging.WARNING)
             if not (address or os.environ.get("RAY_ADDRESS")):  # Ray joins $RAY_ADDRESS
                 kwargs["include_dashboard"] = False
-            try:
-                ray.init(address=address, **kwargs)
+            try:  # "local": a new cluster, not one a `ray start` left running on this machine
+                ray.init(address=address or "local", **kwargs)
             except Exception as err:  # Ray raises many kinds; each is about the cluster
                 what = (f"--ray-address {address}: could not join the Ray cluster" if address
                         else "--engine ray: could not start or join a Ray cluster")
