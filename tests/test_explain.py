@@ -19,7 +19,9 @@ from latentaudit.explain.topk import (
     HIST_EDGES,
     empty_density,
     empty_topk,
+    merge_states,
     merge_topk,
+    ordered_topk,
     update_density,
 )
 from latentaudit.models.hooks import layer_list, resid_hooks
@@ -49,6 +51,54 @@ def test_streamed_topk_equals_all_at_once(split):
         s += n
     for name, a, b in zip(whole._fields, whole, state, strict=True):
         assert torch.equal(a, b), name
+
+
+def _tied_batch(seed=0, B=9, T=8, S=5):
+    """Activations drawn from a handful of values, so most of them tie."""
+    g = torch.Generator().manual_seed(seed)
+    acts = torch.randint(0, 4, (B, T, S), generator=g).float() * 0.5  # 0, 0.5, 1, 1.5
+    ids = torch.randint(0, 500, (B, T), generator=g)
+    valid = torch.rand(B, T, generator=g) > 0.2
+    return acts, ids, valid
+
+
+def test_ordered_topk_keeps_the_first_of_equal_values():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 3, (40, 17), generator=g).float()
+    x[3] = float("-inf")
+    x[4, :5] = float("-inf")
+    for k in (1, 4, 17):
+        values, index = ordered_topk(x, k)
+        for r in range(len(x)):
+            ref = sorted(range(x.shape[1]), key=lambda c: (-x[r, c].item(), c))[:k]
+            assert values[r].tolist() == [x[r, c].item() for c in ref]
+            if torch.isfinite(x[r]).all():
+                assert index[r].tolist() == ref
+
+
+@pytest.mark.parametrize("split", [[9], [1] * 9, [4, 5], [2, 3, 4], [8, 1]])
+def test_streamed_topk_with_ties_equals_all_at_once_and_the_first_place_wins(split):
+    acts, ids, valid = _tied_batch()
+    B, T, S = acts.shape
+    seq = torch.arange(B)
+    whole = merge_topk(empty_topk(S, 6, 1, 1), acts, ids, valid, seq, 1, 1)
+    state, parts, s = empty_topk(S, 6, 1, 1), [], 0
+    for n in split:
+        rows = slice(s, s + n)
+        state = merge_topk(state, acts[rows], ids[rows], valid[rows], seq[rows], 1, 1)
+        parts.append(merge_topk(empty_topk(S, 6, 1, 1), acts[rows], ids[rows], valid[rows],
+                                seq[rows], 1, 1))
+        s += n
+    merged = parts[0]
+    for part in parts[1:]:
+        merged = merge_states(merged, part)
+    for name, a, b, c in zip(whole._fields, whole, state, merged, strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c), name
+    for i in range(S):  # by hand: value down, then the earliest (sequence, position)
+        cands = sorted(((-acts[b, t, i].item(), b, t) for b in range(B) for t in range(T)
+                        if valid[b, t] and acts[b, t, i] > 0))[:6]
+        got = list(zip(whole.sequence[i].tolist(), whole.position[i].tolist(), strict=True))
+        assert got[:len(cands)] == [(b, t) for _, b, t in cands]
 
 
 def test_topk_by_hand_against_a_sort_of_everything():

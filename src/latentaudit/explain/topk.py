@@ -3,8 +3,10 @@
 - :func:`merge_topk` keeps, for every latent at once, the k largest positive activations seen so
   far with their place (sequence, position) and a context window of token ids and activations.
   A batch is merged into the running state by one top-k over [state, batch], so memory is
-  bounded by d_sae × k × window whatever the corpus size, and streaming batch by batch keeps
-  exactly what one top-k over the whole corpus would (up to the order of exactly equal values).
+  bounded by d_sae × k × window whatever the corpus size. Exactly equal activations (the same
+  context seen twice) go to the earlier place in the corpus (:func:`ordered_topk`), so streaming
+  batch by batch, in any batch sizes, or merging parts scanned apart (:func:`merge_states`)
+  keeps exactly what one top-k over the whole corpus keeps.
 - :func:`update_density` counts, per latent, the tokens where it fires (activation > 0) and a
   histogram of those activations over fixed log-spaced bins (:data:`HIST_EDGES`).
 """
@@ -48,6 +50,31 @@ def empty_topk(d_sae: int, k: int, before: int, after: int, device=None) -> TopK
                 torch.zeros((d_sae, k, w), device=device))
 
 
+def ordered_topk(x: Float[Tensor, "S n"], k: int) -> tuple[Float[Tensor, "S k"],
+                                                           Int[Tensor, "S k"]]:
+    """The k largest entries of each row, largest first, exactly equal values in the order of
+    their column (the lower column first, and kept first at the cut). ``torch.topk`` alone
+    leaves the order of ties unspecified; here it is fixed, so the result does not depend on
+    how candidates were batched as long as columns follow corpus order. Ties at −inf (empty
+    slots) are left in any order: callers mask them."""
+    top = x.topk(k, dim=1)  # (S, k), sorted
+    kth = top.values[:, -1:]  # (S, 1)
+    need = k - (x > kth).sum(1)  # (S,) how many of the values equal to kth are kept
+    ties = (x == kth).sum(1)  # (S,)
+    index = top.indices
+    cut = ((ties > need) & torch.isfinite(kth[:, 0])).nonzero()[:, 0]  # rows with a choice
+    if len(cut):
+        xr, kr = x[cut], kth[cut]  # (R, n), (R, 1)
+        tie = xr == kr
+        keep = (xr > kr) | (tie & (tie.cumsum(1) <= need[cut, None]))  # exactly k per row
+        index = index.clone()
+        index[cut] = keep.nonzero()[:, 1].view(len(cut), k)
+    index = index.sort(dim=1).values  # column order, then a stable sort by value
+    values = x.gather(1, index)
+    order = values.sort(dim=1, descending=True, stable=True).indices
+    return values.gather(1, order), index.gather(1, order)
+
+
 def merge_topk(state: TopK, acts: Float[Tensor, "batch pos d_sae"],
                ids: Int[Tensor, "batch pos"], valid: Bool[Tensor, "batch pos"],
                sequence: Int[Tensor, " batch"], before: int, after: int) -> TopK:
@@ -59,10 +86,10 @@ def merge_topk(state: TopK, acts: Float[Tensor, "batch pos d_sae"],
     score = acts.masked_fill(~valid[..., None], 0.0)  # (B, T, S)
     score = torch.where(score > 0, score, torch.full_like(score, float("-inf")))
     cand = torch.cat([state.values, score.reshape(B * T, S).T], dim=1)  # (S, k + B*T)
-    top = cand.topk(k, dim=1)  # (S, k)
-    old = top.indices < k  # (S, k)
-    slot = top.indices.clamp(max=k - 1)  # (S, k)
-    flat = (top.indices - k).clamp(min=0)  # (S, k)
+    values, indices = ordered_topk(cand, k)  # (S, k): the state is earlier in the corpus
+    old = indices < k  # (S, k)
+    slot = indices.clamp(max=k - 1)  # (S, k)
+    flat = (indices - k).clamp(min=0)  # (S, k)
     b, t = flat // T, flat % T  # (S, k)
 
     w = before + 1 + after
@@ -79,12 +106,12 @@ def merge_topk(state: TopK, acts: Float[Tensor, "batch pos d_sae"],
                                     .expand_as(new_value))
         return torch.where(mask, gathered, new_value)
 
-    empty = torch.isinf(top.values)  # (S, k)
+    empty = torch.isinf(values)  # (S, k)
     seq = torch.where(empty, -1, pick(state.sequence, sequence.to(b.device)[b]))
     pos = torch.where(empty, -1, pick(state.position, t))
     win_ids = torch.where(empty[..., None], -1, pick(state.window_ids, new_ids))
     win_acts = torch.where(empty[..., None], 0.0, pick(state.window_acts, new_acts))
-    return TopK(top.values, seq, pos, win_ids, win_acts)
+    return TopK(values, seq, pos, win_ids, win_acts)
 
 
 class Density(NamedTuple):
@@ -116,17 +143,17 @@ def update_density(density: Density, acts: Float[Tensor, "rows d_sae"]) -> Densi
 
 
 def merge_states(a: TopK, b: TopK) -> TopK:
-    """The k largest of two states of the same latents (e.g. of two parts of the corpus): what
-    one pass over both parts keeps, up to the order of exactly equal values."""
+    """The k largest of two states of the same latents, ``a`` of the earlier part of the corpus
+    and ``b`` of the later one: exactly what one pass over both parts keeps."""
     k = a.values.shape[1]
-    top = torch.cat([a.values, b.values], dim=1).topk(k, dim=1)  # (S, k)
+    values, indices = ordered_topk(torch.cat([a.values, b.values], dim=1), k)  # (S, k)
 
     def pick(x: Tensor, y: Tensor) -> Tensor:
         both = torch.cat([x, y], dim=1)  # (S, 2k, ...)
-        index = top.indices.view(*top.indices.shape, *([1] * (both.dim() - 2)))
+        index = indices.view(*indices.shape, *([1] * (both.dim() - 2)))
         return both.gather(1, index.expand(-1, -1, *both.shape[2:]))
 
-    return TopK(top.values, *(pick(x, y) for x, y in zip(a[1:], b[1:], strict=True)))
+    return TopK(values, *(pick(x, y) for x, y in zip(a[1:], b[1:], strict=True)))
 
 
 def add_density(a: Density, b: Density) -> Density:
