@@ -95,8 +95,8 @@ def test_streamed_topk_with_ties_equals_all_at_once_and_the_first_place_wins(spl
     for name, a, b, c in zip(whole._fields, whole, state, merged, strict=True):
         assert torch.equal(a, b) and torch.equal(a, c), name
     for i in range(S):  # by hand: value down, then the earliest (sequence, position)
-        cands = sorted(((-acts[b, t, i].item(), b, t) for b in range(B) for t in range(T)
-                        if valid[b, t] and acts[b, t, i] > 0))[:6]
+        cands = sorted((-acts[b, t, i].item(), b, t) for b in range(B) for t in range(T)
+                        if valid[b, t] and acts[b, t, i] > 0)[:6]
         got = list(zip(whole.sequence[i].tolist(), whole.position[i].tolist(), strict=True))
         assert got[:len(cands)] == [(b, t) for _, b, t in cands]
 
