@@ -168,7 +168,8 @@ def test_edges_are_exact_where_the_layers_between_are_linear(linear_between, kin
     target's measure (one completion per pass: the linear layer's running mean would read the
     padding)."""
     lm, root, run = linear_between
-    cfg = CircuitConfig(top_k=3, measure=kind, batch_size=1, fraction=1.0, max_edges=0)
+    cfg = CircuitConfig(top_k=3, measure=kind, batch_size=1, fraction=1.0, max_edges=0,
+                        route="stacked")
     hop = trace_circuit(run, str(root / "sae0"), cfg, model=lm, out=root / kind).hops[0]
     assert hop.route == "stacked"
     exact = exact_delta_edges(lm, root, 1, 0, hop.targets, kind)
@@ -229,10 +230,12 @@ def test_stacked_targets_equal_one_at_a_time_and_padding_changes_nothing(tmp_pat
         return trace_circuit(run, str(tmp_path / "sae0"), cfg, model=lm,
                              out=tmp_path / "c").hops[0]
 
-    stacked = edges(batch_size=4, target_batch=2)
+    stacked = edges(batch_size=4, target_batch=2, route="stacked")
     single = edges(batch_size=4, route="one-at-a-time")
-    alone = edges(batch_size=1, target_batch=5)
+    alone = edges(batch_size=1, target_batch=5, route="stacked")
+    on_cpu = edges(batch_size=4)  # auto: one at a time on the CPU
     assert stacked.route == alone.route == "stacked" and single.route == "one-at-a-time"
+    assert on_cpu.route == "one-at-a-time" and torch.equal(on_cpu.edges, single.edges)
     scale = single.edges.abs().max()
     for other in (stacked, alone):
         assert other.targets == single.targets
@@ -247,7 +250,7 @@ def test_a_replay_that_does_not_reproduce_the_clean_pass_falls_back(tmp_path, mo
     lm = loaded(dtype=torch.float32)
     saes = {0: random_sae(32, 10, layer=0, seed=9), 2: random_sae(32, 10, layer=2, seed=10)}
     run = make_run(tmp_path, lm, saes, [2])
-    cfg = CircuitConfig(top_k=3, fraction=1.0, max_edges=0)
+    cfg = CircuitConfig(top_k=3, fraction=1.0, max_edges=0, route="stacked")
     good = trace_circuit(run, str(tmp_path / "sae0"), cfg, model=lm, out=tmp_path / "a").hops[0]
     real = passes.run_layers
     monkeypatch.setattr(passes, "run_layers", lambda *a: real(*a) * 1.01)
@@ -255,6 +258,35 @@ def test_a_replay_that_does_not_reproduce_the_clean_pass_falls_back(tmp_path, mo
     assert good.route == "stacked" and bad.route == "one-at-a-time"
     torch.testing.assert_close(bad.edges, good.edges, rtol=1e-3,
                                atol=1e-4 * good.edges.abs().max())
+
+
+def test_max_prompts_traces_over_the_first_prompts_only(tmp_path):
+    """max_prompts = N gives the circuit of a dataset holding only the first N prompts' rows."""
+    lm = loaded(dtype=torch.float32)
+    saes = {0: random_sae(32, 10, layer=0, seed=9), 2: random_sae(32, 10, layer=2, seed=10)}
+    run = make_run(tmp_path, lm, saes, [2])
+    rows = [json.loads(line) for line in (tmp_path / "data.jsonl").read_text().splitlines()]
+    first = list(dict.fromkeys(r["prompt_id"] for r in rows))[:2]
+    assert len({r["prompt_id"] for r in rows}) > 2
+    part = tmp_path / "part.jsonl"
+    part.write_text("".join(json.dumps(r) + "\n" for r in rows if r["prompt_id"] in first))
+    targets = [int(i) for i in run_targets(run)]
+    cfg = CircuitConfig(fraction=1.0, max_edges=0)
+    cut = trace_circuit(run, str(tmp_path / "sae0"), CircuitConfig(fraction=1.0, max_edges=0,
+                                                                   max_prompts=2),
+                        model=lm, targets=targets, out=tmp_path / "cut")
+    ref = trace_circuit(run, str(tmp_path / "sae0"), cfg, model=lm, targets=targets,
+                        data=part, out=tmp_path / "ref")
+    assert cut.graph["counts"] == ref.graph["counts"] and cut.graph["counts"]["prompts"] == 2
+    torch.testing.assert_close(cut.hops[0].edges, ref.hops[0].edges)
+    full = trace_circuit(run, str(tmp_path / "sae0"), cfg, model=lm, targets=targets,
+                         out=tmp_path / "full")
+    assert full.graph["counts"]["pairs"] > cut.graph["counts"]["pairs"]
+
+
+def run_targets(run: Path) -> list[int]:
+    return [json.loads(line)["latent"] for line in (run / "ranking.jsonl").read_text()
+            .splitlines()][:3]
 
 
 # -- pure functions on hand-built tensors ---------------------------------------------------------
@@ -531,4 +563,6 @@ def test_options_are_checked():
     with pytest.raises(LatentAuditError, match="--target-batch must be at least 1"):
         CircuitConfig(target_batch=0)
     with pytest.raises(LatentAuditError, match="--route"):
-        CircuitConfig(route="stacked")
+        CircuitConfig(route="sideways")
+    with pytest.raises(LatentAuditError, match="--max-prompts must be at least 0"):
+        CircuitConfig(max_prompts=-1)

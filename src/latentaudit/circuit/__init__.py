@@ -16,6 +16,8 @@ latents i at L2 (the top ``top_k`` of an attribution run's ranking, or given ids
 4. One vector-Jacobian product per target from L2 down to L1, u^(i)_t = ∂y_i/∂a¹_t, the targets
    stacked in the batch dimension of a replay of the layers between (one backward per
    ``target_batch`` targets; checked against the clean a², one backward per target otherwise).
+   On the CPU the ``auto`` route takes one backward per target through the clean pass: stacking
+   buys no parallelism there, and the replay's forward would be extra work.
 5. The edge from upstream latent j to target i on completion C, the mean-ablation first-order
    form of METHOD.md one level down:
 

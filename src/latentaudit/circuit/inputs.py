@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +76,7 @@ def check_inputs(run: str | os.PathLike, upstream: Upstream,
     target_sae = _load_sae(folder, target_layer, sae)
     ups = upstream_saes(upstream, upstream_layers, target_layer, target_sae)
     rows, pairing, dataset = _load_data(folder, data)
+    pairing = first_prompts(rows, pairing, cfg.max_prompts)
     name = canonical(model_name or folder.model_name)
     return Inputs(folder, target_layer, ids, targets is not None, target_sae, ups, rows,
                   pairing, dataset, folder.option.get("positions", "all"), name,
@@ -111,6 +112,16 @@ def upstream_saes(upstream: Upstream, layers: int | Sequence[int] | None, target
                 f"{config_file(s)} has d_model={s.d_model} but the run's SAE has "
                 f"d_model={target_sae.d_model}: give an SAE of the run's model.")
     return dict(sorted(by_layer.items(), reverse=True))
+
+
+def first_prompts(rows, pairing, n: int):
+    """``pairing`` with only the pairs of the first ``n`` paired prompts in the file's order
+    (all of them when ``n`` is 0); the weights follow from the pairs kept."""
+    if not n:
+        return pairing
+    paired = {rows[i].prompt_id for pair in pairing.pairs for i in pair}
+    keep = set(list(dict.fromkeys(r.prompt_id for r in rows if r.prompt_id in paired))[:n])
+    return replace(pairing, pairs=[p for p in pairing.pairs if rows[p[0]].prompt_id in keep])
 
 
 def _load_data(run: RunFolder, data):

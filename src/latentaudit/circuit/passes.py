@@ -4,10 +4,11 @@
    resid_post a² of the target layer and the calls of the layers between) and one backward of
    Σ_C ℓ_C to a² and a¹ (g², g¹), as the attribution stage does.
 2. The cotangent of each target at a²: ∂y_i/∂a²_t (:mod:`.math`), then its vector-Jacobian
-   product down to a¹, u^(i)_t = ∂y_i/∂a¹_t. Stacked route: the layers between are replayed on
-   ``target_batch`` copies of the batch stacked in the batch dimension and one backward takes all
-   their products; the replay must reproduce the clean a² (else, and with ``route =
-   one-at-a-time``, one backward per target through the clean pass).
+   product down to a¹, u^(i)_t = ∂y_i/∂a¹_t. Stacked route (``route = stacked``, and ``auto`` off
+   the CPU): the layers between are replayed on ``target_batch`` copies of the batch stacked in
+   the batch dimension and one backward takes all their products; the replay must reproduce the
+   clean a² (else, and with ``route = one-at-a-time``, ``auto`` on the CPU, one backward per
+   target through the clean pass).
 3. Accumulate per target M^(i)_raw = Σ_C w_C Σ_t u^(i)_t a¹_tᵀ and s^(i) = Σ_C w_C Σ_t u^(i)_t,
    and for the upstream latents' own Δ-attribution Σ w g¹ a¹ᵀ, Σ w g¹, plus Σ a¹ for a dataset ā.
 4. Checkpoint the sums every few batches or seconds; a rerun with the same inputs resumes.
@@ -137,7 +138,7 @@ def run_hop(model, plan: Plan, lower: int, upper: int, targets: list[int], d_sae
     sums = HopSums(len(targets), model.d_model, d_sae, device)
     keep_arg = "logits_to_keep" in inspect.signature(lm.forward).parameters
     start, route = _resume(checkpoint, key, sums)
-    stacked = cfg.route == "auto" and route != "one-at-a-time"
+    stacked = stacked_route(cfg.route, device) and route != "one-at-a-time"
     every_n, every_s = cfg.checkpoint_every_batches, cfg.checkpoint_every_seconds
     last_save = monotonic()
     with progress(total=len(plan.batches), desc=f"circuit L{lower}→L{upper}", unit="batch",
@@ -161,6 +162,12 @@ def run_hop(model, plan: Plan, lower: int, upper: int, targets: list[int], d_sae
     if checkpoint:
         _save(checkpoint, key, len(plan.batches), sums, stacked)
     return sums, "stacked" if stacked else "one-at-a-time"
+
+
+def stacked_route(route: str, device) -> bool:
+    """Whether ``route`` (see :class:`~latentaudit.circuit.config.CircuitConfig`) stacks targets
+    on ``device``."""
+    return route == "stacked" or (route == "auto" and torch.device(device).type != "cpu")
 
 
 def add_batch(sums: HopSums, got: BatchProducts, w: Tensor, batch: Batch, positions: str) -> None:

@@ -40,9 +40,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-edges", type=int, default=10, help=doc["max_edges"])
     p.add_argument("--abar", default="auto", choices=["auto", "sae", "dataset", "zero"],
                    help=doc["abar"])
+    p.add_argument("--max-prompts", type=int, default=0, help=doc["max_prompts"])
     p.add_argument("--batch-size", type=int, default=8, help=doc["batch_size"])
     p.add_argument("--target-batch", type=int, default=4, help=doc["target_batch"])
-    p.add_argument("--route", default="auto", choices=["auto", "one-at-a-time"],
+    p.add_argument("--route", default="auto", choices=["auto", "stacked", "one-at-a-time"],
                    help=doc["route"])
     p.add_argument("--lens-tokens", type=int, default=10, help=doc["lens_tokens"])
     p.add_argument("--examples", action="store_true", help=doc["examples"])
@@ -69,7 +70,8 @@ def config_from_args(args: argparse.Namespace):
     return CircuitConfig(
         top_k=args.top_k, measure=args.measure, fraction=args.fraction,
         max_edges=args.max_edges, abar=args.abar, batch_size=args.batch_size,
-        target_batch=args.target_batch, route=args.route, lens_tokens=args.lens_tokens,
+        target_batch=args.target_batch, route=args.route, max_prompts=args.max_prompts,
+        lens_tokens=args.lens_tokens,
         examples=args.examples, node_examples=args.node_examples,
         checkpoint_every_batches=args.checkpoint_every_batches,
         checkpoint_every_seconds=args.checkpoint_every_seconds)
