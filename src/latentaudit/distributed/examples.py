@@ -9,8 +9,8 @@
 3. The driver merges the parts in corpus order (:func:`~latentaudit.explain.topk.merge_states`,
    counts added) and saves the merged prefix to the cache in the local pass's format every
    ``checkpoint_seconds``, so a killed run (or worker) loses only parts in flight or waiting for
-   an earlier one, and either engine resumes it. The result is what one pass keeps, up to the
-   order of exactly equal activations.
+   an earlier one, and either engine resumes it. The result is exactly what one pass keeps:
+   equal activations go to the earlier place in the corpus either way.
 """
 
 from __future__ import annotations
