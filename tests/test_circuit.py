@@ -419,7 +419,7 @@ def circuit(root: Path, *extra: str) -> int:
 def test_the_command_writes_circuit_json(cli_run, capsys):
     assert circuit(cli_run, "--max-edges", "4") == 0
     printed = capsys.readouterr().out
-    assert "layer 0 → layer 1 (stacked, ā: sae)" in printed and "wrote" in printed
+    assert "layer 0 → layer 1 (one-at-a-time, ā: sae)" in printed and "wrote" in printed
     out = cli_run / "run" / "circuit"
     g = json.loads((out / "circuit.json").read_text())
     assert g["schema_version"] == 1 and g["stage"] == "circuit"

@@ -130,6 +130,6 @@ def test_the_shipped_demo_config_traces_a_circuit_from_layer_6():
     from latentaudit.pipeline import DEMO_CONFIG
 
     cfg = read_config(DEMO_CONFIG, out="x")
-    assert cfg.circuit is not None and cfg.circuit.top_k == 5
+    assert cfg.circuit is not None and (cfg.circuit.top_k, cfg.circuit.max_prompts) == (3, 4)
     assert cfg.circuit_options.upstream_sae == ("qwen2.5-0.5b-instruct-l6",)
     assert any(n.startswith("Circuit:") for n in cfg.settings.notes)
