@@ -10,7 +10,7 @@ temporary folder so that every worker loads it by path), SAE and dataset:
    tokens/s and the ratios to the local path;
 3. the largest difference of each run's Δ-attribution from the local one.
 
-Usage: python benchmarks/bench_ray.py [--layers 4] [--d-model 256] [--completions 96]
+Usage: python benchmarks/bench_ray.py [--layers 4] [--d-model 256] [--completions 384]
        [--tokens 256] [--d-sae 4096] [--batch-size 8]
 """
 
@@ -75,7 +75,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--d-model", type=int, default=256)
-    ap.add_argument("--completions", type=int, default=96)
+    ap.add_argument("--completions", type=int, default=384)
     ap.add_argument("--tokens", type=int, default=256, help="Tokens per completion and prompt.")
     ap.add_argument("--d-sae", type=int, default=4096)
     ap.add_argument("--batch-size", type=int, default=8)
