@@ -14,7 +14,15 @@ from dataclasses import replace
 from latentaudit.attribution.accumulate import run_batches
 from latentaudit.attribution.config import AttributionConfig, AttributionResult
 from latentaudit.attribution.finish import finish
-from latentaudit.attribution.plan import Data, Inputs, Plan, SAEs, check_inputs, make_plan
+from latentaudit.attribution.plan import (
+    Data,
+    Inputs,
+    Plan,
+    SAEs,
+    check_inputs,
+    check_model_config,
+    make_plan,
+)
 from latentaudit.batching import resolve_batch_size
 from latentaudit.distributed.config import EngineConfig, require_ray
 from latentaudit.errors import LatentAuditError
@@ -53,6 +61,8 @@ def attribute(model: LoadedModel | str | os.PathLike, saes: SAEs, data: Data,
         model_load.parse_dtype(dtype)
         model_load.resolve_device(device)
     inputs = check_inputs(saes, data, layers, cfg)
+    if not isinstance(model, LoadedModel):
+        check_model_config(str(model), inputs.saes)
     if engine is not None and engine.distributed:
         from latentaudit.distributed.attribute import attribute_ray
 

@@ -49,6 +49,14 @@ def _versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
+def sae_origin(info) -> dict[str, Any]:
+    """A hub SAE's repo, revision and file digests, and its Neuronpedia id, when known."""
+    out = {"hub": info.hub} if info.hub else {}
+    if info.extra.get("neuronpedia_id"):
+        out["neuronpedia_id"] = info.extra["neuronpedia_id"]
+    return out
+
+
 def manifest(result: AttributionResult) -> dict[str, Any]:
     """The manifest.json content."""
     m = result.model
@@ -58,7 +66,7 @@ def manifest(result: AttributionResult) -> dict[str, Any]:
         "model": {"name": m.name, "path": m.path, "d_model": m.d_model, "dtype": m.dtype},
         "saes": {str(L): {"path": la.sae.source_path, "format": la.sae.source_format,
                           "d_sae": la.delta_attribution.numel(), "activation": la.sae.activation,
-                          "k": la.sae.k}
+                          "k": la.sae.k, **sae_origin(la.sae)}
                  for L, la in result.layers.items()},
         "layers": list(result.layers),
         "hook": "resid_post",

@@ -26,6 +26,8 @@ SAESource = SAE | str | os.PathLike
 SAEs = SAESource | Sequence[SAESource] | Mapping[int, SAESource]
 """One SAE, several (each at the layer it records, or at ``layers``), or {layer: SAE}."""
 Data = str | os.PathLike | Sequence[Completion]
+HOOK = "resid_post"
+"""The hook point every SAE is read at (the output of its decoder layer)."""
 """A behaviour dataset: a JSONL path, or completions built in code."""
 
 
@@ -79,8 +81,8 @@ def saes_by_layer(saes: Sequence[SAE], layers: int | Sequence[int] | None) -> di
 
     Without ``layers`` each SAE reads the one layer its config records; an SAE that records
     none, or several, is an error that names its file and field. With ``layers`` (one per SAE)
-    each given layer must be one the SAE records, if it records any. A layer used twice is an
-    error.
+    each given layer must be one the SAE records, if it records any. A layer used twice, or an
+    SAE that reads another hook point than :data:`HOOK`, is an error.
     """
     if layers is not None:
         layers = [layers] if isinstance(layers, int) else list(layers)
@@ -112,6 +114,7 @@ def saes_by_layer(saes: Sequence[SAE], layers: int | Sequence[int] | None) -> di
                     f"an SAE for layer {layer}.")
         if layer in out:
             raise LatentAuditError(f"--layer {layer} is given twice: give each SAE its own layer.")
+        sae.check_hook(HOOK)
         out[layer] = sae
     return dict(sorted(out.items()))
 
@@ -184,3 +187,34 @@ def encode_completions(tokenizer, data: list[Completion], max_len: int | None
                 f"model's {max_len} positions; shorten it.")
         out.append((p, q))
     return out
+
+
+def check_model_config(model: str, saes: Mapping[int, SAE]) -> None:
+    """Each SAE's layer and d_model against the model's ``config.json``, read without loading
+    the model (skipped when the config is not on disk: the model loader checks later)."""
+    import json
+
+    from latentaudit.models import embedded
+
+    short = embedded.canonical(model)
+    if short in embedded.EMBEDDED:
+        folder = embedded.cache_dir(short) if embedded.is_cached(short) else None
+    else:
+        folder = Path(model).expanduser() if Path(model).expanduser().is_dir() else None
+    if folder is None or not (folder / "config.json").is_file():
+        return
+    try:
+        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    cfg = cfg.get("text_config") or cfg
+    n_layers = cfg.get("num_hidden_layers") or cfg.get("n_layer")
+    d_model = cfg.get("hidden_size") or cfg.get("n_embd")
+    for layer, sae in saes.items():
+        if isinstance(n_layers, int) and layer >= n_layers:
+            raise LatentAuditError(
+                f"{config_file(sae)}: the SAE reads {HOOK} of layer {layer} but {model} has no "
+                f"such hook point (its layers are 0..{n_layers - 1}): use an SAE trained on "
+                "this model, or pass --layer with one of its layers.")
+        if isinstance(d_model, int):
+            sae.check_fits(d_model, model_name=model)

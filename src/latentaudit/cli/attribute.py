@@ -25,8 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
                    help="Model: embedded short name, local folder or hub id.")
     p.add_argument("--sae", required=True, action="append",
-                   help="SAE path (any supported format) or 'default' for an embedded model's "
-                        "shipped SAE; repeat with --layer for several layers.")
+                   help="SAE path (any supported format), 'default' for an embedded model's "
+                        "shipped SAE, or a public name (org/repo/sub/folder, org/repo:hookpoint, "
+                        "saelens:RELEASE/ID); repeat with --layer for several layers.")
     p.add_argument("--layer", type=int, action="append",
                    help="0-indexed decoder layer whose output the SAE reads (resid_post); "
                         "defaults to the layer recorded in the SAE. Repeat to match each --sae.")

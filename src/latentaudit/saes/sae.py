@@ -60,6 +60,8 @@ class SAEInfo:
     """The file or folder it was loaded from."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Anything else recorded with the SAE (training data, metrics, ...)."""
+    hub: dict[str, Any] | None = None
+    """Where a hub SAE came from: repo, revision (commit hash), path, sha256 of each file."""
 
     def __post_init__(self) -> None:
         if self.activation not in ACTIVATIONS:
@@ -172,6 +174,16 @@ class SAE(nn.Module):
             raise ShapeMismatchError(
                 f"{where} was trained on layer {self.info.layer} but layer {layer} was "
                 f"requested: pass --layer {self.info.layer} or an SAE for layer {layer}.")
+
+    def check_hook(self, hook: str) -> None:
+        """Raise one clear error unless this SAE reads hook point ``hook``."""
+        if self.info.hook != hook:
+            where = self.info.source_path or "the SAE"
+            raw = self.info.extra.get("source_hook")
+            said = f" (its config says {raw})" if raw else ""
+            raise LatentAuditError(
+                f"{where} reads the hook point {self.info.hook}{said} but {hook} is the hook "
+                f"point requested: use an SAE trained on {hook}.")
 
     # -- latentaudit's own format ----------------------------------------------------------
     def config_dict(self) -> dict[str, Any]:

@@ -44,9 +44,14 @@ def default_sae_path(model: str) -> Path:
 
 def resolve_sae_path(value: str, model: str) -> str:
     """An ``--sae`` value as a path: ``default`` (the model's default shipped SAE), the name of
-    a shipped SAE, or a path (returned unchanged)."""
+    a shipped SAE, a public name (``org/repo/sub/folder``, ``org/repo:hookpoint``,
+    ``saelens:RELEASE/ID``; fetched into the hub cache, see :mod:`latentaudit.saes.hub`), or a
+    path (returned unchanged)."""
     if value == "default":
         return str(default_sae_path(model))
     if value in shipped_names() and not Path(value).exists():
         return str(SHIPPED_DIR / value)
-    return value
+    from latentaudit.saes import hub
+
+    ref = hub.parse(value)
+    return str(hub.fetch(ref)) if ref is not None else value

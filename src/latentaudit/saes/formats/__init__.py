@@ -15,6 +15,10 @@ Formats (``format="auto"`` detects them from the files), one module each:
 4. ``gemma_scope`` (:mod:`.gemma_scope`): ``params.npz`` or ``params.safetensors``.
 5. ``openai`` (:mod:`.openai`, openai/sparse_autoencoder): a ``.pt`` state dict.
 
+``path`` may also be a public name (:mod:`latentaudit.saes.hub`): ``org/repo/sub/folder``,
+``org/repo:hookpoint`` or ``saelens:RELEASE/ID``, fetched into the hub cache first; an SAE read
+from a hub cache records its repo, revision and file digests in ``SAEInfo.hub``.
+
 JumpReLU thresholds from SAELens and Gemma Scope are clamped at 0: both apply a ReLU before the
 threshold mask, and ``relu(p)·[p > θ] = p·[p > max(θ, 0)]``, the canonical rule.
 """
@@ -27,6 +31,7 @@ from pathlib import Path
 import torch
 
 from latentaudit.errors import LatentAuditError, ShapeMismatchError
+from latentaudit.saes import hub, releases
 from latentaudit.saes.formats import gemma_scope, native, openai, saelens, sparsify
 from latentaudit.saes.formats._read import parse_hook, read_cfg
 from latentaudit.saes.sae import CONFIG_FILE, FORMAT_NAME, SAE, WEIGHTS_FILE
@@ -50,30 +55,57 @@ _LOADERS = {"latentaudit": native.load, "saelens": saelens.load, "sparsify": spa
 
 def load_sae(path: str | Path, format: str = "auto", device: str | torch.device | None = None,
              dtype: torch.dtype | str | None = None, hookpoint: str | None = None,
-             layer: int | None = None) -> SAE:
-    """Load an SAE from any supported format into the canonical layout.
+             layer: int | None = None, revision: str | None = None,
+             hook: str | None = None) -> SAE:
+    """Load an SAE from any supported format, or by its public name, into the canonical layout.
 
     ``format`` is one of :data:`FORMATS` or ``"auto"``; ``dtype`` defaults to the file's;
     ``hookpoint`` picks a subfolder of a multi-hookpoint checkpoint folder and ``layer`` picks
-    the ``layers.<layer>`` one, or fills in the layer when the format does not record it.
+    the ``layers.<layer>`` one, or fills in the layer when the format does not record it;
+    ``revision`` pins a hub name's branch, tag or commit; ``hook`` (e.g. ``resid_post``) is the
+    hook point the SAE must read.
     """
     if format != "auto" and format not in FORMATS:
         raise LatentAuditError(f"SAE format '{format}' is not one of auto, {', '.join(FORMATS)}.")
-    target = _resolve(Path(path).expanduser(), hookpoint, layer)
+    ref = hub.parse(path, revision)
+    local = hub.fetch(ref) if ref is not None else Path(path).expanduser()
+    target = _resolve(local, hookpoint, layer)
     fmt = detect_format(target) if format == "auto" else format
     sae = _LOADERS[fmt](target)
+    _record_origin(sae, target, ref)
     if layer is not None and sae.info.layer is None:
         sae.info.layer = layer
     elif layer is not None and sae.info.layer != layer:
         raise ShapeMismatchError(
             f"{sae.info.source_path} was trained on layer {sae.info.layer} but layer {layer} "
             f"was requested: pass --layer {sae.info.layer} or an SAE for layer {layer}.")
+    if hook is not None:
+        sae.check_hook(hook)
     sae.to(_dtype(dtype) or sae.W_dec.dtype)
     if device is not None:
         sae.to(device)
     log.info("loaded %s SAE from %s: d_model=%d, d_sae=%d, %s", fmt, sae.info.source_path,
              sae.d_model, sae.d_sae, sae.info.activation)
     return sae
+
+
+def _record_origin(sae: SAE, target: Path, ref: hub.HubName | None) -> None:
+    """Hub origin (repo, revision, digests), Neuronpedia id, and the release's hook name for a
+    format that records none."""
+    files = [target] if target.is_file() else sorted(p for p in target.iterdir() if p.is_file())
+    sae.info.hub = hub.origin(target, files)
+    if sae.info.hub is not None:
+        if ref is not None:
+            sae.info.hub["name"] = ref.name
+        repo, path = sae.info.hub["repo"], sae.info.hub["path"]
+        np_id = ((ref.neuronpedia_id if ref is not None else None)
+                 or releases.neuronpedia_for(repo, path)
+                 or releases.neuronpedia_for(repo, path.rpartition("/")[0]))
+        if np_id and not sae.info.extra.get("neuronpedia_id"):
+            sae.info.extra["neuronpedia_id"] = np_id
+    if ref is not None and ref.hook_name and sae.info.layer is None:
+        sae.info.layer, found = parse_hook(ref.hook_name)
+        sae.info.hook = found or sae.info.hook
 
 
 def detect_format(path: str | Path) -> str:

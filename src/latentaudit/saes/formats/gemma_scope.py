@@ -18,14 +18,21 @@ FILES = ("params.npz", "params.safetensors")
 
 
 def _gemma_scope_place(file: Path) -> tuple[int | None, str, str | None]:
-    """(layer, hook, model) from release folder names such as gemma-scope-2b-pt-res/layer_12."""
+    """(layer, hook, model) from release folder names such as gemma-scope-2b-pt-res/layer_12
+    (also as a hub cache folder, models--google--gemma-scope-2b-pt-res) or Gemma Scope 2's
+    gemma-scope-2-1b-pt/mlp_out_all/layer_7_width_16k_l0_medium."""
     layer, hook, model = None, "resid_post", None
     for part in file.parts:
-        if m := re.fullmatch(r"layer_(\d+)", part):
+        if m := re.fullmatch(r"layer_(\d+)(?:_width_\w+)?", part):
             layer = int(m[1])
-        if m := re.fullmatch(r"gemma-scope-(\d+b)-(pt|it)-(res|mlp|att)\w*", part):
+        if m := re.fullmatch(r"(?:models--google--)?gemma-scope-(\d+b)-(pt|it)-(res|mlp|att)\w*",
+                             part):
             model = f"google/gemma-2-{m[1]}" + ("-it" if m[2] == "it" else "")
             hook = {"res": "resid_post", "mlp": "mlp_out", "att": "attn_z"}[m[3]]
+        if m := re.fullmatch(r"(?:models--google--)?gemma-scope-2-(\w+)-(pt|it)", part):
+            model = f"google/gemma-3-{m[1]}-{m[2]}"
+        if m := re.fullmatch(r"(resid_post|mlp_out|attn_out)(?:_all)?", part):
+            hook = m[1]
     return layer, hook, model
 
 
