@@ -102,6 +102,8 @@ class RankedLatent:
     """The latent's rank by Δ-activation among all latents of its layer (None if skipped)."""
     logit_lens_top_tokens: list[str]
     """The 10 tokens whose unembedding rows have the largest cosine with the decoder direction."""
+    neuronpedia_url: str | None = None
+    """The latent's Neuronpedia page, when the SAE is a known public release."""
 
 
 @dataclass

@@ -28,6 +28,7 @@ from latentaudit.batching import free_memory
 from latentaudit.errors import LatentAuditError
 from latentaudit.explain.lens import logit_lens, token_strings, unembedding
 from latentaudit.models.load import LoadedModel
+from latentaudit.saes.releases import neuronpedia_url
 from latentaudit.saes.sae import SAE
 from latentaudit.saes.stream import direction_chunks, latent_chunk
 
@@ -113,6 +114,7 @@ def ranking(layers: dict[int, LayerAttribution], saes: dict[int, SAE], model: Lo
         if act is not None:
             act_rank = torch.empty_like(act, dtype=torch.long)
             act_rank[act.argsort(descending=True)] = torch.arange(act.numel())
+        np_id = saes[L].info.extra.get("neuronpedia_id")
         dirs = saes[L].decoder_directions(rows=top)  # (k, D)
         lens = logit_lens(dirs.to(W_U.device), W_U, k=LENS_TOKENS)
         for rank, (latent, ids) in enumerate(zip(top, lens.token_ids.tolist(), strict=True), 1):
@@ -121,5 +123,6 @@ def ranking(layers: dict[int, LayerAttribution], saes: dict[int, SAE], model: Lo
                 delta_attribution=float(la.delta_attribution[latent]),
                 delta_activation=None if act is None else float(act[latent]),
                 delta_activation_rank=None if act_rank is None else int(act_rank[latent]) + 1,
-                logit_lens_top_tokens=token_strings(model.tokenizer, ids)))
+                logit_lens_top_tokens=token_strings(model.tokenizer, ids),
+                neuronpedia_url=neuronpedia_url(np_id, latent) if np_id else None))
     return rows

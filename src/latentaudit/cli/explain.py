@@ -68,6 +68,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--dtype", default="float32", help="Model dtype: float32, bfloat16 or float16.")
     p.add_argument("--show", type=int, default=10, help="Latents printed in the summary.")
+    p.add_argument("--neuronpedia-list", metavar="FILE",
+                   help="Also write the explained latents as a Neuronpedia list (JSON with the "
+                        "quick-list URL to open in a browser); needs an SAE from a known public "
+                        "release.")
     add_engine_options(p)
 
 
@@ -104,10 +108,14 @@ def run(args: argparse.Namespace) -> int:
     latents = parse_latents(args.latents) if args.latents is not None else None
     model = args.model or read_run(args.run).model_name
     sae = resolve_sae_path(args.sae, model) if args.sae else None
+    if args.neuronpedia_list:
+        _check_neuronpedia(args.run, sae)
     result = explain_latents(args.run, latents, cfg, layer=args.layer, model=args.model, sae=sae,
                              data=args.data, out=args.out, cache_dir=args.cache_dir,
                              device=args.device, dtype=args.dtype, engine=engine)
     _print_summary(result, args.show)
+    if args.neuronpedia_list:
+        _write_neuronpedia_list(result, args.neuronpedia_list)
     print(f"\nwrote {result.out}/ (" + ", ".join(sorted(p.name for p in result.out.iterdir()
                                                       if not p.name.startswith("."))) + ")")
     return 0
@@ -139,6 +147,40 @@ def _print_summary(result, show: int) -> None:
               f"{r['density']['frequency']:>7.4f}  {promoted} | {text!r}")
         if r["explanation"]:
             print(f"{'':>46}{r['explanation']}")
+        if r.get("neuronpedia_url"):
+            print(f"{'':>46}{r['neuronpedia_url']}")
+
+
+def _check_neuronpedia(run_folder: str, sae: str | None) -> None:
+    """--neuronpedia-list needs an SAE with Neuronpedia pages: checked before the model loads."""
+    from latentaudit.errors import LatentAuditError
+    from latentaudit.explain.run import read_run
+    from latentaudit.saes.hub import neuronpedia_id_of
+
+    entries = (read_run(run_folder).manifest.get("saes") or {}).values()
+    ids = [neuronpedia_id_of(sae)] if sae else [
+        e.get("neuronpedia_id") or neuronpedia_id_of(e.get("path") or "") for e in entries]
+    if not any(ids):
+        raise LatentAuditError(
+            f"--neuronpedia-list: the SAE of {run_folder} is not from a public release "
+            "latentaudit knows, so its latents have no Neuronpedia pages; load it by its hub or "
+            "SAELens name (e.g. saelens:gemma-scope-2b-pt-res-canonical/layer_20/width_16k/"
+            "canonical) or drop the flag.")
+
+
+def _write_neuronpedia_list(result, path: str) -> None:
+    from pathlib import Path
+
+    from latentaudit._io import write_json
+    from latentaudit.saes.releases import neuronpedia_list, split_url
+
+    rows = [r for r in result.latents if r.get("neuronpedia_url")]
+    listed = neuronpedia_list(
+        f"latentaudit {Path(result.out).parent.name or 'run'}",
+        [(*split_url(r["neuronpedia_url"]), r["explanation"] or "promoted: " + " ".join(
+            t["token"] for t in r["logit_lens"]["promoted"][:5])) for r in rows])
+    write_json(path, listed)
+    print(f"\nwrote {path}: {len(rows)} latents as a Neuronpedia list; open it at\n{listed['url']}")
 
 
 def _across(args: argparse.Namespace) -> int:

@@ -43,7 +43,8 @@ Files in ``<run>/explain/`` (schema_version 1):
   ``attribution_map`` ({``mean_positive``, ``mean_negative`` (mean δ_i(C) over the mapped
   positive / negative completions), ``top_tokens``: the completion tokens of positive completions
   with the largest δ_{i,t}, [{completion (row of completions.jsonl), line, position, token,
-  delta}]} or null) and ``explanation`` (null unless --interpret-model).
+  delta}]} or null), ``explanation`` (null unless --interpret-model) and, only for an SAE of a
+  known public release, ``neuronpedia_url`` (the latent's Neuronpedia page).
 - ``token_maps.safetensors``: ``token_delta`` float32 [tokens, columns] (δ_{i,t} of every mapped
   completion, stacked), ``token_ids`` int64 [tokens], ``offsets`` int64 [completions + 1]
   (completion c is rows offsets[c]:offsets[c+1]), ``layers`` and ``latents`` int64 [columns].

@@ -22,6 +22,7 @@ from latentaudit.explain.lens import (
 )
 from latentaudit.explain.maps import map_summary, pair_weights, stack_maps
 from latentaudit.explain.topk import HIST_EDGES
+from latentaudit.saes.releases import neuronpedia_url
 
 if TYPE_CHECKING:
     from latentaudit.explain.engine import Inputs, LayerExact, Maps
@@ -126,6 +127,7 @@ def layer_rows(model, inputs: Inputs, cfg: ExplainConfig, layer: int, corpus: Co
     else:
         latents = sorted(final, key=final.get)[:cfg.top_k]
     lenses = lens_rows(model, inputs.saes[layer].decoder_directions()[latents], cfg)
+    np_id = inputs.saes[layer].info.extra.get("neuronpedia_id")
     attribution = run.delta_attribution(layer)
     activation = run.tensor("delta_activation", layer)
     rows = []
@@ -141,6 +143,8 @@ def layer_rows(model, inputs: Inputs, cfg: ExplainConfig, layer: int, corpus: Co
             "top_examples": example_rows(corpus, i, cfg.context_before, model.tokenizer),
             "attribution_map": _map_summary(inputs, maps, layer, c, model.tokenizer),
             "explanation": None})
+        if np_id:
+            rows[-1]["neuronpedia_url"] = neuronpedia_url(np_id, i)
     return rows
 
 

@@ -63,7 +63,8 @@ def latent_keys(ctx: dict[str, Any]) -> list[tuple[int, int]]:
 
 
 def table(ctx: dict[str, Any], keys: list[tuple[int, int]], ids: dict) -> dict[str, Any]:
-    """Step 3: {columns, rows}; a row is {key, id, cells: [{kind, value, sort}]}."""
+    """Step 3: {columns, rows}; a row is {key, id, cells: [{kind, value, sort}], neuronpedia}
+    (the latent's Neuronpedia page or None)."""
     columns = [c for _, data in _present(ctx) for c in data.get("columns", [])]
     owner = [data for _, data in _present(ctx) for _ in data.get("columns", [])]
     rows = []
@@ -72,7 +73,9 @@ def table(ctx: dict[str, Any], keys: list[tuple[int, int]], ids: dict) -> dict[s
         for col, data in zip(columns, owner, strict=True):
             value = data.get("cells", {}).get(key, {}).get(col["key"])
             cells.append({"kind": col["kind"], "value": value, "sort": sort_value(value)})
-        rows.append({"key": key, "id": ids[key], "cells": cells})
+        links = [d.get("cells", {}).get(key, {}).get("neuronpedia") for _, d in _present(ctx)]
+        rows.append({"key": key, "id": ids[key], "cells": cells,
+                     "neuronpedia": next((u for u in links if u), None)})
     return {"columns": columns, "rows": rows}
 
 

@@ -158,3 +158,15 @@ def sha256(file: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def neuronpedia_id_of(path: str | os.PathLike) -> str | None:
+    """The Neuronpedia id of an SAE folder or file in a hub cache, from its repo and path alone
+    (no file is read)."""
+    from latentaudit.saes.releases import neuronpedia_for
+
+    m = _CACHED.search(Path(path).absolute().as_posix())
+    if m is None:
+        return None
+    repo, where = f"{m['org']}/{m['name']}", m["path"] or ""
+    return neuronpedia_for(repo, where) or neuronpedia_for(repo, where.rpartition("/")[0])

@@ -7,8 +7,9 @@
 2. :func:`neuronpedia_for` maps a hub repo and path back to the release it belongs to, so an SAE
    named by its repo and subfolder gets the same Neuronpedia id as one named by its SAELens id.
 3. :func:`neuronpedia_url` is a latent's page: ``https://www.neuronpedia.org/MODEL/SAE/INDEX``;
-   :func:`neuronpedia_list` is a list of latents in the JSON shape Neuronpedia's list import
-   reads (``modelId``, ``layer`` = the SAE id, ``index``, ``description``). No network is used.
+   :func:`neuronpedia_list` is a list of latents as a Neuronpedia quick list (``modelId``,
+   ``layer`` = the SAE id, ``index``; opened at ``/quick-list/?name=..&features=..``). No
+   network is used.
 
 Each table row gives an id pattern with named groups (``layer``, ``width``, ...); the path in
 the repo, the hook name and the Neuronpedia id are templates over those groups.
@@ -16,9 +17,11 @@ the repo, the hook name and the Neuronpedia id are templates over those groups.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 from latentaudit.errors import LatentAuditError
 
@@ -203,8 +206,18 @@ def neuronpedia_url(neuronpedia_id: str, index: int) -> str:
     return f"{NEURONPEDIA}/{neuronpedia_id}/{int(index)}"
 
 
-def neuronpedia_list(neuronpedia_id: str, latents: list[tuple[int, str]]) -> list[dict[str, str]]:
-    """``(index, description)`` pairs as a Neuronpedia list (the JSON its list import reads)."""
-    model, _, sae = neuronpedia_id.partition("/")
-    return [{"modelId": model, "layer": sae, "index": str(int(i)), "description": d}
-            for i, d in latents]
+def split_url(url: str) -> tuple[str, int]:
+    """(Neuronpedia id, index) of a page URL made by :func:`neuronpedia_url`."""
+    np_id, _, index = url.removeprefix(NEURONPEDIA + "/").rpartition("/")
+    return np_id, int(index)
+
+
+def neuronpedia_list(name: str, latents: list[tuple[str, int, str]]) -> dict[str, Any]:
+    """``(neuronpedia_id, index, description)`` triples as a Neuronpedia list: ``features`` in
+    the shape Neuronpedia's quick lists read, and ``url``, the quick list to open in a browser."""
+    features = [{"modelId": np_id.partition("/")[0], "layer": np_id.partition("/")[2],
+                 "index": str(int(i)), "description": d} for np_id, i, d in latents]
+    link = [{k: f[k] for k in ("modelId", "layer", "index")} for f in features]
+    url = (f"{NEURONPEDIA}/quick-list/?name={quote(name)}"
+           f"&features={quote(json.dumps(link, separators=(',', ':')))}")
+    return {"name": name, "features": features, "url": url}

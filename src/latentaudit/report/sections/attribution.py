@@ -111,6 +111,10 @@ def provenance(manifest: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append((f"SAE, layer {L}", f"{sae.get('path')} ({sae.get('format')}, d_sae "
                      f"{sae.get('d_sae')}, {sae.get('activation')}"
                      + (f", k {sae['k']}" if sae.get("k") else "") + f"; ā from {abar})"))
+        if isinstance(sae.get("hub"), dict):
+            hub = sae["hub"]
+            rows.append((f"SAE source, layer {L}", f"{hub.get('repo')} at revision "
+                         f"{hub.get('revision')}, {hub.get('path') or '/'}"))
     ds = manifest.get("dataset") or {}
     rows.append(("dataset", f"{ds.get('path')} (sha256 {ds.get('sha256')})"))
     rows.append(("options", ", ".join(f"{k}={v}" for k, v in
@@ -141,6 +145,16 @@ def complete(data: dict[str, Any], keys: list[tuple[int, int]]) -> None:
                 "delta_activation": None if v["delta_activation"] is None
                 else float(v["delta_activation"][i]),
                 "delta_activation_rank": int(act_rank[L][i]) if L in act_rank else None,
-                "lens": list(r.get("logit_lens_top_tokens") or [])}
+                "lens": list(r.get("logit_lens_top_tokens") or []),
+                "neuronpedia": r.get("neuronpedia_url") or _neuronpedia(data, L, i)}
         data["cells"][key] = cell
         data["latents"][key] = cell
+
+
+def _neuronpedia(data: dict[str, Any], layer: int, latent: int) -> str | None:
+    """A latent's Neuronpedia page from the manifest's SAE entry (runs whose ranking predates
+    the field, and latents outside the ranking)."""
+    from latentaudit.saes.releases import neuronpedia_url
+
+    np_id = ((data["manifest"].get("saes") or {}).get(str(layer)) or {}).get("neuronpedia_id")
+    return neuronpedia_url(np_id, latent) if isinstance(np_id, str) and np_id else None
