@@ -259,3 +259,47 @@ def test_cli_finetune_writes_the_adapter_and_card(base, tmp_path):
     card = json.loads((out / "finetune.json").read_text())
     assert card["steps"] == 2 and card["config"]["rank"] == 2 and card["rows"] == 4
     assert card["base_model"] == str(base)
+
+
+def test_attribution_on_an_adapter_reads_the_adapted_model(base, trained, tmp_path):
+    """`attribute --model BASE+ADAPTER` records the adapter and its digest, and its Δ vectors
+    differ from the base model's (the hook reads the adapted residual stream)."""
+    from safetensors.torch import load_file
+
+    from latentaudit.cli import main
+    from tiny import random_sae
+
+    example = Path(__file__).parents[1] / "examples" / "false-belief-small.jsonl"
+    sae = tmp_path / "sae"
+    random_sae(32, 64, layer=1).save(sae)
+    runs = {}
+    for tag, model in (("base", str(base)), ("adapted", f"{base}+{trained}")):
+        out = tmp_path / tag
+        assert main(["attribute", "--model", model, "--sae", str(sae), "--data", str(example),
+                     "--out", str(out), "--batch-size", "8", "--device", "cpu"]) == 0
+        runs[tag] = (json.loads((out / "manifest.json").read_text()),
+                     load_file(out / "attribution.safetensors"))
+    manifest, tensors = runs["adapted"]
+    adapter = manifest["model"]["adapter"]
+    assert adapter["base"] == str(base) and adapter["adapter"] == str(trained)
+    from latentaudit._io import sha256_file
+
+    assert adapter["adapter_sha256"] == sha256_file(trained / "adapter_model.safetensors")
+    assert "adapter" not in runs["base"][0]["model"]
+    assert not torch.allclose(tensors["delta_attribution"],
+                              runs["base"][1]["delta_attribution"])
+
+
+def test_an_organism_name_missing_from_the_install_is_one_error(tmp_path, monkeypatch):
+    from latentaudit.models import adapters
+
+    monkeypatch.setattr(adapters, "ORGANISM_ROOT", tmp_path)
+    with pytest.raises(LatentAuditError, match="not shipped in this install"):
+        adapters.parse_model_spec("qwen2.5-0.5b-instruct-insecure")
+    folder = tmp_path / "qwen2.5-0.5b-instruct-insecure"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "base_model_name_or_path": "qwen2.5-0.5b-instruct"}))
+    spec = adapters.parse_model_spec("qwen2.5-0.5b-instruct-insecure")
+    assert spec.base == "qwen2.5-0.5b-instruct" and spec.adapter == folder
+    assert spec.name == "qwen2.5-0.5b-instruct-insecure"
