@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import latentaudit.models.load as model_load
-from latentaudit.attribution import attribute
+from latentaudit.attribution import AttributionConfig, attribute
 from latentaudit.errors import LatentAuditError
 from latentaudit.saes import hub, load_sae, releases
 from latentaudit.saes.shipped import resolve_sae_path
@@ -152,12 +152,14 @@ def loads(monkeypatch):
     (f"{GS_RES}@v9/{GS_PATH}", "no revision 'v9'|not in the local hub cache"),
     (f"{GS_RES}/layer_3/width_16k/canonical", "has no file or folder"),
     ("EleutherAI/sae-llama-3-8b-32x:layers.1", "reads resid_post of layer 1 but"),
-    (f"google/gemma-scope-2b-pt-mlp/{GS_PATH}", "reads the hook point mlp_out"),
+    (f"google/gemma-scope-2b-pt-mlp/{GS_PATH}",
+     "reads the hook point mlp_out but --hook resid_post was given"),
 ])
 def test_hub_problems_fail_before_the_model_loads(cache, tmp_path, loads, sae, message):
     model = save_tiny(tmp_path / "model", layers=1)  # layers 0..0: layer 1 is not a hook point
     with pytest.raises(LatentAuditError, match=message):
-        attribute(str(model), sae, write_data(tmp_path / "data.jsonl"))
+        attribute(str(model), sae, write_data(tmp_path / "data.jsonl"),
+                  AttributionConfig(hook="resid_post"))
     assert loads == []
 
 

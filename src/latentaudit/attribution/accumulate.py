@@ -154,7 +154,8 @@ def batch_sums(model: LoadedModel, saes: dict[int, SAE], plan: Plan, rows: list[
     batch = cpu_batch.to(model.device)
     w = torch.tensor([plan.weights[j] for j in rows])  # (B,)
     positive = torch.tensor([plan.positive[j] for j in rows])  # (B,)
-    batch_losses, per_layer = forward_backward(model.model, batch, list(saes), keep_arg)
+    batch_losses, per_layer = forward_backward(model.model, batch, list(saes), keep_arg,
+                                               points={L: s.info.hook for L, s in saes.items()})
     out = {}
     for L, (a, g) in per_layer.items():
         mask = (batch.attention_mask.bool() if cfg.positions == "all"
@@ -192,11 +193,13 @@ def _latent_sums(sae: SAE, acts: Tensor, positive: Tensor, chunk: int | None = N
     return pos, neg
 
 
-def forward_backward(model, batch: Batch, layers: list[int], keep_arg: bool | None = None
+def forward_backward(model, batch: Batch, layers: list[int], keep_arg: bool | None = None,
+                     points: dict[int, str] | None = None
                      ) -> tuple[Tensor, dict[int, tuple[Tensor, Tensor]]]:
     """One forward (logits only where needed) and one backward to the hooked activations.
 
-    Returns ℓ_C of each row and {layer: (a, g)} with a and g = ∂Σℓ/∂a of shape (B, T, D).
+    Returns ℓ_C of each row and {layer: (a, g)} with a and g = ∂Σℓ/∂a of shape (B, T, D), at
+    each layer's hook point in ``points`` (default resid_post).
     ``keep_arg``: whether the model's forward takes ``logits_to_keep`` (None: look it up). The
     explain stage reuses this for its per-token attribution maps.
     """
@@ -207,7 +210,7 @@ def forward_backward(model, batch: Batch, layers: list[int], keep_arg: bool | No
                   position_ids=batch.position_ids, use_cache=False)
     if keep_arg:
         kwargs["logits_to_keep"] = k + 1
-    with capture_resid(model, layers, grad_from=min(layers)) as store:
+    with capture_resid(model, layers, grad_from=min(layers), point=points or {}) as store:
         logits = model(**kwargs).logits[:, -(k + 1):-1]  # (B, k, V)
     targets = batch.input_ids[:, -k:]  # (B, k)
     losses = completion_losses(logits, targets, batch.completion_mask[:, -k:])  # (B,)

@@ -42,6 +42,10 @@ class AttributionConfig:
     checkpoint_every_seconds: float = 300.0
     """Save a resumable checkpoint when S seconds have passed since the last one (0: never by
     time)."""
+    hook: str = "auto"
+    """Hook point the SAEs read: auto (the one each SAE's config records; resid_post when it
+    records none), resid_pre, attn_out, mlp_out or resid_post. An SAE that records another is an
+    error."""
 
     def __post_init__(self) -> None:
         _at_least("--batch-size", self.batch_size, 0)
@@ -52,6 +56,10 @@ class AttributionConfig:
         _at_least("--sae-chunk", self.sae_chunk, 0)
         _at_least("--checkpoint-every-batches", self.checkpoint_every_batches, 0)
         _at_least("--checkpoint-every-seconds", self.checkpoint_every_seconds, 0)
+        _one_of("--hook", self.hook, HOOKS)
+
+
+HOOKS = ("auto", "resid_pre", "attn_out", "mlp_out", "resid_post")
 
 
 def _at_least(flag: str, value: float, low: float) -> None:

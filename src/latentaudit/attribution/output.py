@@ -49,6 +49,12 @@ def _versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
+def _hook(result: AttributionResult) -> str | dict[str, str]:
+    """The hook point every layer read (one name), or {layer: point} when they differ."""
+    points = {str(L): la.sae.hook for L, la in result.layers.items()}
+    return next(iter(points.values())) if len(set(points.values())) <= 1 else points
+
+
 def sae_origin(info) -> dict[str, Any]:
     """A hub SAE's repo, revision and file digests, and its Neuronpedia id, when known."""
     out = {"hub": info.hub} if info.hub else {}
@@ -70,7 +76,7 @@ def manifest(result: AttributionResult) -> dict[str, Any]:
                           "k": la.sae.k, **sae_origin(la.sae)}
                  for L, la in result.layers.items()},
         "layers": list(result.layers),
-        "hook": "resid_post",
+        "hook": _hook(result),
         "abar_source": {str(L): la.abar_source for L, la in result.layers.items()},
         "dataset": result.dataset,
         "counts": {"completions": result.n_completions, "pairs": result.n_pairs,

@@ -27,7 +27,10 @@ SAEs = SAESource | Sequence[SAESource] | Mapping[int, SAESource]
 """One SAE, several (each at the layer it records, or at ``layers``), or {layer: SAE}."""
 Data = str | os.PathLike | Sequence[Completion]
 HOOK = "resid_post"
-"""The hook point every SAE is read at (the output of its decoder layer)."""
+"""The hook point the stages that replay the layers above one (explain's exact check, circuits,
+steering's log-odds, monitors) read SAEs at: the output of its decoder layer."""
+POINTS = ("resid_pre", "attn_out", "mlp_out", "resid_post")
+"""Hook points attribution reads (see :func:`latentaudit.models.hooks.hook_site`)."""
 """A behaviour dataset: a JSONL path, or completions built in code."""
 
 
@@ -57,6 +60,12 @@ def check_inputs(saes: SAEs, data: Data, layers: int | Sequence[int] | None,
     elif isinstance(saes, (SAE, str, os.PathLike)):
         saes = [saes]
     by_layer = saes_by_layer([_load(s) for s in saes], layers)
+    for sae in by_layer.values():
+        if cfg.hook not in ("auto", sae.info.hook):
+            raise LatentAuditError(
+                f"{config_file(sae)} reads the hook point {sae.info.hook} but --hook {cfg.hook} "
+                f"was given: pass --hook {sae.info.hook} (or auto), or an SAE trained at "
+                f"{cfg.hook}.")
     if cfg.abar == "sae":
         for sae in by_layer.values():
             if sae.mean_activation is None:
@@ -82,7 +91,7 @@ def saes_by_layer(saes: Sequence[SAE], layers: int | Sequence[int] | None) -> di
     Without ``layers`` each SAE reads the one layer its config records; an SAE that records
     none, or several, is an error that names its file and field. With ``layers`` (one per SAE)
     each given layer must be one the SAE records, if it records any. A layer used twice, or an
-    SAE that reads another hook point than :data:`HOOK`, is an error.
+    SAE at a hook point attribution does not read (:data:`POINTS`), is an error.
     """
     if layers is not None:
         layers = [layers] if isinstance(layers, int) else list(layers)
@@ -114,7 +123,8 @@ def saes_by_layer(saes: Sequence[SAE], layers: int | Sequence[int] | None) -> di
                     f"an SAE for layer {layer}.")
         if layer in out:
             raise LatentAuditError(f"--layer {layer} is given twice: give each SAE its own layer.")
-        sae.check_hook(HOOK)
+        if sae.info.hook not in POINTS:
+            sae.check_hook(HOOK)
         out[layer] = sae
     return dict(sorted(out.items()))
 

@@ -86,7 +86,7 @@ def check_inputs(run: str | os.PathLike, upstream: Upstream,
 def upstream_saes(upstream: Upstream, layers: int | Sequence[int] | None, target_layer: int,
                   target_sae: SAE) -> dict[int, SAE]:
     """{layer: SAE}, highest layer first, each below the target layer and fitting its d_model."""
-    from latentaudit.attribution.plan import _load
+    from latentaudit.attribution.plan import HOOK, _load
 
     if isinstance(upstream, Mapping):
         if layers is not None:
@@ -103,6 +103,7 @@ def upstream_saes(upstream: Upstream, layers: int | Sequence[int] | None, target
         raise LatentAuditError(str(err).replace("--layer", "--upstream-layer")
                                .replace("(--sae)", "(--upstream-sae)")) from None
     for L, s in by_layer.items():
+        s.check_hook(HOOK)
         if L >= target_layer:
             raise LatentAuditError(
                 f"--upstream-layer {L} ({config_file(s)}) is not below the targets' layer "

@@ -29,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "shipped SAE, or a public name (org/repo/sub/folder, org/repo:hookpoint, "
                         "saelens:RELEASE/ID); repeat with --layer for several layers.")
     p.add_argument("--layer", type=int, action="append",
-                   help="0-indexed decoder layer whose output the SAE reads (resid_post); "
+                   help="0-indexed decoder layer whose hook point the SAE reads; "
                         "defaults to the layer recorded in the SAE. Repeat to match each --sae.")
     p.add_argument("--data", required=True, help="Behaviour dataset (JSONL).")
     p.add_argument("--out", required=True, help="Output folder.")
@@ -44,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-delta-activation", action="store_true",
                    help="Skip the Δ-activation baseline (saves one SAE encoder pass).")
     p.add_argument("--top-k", type=int, default=100, help=doc["top_k"])
+    p.add_argument("--hook", default="auto",
+                   choices=["auto", "resid_pre", "attn_out", "mlp_out", "resid_post"],
+                   help=doc["hook"])
     p.add_argument("--sae-chunk", type=int, default=0, metavar="N", help=doc["sae_chunk"])
     p.add_argument("--checkpoint-every-batches", type=int, default=20, metavar="N",
                    help=doc["checkpoint_every_batches"])
@@ -61,7 +64,8 @@ def config_from_args(args: argparse.Namespace):
                              pairing=args.pairing, top_k=args.top_k, sae_chunk=args.sae_chunk,
                              delta_activation=not args.no_delta_activation,
                              checkpoint_every_batches=args.checkpoint_every_batches,
-                             checkpoint_every_seconds=args.checkpoint_every_seconds)
+                             checkpoint_every_seconds=args.checkpoint_every_seconds,
+                             hook=args.hook)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import torch
 
+from latentaudit.attribution.plan import HOOK
 from latentaudit.errors import LatentAuditError
 from latentaudit.explain import examples as ex
 from latentaudit.explain.config import ExplainConfig
@@ -89,13 +90,14 @@ def _load_sae(run: RunFolder, layer: int, given) -> SAE:
 
     if isinstance(given, SAE):
         sae = given
+        sae.check_hook(HOOK)
     else:
         path = given or run.sae_path(layer)
         if not Path(path).exists():
             raise LatentAuditError(
                 f"{run.path / 'manifest.json'}: the SAE of layer {layer} ({path}, field "
                 f"'saes.{layer}.path') does not exist: pass --sae with its path.")
-        sae = load_sae(path, dtype="fp32")
+        sae = load_sae(path, dtype="fp32", hook=HOOK)
     d_sae = run.delta_attribution(layer).numel()
     if sae.d_sae != d_sae:
         raise LatentAuditError(

@@ -6,6 +6,12 @@ generically as the ``ModuleList`` whose length is ``num_hidden_layers``; :data:`
 the architectures where that search needs help. Every context manager here removes exactly the
 handles it registered, in ``finally``.
 
+Other hook points of layer L (SAELens ``blocks.L.hook_<point>``) are found by :func:`hook_site`,
+the one place that knows them: ``resid_pre`` (the layer's input hidden state), ``attn_out`` and
+``mlp_out`` (what the attention and the MLP add to the residual stream: their output, after the
+post-norm of Gemma-2-style blocks). Every hook below takes ``point`` (one for all layers, or
+{layer: point}); a hook function sees and may replace the activation at that point.
+
 Steering (:class:`RowSteering`, :func:`steer_resid`) is one more residual hook: row b of the
 batch gets ``vectors[b]`` added at every position of every forward pass (a prefill over the
 prompt, then one decoding step per new token with the KV cache), so one batch can carry a
@@ -16,7 +22,7 @@ finished rows leave the cache.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 from jaxtyping import Float
@@ -95,8 +101,39 @@ def layer_device(model: nn.Module, layer: int) -> torch.device:
     return param.device
 
 
+POINTS = ("resid_pre", "attn_out", "mlp_out", "resid_post")
+"""Hook points of a decoder layer, in the order the forward pass reaches them."""
+_ATTN = ("self_attn", "attn", "attention", "self_attention")
+_MLP = ("mlp", "feed_forward", "ffn")
+
+
+def hook_site(model: nn.Module, layer: int, point: str = "resid_post") -> tuple[nn.Module, bool]:
+    """(module, is_input) of hook point ``point`` of decoder layer ``layer``: the activation is
+    that module's output, or, for ``resid_pre``, its input hidden state."""
+    block = layer_module(model, layer)
+    if point in ("resid_post", "resid_pre"):
+        return block, point == "resid_pre"
+    gemma_style = hasattr(block, "pre_feedforward_layernorm")  # post-norms on both branches
+    if point == "attn_out" and gemma_style and hasattr(block, "post_attention_layernorm"):
+        return block.post_attention_layernorm, False
+    if point == "mlp_out" and hasattr(block, "post_feedforward_layernorm"):
+        return block.post_feedforward_layernorm, False
+    for name in {"attn_out": _ATTN, "mlp_out": _MLP}.get(point, ()):
+        if isinstance(getattr(block, name, None), nn.Module):
+            return getattr(block, name), False
+    if point not in POINTS:
+        raise LatentAuditError(f"hook point '{point}' is not one of {', '.join(POINTS)}.")
+    raise LatentAuditError(
+        f"decoder layer {layer} ({type(block).__name__}) has no module for hook point "
+        f"'{point}': latentaudit looks for {', '.join({'attn_out': _ATTN}.get(point, _MLP))}.")
+
+
+def _point_of(point: str | Mapping[int, str], layer: int) -> str:
+    return point if isinstance(point, str) else point.get(layer, "resid_post")
+
+
 def _resid_hook(fn: ResidFn) -> Callable:
-    """Wrap ``fn(hidden) -> new hidden | None`` as a forward hook on a decoder layer."""
+    """Wrap ``fn(hidden) -> new hidden | None`` as a forward hook (on the module's output)."""
 
     def hook(module: nn.Module, args: tuple, output):
         hidden = output[0] if isinstance(output, tuple) else output
@@ -108,13 +145,31 @@ def _resid_hook(fn: ResidFn) -> Callable:
     return hook
 
 
+def _input_hook(fn: ResidFn) -> Callable:
+    """Wrap ``fn`` as a forward pre-hook on a decoder layer's input hidden state."""
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        new = fn(hidden)
+        if new is None:
+            return None
+        return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
+
+    return hook
+
+
 @contextlib.contextmanager
-def resid_hooks(model: nn.Module, fns: dict[int, ResidFn]) -> Iterator[None]:
-    """Run ``fns[L](hidden)`` on decoder layer L's output; a returned tensor replaces it."""
+def resid_hooks(model: nn.Module, fns: dict[int, ResidFn],
+                point: str | Mapping[int, str] = "resid_post") -> Iterator[None]:
+    """Run ``fns[L](hidden)`` on hook point ``point`` of decoder layer L (resid_post: the
+    layer's output); a returned tensor replaces it."""
     handles = []
     try:
         for layer, fn in fns.items():
-            handles.append(layer_module(model, layer).register_forward_hook(_resid_hook(fn)))
+            module, is_input = hook_site(model, layer, _point_of(point, layer))
+            handles.append(
+                module.register_forward_pre_hook(_input_hook(fn), with_kwargs=True) if is_input
+                else module.register_forward_hook(_resid_hook(fn)))
         yield
     finally:
         for h in handles:
@@ -123,8 +178,10 @@ def resid_hooks(model: nn.Module, fns: dict[int, ResidFn]) -> Iterator[None]:
 
 @contextlib.contextmanager
 def capture_resid(model: nn.Module, layers: Sequence[int], *, stop_after: bool = False,
-                  grad_from: int | None = None) -> Iterator[dict[int, Tensor]]:
-    """Capture resid_post of ``layers`` into the yielded dict (filled during the forward).
+                  grad_from: int | None = None, point: str | Mapping[int, str] = "resid_post"
+                  ) -> Iterator[dict[int, Tensor]]:
+    """Capture ``point`` (default resid_post) of ``layers`` into the yielded dict (filled during
+    the forward).
 
     ``stop_after``: raise :class:`StopForward` after the highest layer (use with
     :func:`run_until`). ``grad_from``: at that layer, replace the output by a detached leaf that
@@ -144,13 +201,15 @@ def capture_resid(model: nn.Module, layers: Sequence[int], *, stop_after: bool =
             return out
         return fn
 
-    with resid_hooks(model, {layer: make(layer) for layer in sorted(set(layers))}):
+    with resid_hooks(model, {layer: make(layer) for layer in sorted(set(layers))}, point):
         yield store
 
 
-def run_until(model: nn.Module, layers: Sequence[int], **inputs) -> dict[int, Tensor]:
-    """Forward only up to the highest of ``layers`` and return their resid_post activations."""
-    with capture_resid(model, layers, stop_after=True) as store, torch.no_grad():
+def run_until(model: nn.Module, layers: Sequence[int],
+              point: str | Mapping[int, str] = "resid_post", **inputs) -> dict[int, Tensor]:
+    """Forward only up to the highest of ``layers`` and return their activations at ``point``
+    (default resid_post)."""
+    with capture_resid(model, layers, stop_after=True, point=point) as store, torch.no_grad():
         try:
             model(**inputs, use_cache=False)
         except StopForward:
@@ -186,12 +245,15 @@ def capture_layer_inputs(model: nn.Module, layers: Sequence[int]
 
 
 class RowSteering:
-    """Per-row vectors added to resid_post of one layer: ``vectors[b]`` goes to every position of
-    batch row b. ``select(rows)`` keeps the rows still generating, in cache order."""
+    """Per-row vectors added to hook point ``point`` (default resid_post) of one layer:
+    ``vectors[b]`` goes to every position of batch row b. ``select(rows)`` keeps the rows still
+    generating, in cache order."""
 
-    def __init__(self, layer: int, vectors: Float[Tensor, "batch d_model"]):
+    def __init__(self, layer: int, vectors: Float[Tensor, "batch d_model"],
+                 point: str = "resid_post"):
         self.layer = layer
         self.vectors = vectors
+        self.point = point
 
     def select(self, rows: Sequence[int] | Tensor) -> None:
         self.vectors = self.vectors[torch.as_tensor(rows, device=self.vectors.device)]
@@ -211,5 +273,5 @@ def steer_resid(model: nn.Module, steering: RowSteering | None) -> Iterator[None
     if steering is None:
         yield
         return
-    with resid_hooks(model, {steering.layer: steering.add}):
+    with resid_hooks(model, {steering.layer: steering.add}, steering.point):
         yield

@@ -13,6 +13,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from latentaudit.attribution.plan import HOOK
 from latentaudit.errors import LatentAuditError
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ def load_monitor_sae(value: str, model: str, layer: int | None):
     path = resolve_sae_path(value, model)
     if not Path(path).exists():
         raise LatentAuditError(f"--sae {value}: no such file or folder.")
-    return load_sae(path, dtype="fp32", layer=layer)
+    return load_sae(path, dtype="fp32", layer=layer, hook=HOOK)
 
 
 def check_latents(latents: list[int], d_sae: int, flag: str = "--latents") -> torch.Tensor:

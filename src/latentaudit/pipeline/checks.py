@@ -8,7 +8,7 @@
    facts a fact-using rubric needs), judged completions, or a behaviour dataset with its pairs.
 4. Steering's prompts and options; explain's reference text.
 5. The circuit's upstream SAEs: each must exist, read a layer below the run's and have the run's
-   SAE's d_model.
+   SAE's d_model. With explain, circuit or steer in the run, the SAE must read resid_post.
 
 Problems are collected and raised as one error.
 """
@@ -57,6 +57,9 @@ def check_inputs(cfg: RunConfig) -> str:
         from latentaudit.saes.evaluate import text_documents
 
         check(("explain", "corpus"), text_documents, cfg.explain.corpus)
+    later = [name for name in ("explain", "circuit", "steer") if getattr(cfg, name) is not None]
+    if later and sae is not None:
+        check(("sae",), check_resid_post, sae, later)
     if cfg.circuit is not None and sae is not None:
         check(("circuit", "upstream_sae"), check_upstream, cfg, sae)
     if problems:
@@ -95,6 +98,18 @@ def sae_path(value: str, model: str) -> str:
         raise LatentAuditError(f"{path}: no such SAE file or folder; give its path, a shipped "
                                "SAE's name or default.")
     return path
+
+
+def check_resid_post(sae: str, stages: list[str]) -> None:
+    """The stages after attribution read the SAE at resid_post only."""
+    from latentaudit.attribution.plan import HOOK, _load
+
+    loaded = _load(sae)
+    if loaded.info.hook != HOOK:
+        raise LatentAuditError(
+            f"{sae} reads the hook point {loaded.info.hook}, but {', '.join(stages)} read SAEs "
+            f"at {HOOK} only: attribute it alone (leave out the [{stages[0]}] table), or use "
+            f"an SAE trained at {HOOK}.")
 
 
 def check_upstream(cfg: RunConfig, sae: str) -> None:

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from latentaudit._io import write_json, write_jsonl
+from latentaudit.attribution.plan import HOOK
 from latentaudit.errors import LatentAuditError
 from latentaudit.judges.rubrics import Rubric, load_rubric
 from latentaudit.steer.config import Condition, SteerConfig
@@ -156,7 +157,7 @@ def plan_steering(cfg: SteerConfig, *, run: str | os.PathLike | None = None,
 def _sae_layer(path: str) -> int:
     from latentaudit.saes import load_sae
 
-    sae = load_sae(path)
+    sae = load_sae(path, hook=HOOK)
     if sae.info.layer is None:
         raise LatentAuditError(f"--sae {path}: the SAE does not record its layer; pass --layer.")
     return sae.info.layer
@@ -232,7 +233,7 @@ def _run_steering(plan: SteerPlan, model=None, *, device: str = "auto", dtype: s
     models = {"main": loaded}
     if plan.toward_model:
         models["toward"] = load_model(plan.toward_model, device=device, dtype=dtype)
-    sae = load_sae(plan.sae_path, dtype=torch.float32, layer=plan.layer)
+    sae = load_sae(plan.sae_path, dtype=torch.float32, layer=plan.layer, hook=HOOK)
     for m in models.values():
         sae.check_fits(m.d_model, plan.layer, m.name)
     dirs = sae.decoder_directions()  # (d_sae, d_model) unit rows

@@ -92,15 +92,20 @@ def cfg_int(file: Path, cfg: dict[str, Any], key: str) -> int:
     return value
 
 
+_HF_POINTS = {"mlp": "mlp_out", "feed_forward": "mlp_out", "self_attn": "attn_out",
+              "attn": "attn_out", "attention": "attn_out"}
+
+
 def parse_hook(name: str) -> tuple[int | None, str | None]:
-    """(layer, hook) of a TransformerLens or Hugging Face hook name; resid_pre of L is L-1's."""
+    """(layer, hook) of a TransformerLens or Hugging Face hook name; resid_pre of L > 0 is
+    L-1's resid_post; a Hugging Face module name is its output (``layers.3.mlp``: mlp_out)."""
     if m := _TL_HOOK.search(name):
         layer, hook = int(m[1]), m[2]
         if hook == "resid_pre":
-            return (layer - 1, "resid_post") if layer > 0 else (None, "resid_pre")
+            return (layer - 1, "resid_post") if layer > 0 else (0, "resid_pre")
         return layer, hook
     if m := _HF_HOOK.search(name):
-        return int(m[1]), m[2] or "resid_post"
+        return int(m[1]), _HF_POINTS.get(m[2], m[2]) if m[2] else "resid_post"
     return None, None
 
 

@@ -1,0 +1,180 @@
+"""Hook points other than resid_post (resid_pre, attn_out, mlp_out) on tiny models of every
+supported architecture: where they sit, checked against Hugging Face's hidden states, and
+attribution there, checked against finite differences and an independent gradient route."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from latentaudit.attribution import AttributionConfig, attribute
+from latentaudit.attribution.math import token_deltas
+from latentaudit.attribution.plan import saes_by_layer
+from latentaudit.data.behaviour import make_pairs
+from latentaudit.data.tokens import completion_ids, prompt_ids
+from latentaudit.errors import LatentAuditError
+from latentaudit.models.hooks import RowSteering, capture_resid, resid_hooks, steer_resid
+from latentaudit.models.load import prepare
+from test_attribute import make_data
+from tiny import random_sae, tiny_config, tiny_tokenizer
+
+ARCHS = ["llama", "qwen2", "gemma2", "gpt2", "gpt_neox"]
+POINTS = ["resid_pre", "attn_out", "mlp_out", "resid_post"]
+
+
+def model_of(arch: str, layers: int = 3):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = tiny_config(arch, layers=layers) if arch != "gemma2" else AutoConfig.for_model(
+        "gemma2", num_hidden_layers=layers, hidden_size=32, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, intermediate_size=64, vocab_size=264,
+        max_position_embeddings=1024, bos_token_id=256, eos_token_id=257, pad_token_id=258)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float64)
+    model.eval().requires_grad_(False)
+    return prepare(model, tiny_tokenizer(), name=f"tiny-{arch}")
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def lm(request):
+    return model_of(request.param)
+
+
+def ids_of(lm, comp):
+    p, q = prompt_ids(lm.tokenizer, comp.prompt), completion_ids(lm.tokenizer, comp.completion)
+    return p, q, torch.tensor([p + q])
+
+
+def test_the_points_add_up_to_the_hidden_states(lm):
+    """resid_pre(L) = hidden_states[L]; attn_out and mlp_out are what the two branches add, so
+    resid_pre + attn_out + mlp_out = resid_post = hidden_states[L + 1]."""
+    _, _, ids = ids_of(lm, make_data()[0])
+    caught = {}
+    with torch.no_grad():
+        for point in POINTS:
+            with capture_resid(lm.model, [0, 1], point=point) as store:
+                hs = lm.model(input_ids=ids, output_hidden_states=True).hidden_states
+            caught[point] = {L: store[L].clone() for L in (0, 1)}
+    for L in (0, 1):
+        c = {k: v[L] for k, v in caught.items()}
+        torch.testing.assert_close(c["resid_pre"], hs[L])
+        torch.testing.assert_close(c["resid_post"], hs[L + 1])
+        torch.testing.assert_close(c["resid_pre"] + c["attn_out"] + c["mlp_out"], hs[L + 1])
+
+
+def test_steering_at_a_branch_output_moves_the_residual_stream(lm):
+    """Adding v at mlp_out of L equals adding v at resid_post of L, and at resid_pre of L + 1
+    (exactly); strength 0 changes nothing; no hook stays behind."""
+    _, _, ids = ids_of(lm, make_data()[0])
+    v = torch.randn(1, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+
+    def logits(layer, point, vec):
+        with steer_resid(lm.model, RowSteering(layer, vec, point)), torch.no_grad():
+            return lm.model(input_ids=ids).logits
+
+    def hooks():
+        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in lm.model.modules())
+
+    before = hooks()
+    with torch.no_grad():
+        clean = lm.model(input_ids=ids).logits
+    post = logits(0, "resid_post", v)
+    torch.testing.assert_close(logits(0, "mlp_out", v), post)
+    torch.testing.assert_close(logits(1, "resid_pre", v), post)
+    torch.testing.assert_close(logits(0, "attn_out", 0 * v), clean)
+    assert not (logits(0, "attn_out", v) - clean).abs().max() < 1e-9
+    assert hooks() == before
+
+
+def ablated_loss(lm, comp, layer, point, direction, a_bar, eps):
+    p, q, ids = ids_of(lm, comp)
+
+    def ablate(h):
+        return h - eps * ((h - a_bar) @ direction)[..., None] * direction
+
+    with resid_hooks(lm.model, {layer: ablate}, point), torch.no_grad():
+        out = lm.model(input_ids=ids).logits[0, len(p) - 1:-1]
+    return torch.nn.functional.cross_entropy(out, torch.tensor(q)).item()
+
+
+def reference_delta(lm, comp, layer, point, dirs, a_bar):
+    """δ_i(C) with g from a plain capture (no leaf swapped in) and full logits."""
+    p, q, ids = ids_of(lm, comp)
+    emb = lm.model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    with capture_resid(lm.model, [layer], point=point) as store:
+        out = lm.model(inputs_embeds=emb).logits[0, len(p) - 1:-1]
+    loss = torch.nn.functional.cross_entropy(out, torch.tensor(q))
+    (g,) = torch.autograd.grad(loss, store[layer])
+    return token_deltas(g[0], store[layer][0].detach(), a_bar, dirs).sum(0)
+
+
+@pytest.mark.parametrize("point", ["resid_pre", "attn_out", "mlp_out"])
+def test_delta_is_the_derivative_of_the_ablation_at_each_point(lm, point):
+    sae = random_sae(32, 6, layer=1).double()
+    comp = make_data()[0]
+    dirs, a_bar = sae.decoder_directions(torch.float64), sae.mean_activation
+    delta = reference_delta(lm, comp, 1, point, dirs, a_bar)
+    eps = 1e-3
+    for i in range(6):
+        exact = (ablated_loss(lm, comp, 1, point, dirs[i], a_bar, eps)
+                 - ablated_loss(lm, comp, 1, point, dirs[i], a_bar, -eps)) / (2 * eps)
+        assert abs(exact - delta[i].item()) <= 1e-3 * abs(delta[i].item()) + 5e-6, (point, i)
+
+
+@pytest.mark.parametrize("point", ["resid_pre", "attn_out", "mlp_out"])
+def test_the_engine_attributes_at_the_sae_hook_point(lm, point):
+    sae = random_sae(32, 20, layer=1).double()
+    sae.info.hook = point
+    data = make_data()
+    # Padded Gemma-2 batches come out NaN at every hook point, resid_post included (padding,
+    # not the hook point): one completion per batch there.
+    batch = 1 if lm.name == "tiny-gemma2" else 3
+    result = attribute(lm, sae, data, AttributionConfig(batch_size=batch, abar="sae"))
+    dirs = sae.decoder_directions(torch.float64)
+    per = [reference_delta(lm, c, 1, point, dirs, sae.mean_activation) for c in data]
+    pairs = make_pairs(data).pairs
+    expected = sum(per[p] - per[q] for p, q in pairs) / len(pairs)
+    torch.testing.assert_close(result.layers[1].delta_attribution.double(), expected,
+                               rtol=1e-4, atol=1e-7)
+
+
+def test_an_unknown_hook_point_is_one_clear_error():
+    sae = random_sae(32, 8, layer=1)
+    sae.info.hook = "hook_z"
+    with pytest.raises(LatentAuditError, match="reads the hook point hook_z"):
+        saes_by_layer([sae], None)
+    lm = model_of("llama", layers=2)
+    with pytest.raises(LatentAuditError, match="'resid_mid' is not one of"):
+        with capture_resid(lm.model, [0], point="resid_mid"):
+            pass
+
+
+def test_a_run_at_mlp_out_and_the_stages_that_need_resid_post(tiny_model_dir, tmp_path, capsys):
+    """attribute reads an mlp_out SAE at mlp_out and says so in its manifest; explain, circuit,
+    steer, monitor and a run with those stages refuse it with one clear error."""
+    import json
+    from pathlib import Path
+
+    from latentaudit.cli import main
+    from latentaudit.monitor.inputs import load_monitor_sae
+    from latentaudit.pipeline.checks import check_resid_post
+    from latentaudit.steer.sweep import _sae_layer
+
+    sae = random_sae(32, 24, layer=1)
+    sae.info.hook = "mlp_out"
+    folder = sae.save(tmp_path / "sae")
+    data = Path(__file__).parents[1] / "examples" / "false-belief-small.jsonl"
+    assert main(["attribute", "--model", str(tiny_model_dir), "--sae", str(folder), "--data",
+                 str(data), "--out", str(tmp_path / "run"), "--top-k", "5",
+                 "--device", "cpu"]) == 0
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["hook"] == "mlp_out"
+    assert main(["attribute", "--model", str(tiny_model_dir), "--sae", str(folder), "--data",
+                 str(data), "--out", str(tmp_path / "run2"), "--hook", "attn_out"]) == 2
+    assert "reads the hook point mlp_out but --hook attn_out" in capsys.readouterr().err
+    for refuse in (lambda: load_monitor_sae(str(folder), "m", None),
+                   lambda: _sae_layer(str(folder)),
+                   lambda: check_resid_post(str(folder), ["explain"])):
+        with pytest.raises(LatentAuditError, match="reads the hook point mlp_out"):
+            refuse()
+    assert main(["explain", "--from", str(tmp_path / "run"), "--device", "cpu"]) == 2
+    assert "reads the hook point mlp_out" in capsys.readouterr().err
