@@ -195,3 +195,29 @@ def test_the_command_line_takes_hub_names(cache, tmp_path, capsys, loads):
     assert main([*base, "--sae", f"{GS_RES}/layer_5/width_16k/canonical"]) == 2
     assert "has no file or folder 'layer_5/width_16k/canonical'" in capsys.readouterr().err
     assert loads == []
+
+
+def test_sae_info_names_the_hub_origin(cache, capsys):
+    from latentaudit.cli import main
+
+    name = f"saelens:gemma-scope-2b-pt-res-canonical/{GS_PATH}"
+    assert main(["sae", "info", "--json", name]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["hub"] == f"{GS_RES}@{COMMIT}/{GS_PATH}/params.npz"
+    assert shown["neuronpedia"] == "gemma-2-2b/1-gemmascope-res-16k"
+    assert (shown["layer"], shown["hook"], shown["activation"]) == (1, "resid_post", "jumprelu")
+
+
+def test_the_saelens_registry_is_used_when_installed(cache, monkeypatch):
+    from types import SimpleNamespace
+
+    entry = SimpleNamespace(repo_id=GS_RES, model="gemma-2-2b",
+                            saes_map={"my-id": GS_PATH}, neuronpedia_id={"my-id": "np/x"})
+    monkeypatch.setattr(releases, "_saelens_registry", lambda: {"some-release": entry})
+    sae = load_sae("saelens:some-release/my-id")
+    assert sae.info.hub["path"] == f"{GS_PATH}/params.npz"
+    assert sae.info.extra["neuronpedia_id"] == "np/x"
+    with pytest.raises(LatentAuditError, match="registry has no id 'other'"):
+        load_sae("saelens:some-release/other")
+    # a release the registry lacks still resolves through latentaudit's table
+    assert load_sae(f"saelens:gemma-scope-2b-pt-res-canonical/{GS_PATH}").info.layer == 1

@@ -87,7 +87,9 @@ def _summary(sae) -> dict:
             "d_sae": sae.d_sae, "activation": i.activation, "k": i.k, "layer": i.layer,
             "hook": i.hook, "model": i.model, "subtract_b_dec": i.subtract_b_dec,
             "input_norm": i.input_norm, "dtype": str(sae.W_dec.dtype).removeprefix("torch."),
-            "mean_activation": sae.mean_activation is not None}
+            "mean_activation": sae.mean_activation is not None,
+            "hub": f"{i.hub['repo']}@{i.hub['revision']}/{i.hub['path']}" if i.hub else None,
+            "neuronpedia": i.extra.get("neuronpedia_id")}
 
 
 def _info(args: argparse.Namespace) -> int:
