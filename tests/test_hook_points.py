@@ -173,8 +173,55 @@ def test_a_run_at_mlp_out_and_the_stages_that_need_resid_post(tiny_model_dir, tm
     assert "reads the hook point mlp_out but --hook attn_out" in capsys.readouterr().err
     for refuse in (lambda: load_monitor_sae(str(folder), "m", None),
                    lambda: _sae_layer(str(folder)),
-                   lambda: check_resid_post(str(folder), ["explain"])):
+                   lambda: check_resid_post(str(folder), ["steer"])):
         with pytest.raises(LatentAuditError, match="reads the hook point mlp_out"):
             refuse()
-    assert main(["explain", "--from", str(tmp_path / "run"), "--device", "cpu"]) == 2
+    assert main(["circuit", "--from", str(tmp_path / "run"), "--upstream-sae", str(folder),
+                 "--device", "cpu"]) == 2
     assert "reads the hook point mlp_out" in capsys.readouterr().err
+    (tmp_path / "corpus.txt").write_text("Water boils at one hundred degrees at sea level. " * 20)
+    assert main(["explain", "--from", str(tmp_path / "run"), "--corpus",
+                 str(tmp_path / "corpus.txt"), "--corpus-tokens", "200", "--context-len", "40",
+                 "--top-k", "3", "--examples", "2", "--exact-pairs", "2", "--map-pairs", "2",
+                 "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"]) == 0
+    exactness = json.loads((tmp_path / "run" / "explain" / "manifest.json").read_text())[
+        "exactness"]["1"]
+    assert exactness["route"] == "full-forward"
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox"])
+def test_explain_exact_effect_and_maps_at_mlp_out(arch):
+    """The exact check ablates mlp_out (checked against a raw hook on the block's MLP, not
+    found through hook_site), and the per-token maps there sum to δ_i(C)."""
+    from latentaudit.explain.exact import exact_changes
+    from latentaudit.explain.maps import completion_maps
+    from latentaudit.models.hooks import layer_list
+
+    lm = model_of(arch)
+    sae = random_sae(32, 5, layer=1).double()
+    comp = make_data()[0]
+    p, q, ids = ids_of(lm, comp)
+    dirs, a_bar = sae.decoder_directions(torch.float64), sae.mean_activation
+    got = exact_changes(lm.model, 1, [(p, q)], dirs, a_bar, "all", batch=2, point="mlp_out")
+    assert got.route == "full-forward"
+
+    def loss(direction=None):
+        def ablate(module, args, out):
+            return out - ((out - a_bar) @ direction)[..., None] * direction
+        handle = layer_list(lm.model)[1].mlp.register_forward_hook(ablate) \
+            if direction is not None else None
+        try:
+            with torch.no_grad():
+                out = lm.model(input_ids=ids).logits[0, len(p) - 1:-1]
+        finally:
+            if handle is not None:
+                handle.remove()
+        return torch.nn.functional.cross_entropy(out, torch.tensor(q)).item()
+
+    base = loss()
+    for i in range(5):
+        assert got.change[0, i].item() == pytest.approx(loss(dirs[i]) - base, rel=1e-6, abs=1e-9)
+    maps = completion_maps(lm, [(p, q)], {1: dirs}, {1: a_bar}, "all", 1, 258, {1: "mlp_out"})
+    torch.testing.assert_close(maps[0].deltas[1].sum(0).double(),
+                               reference_delta(lm, comp, 1, "mlp_out", dirs, a_bar),
+                               rtol=1e-5, atol=1e-6)

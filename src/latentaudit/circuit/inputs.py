@@ -58,6 +58,7 @@ def check_inputs(run: str | os.PathLike, upstream: Upstream,
                  sae: SAESource | None = None, data: str | os.PathLike | None = None,
                  model_name: str | None = None) -> Inputs:
     """Read the run and every input of the stage, with one clear error for any problem."""
+    from latentaudit.attribution.plan import HOOK
     from latentaudit.explain.engine import _load_sae
     from latentaudit.models.embedded import canonical
 
@@ -73,7 +74,7 @@ def check_inputs(run: str | os.PathLike, upstream: Upstream,
     (target_layer, ids), = chosen.items()
     if sae is not None and not isinstance(sae, SAE):
         sae = str(sae)
-    target_sae = _load_sae(folder, target_layer, sae)
+    target_sae = _load_sae(folder, target_layer, sae, points=(HOOK,))
     ups = upstream_saes(upstream, upstream_layers, target_layer, target_sae)
     rows, pairing, dataset = _load_data(folder, data)
     pairing = first_prompts(rows, pairing, cfg.max_prompts)

@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import torch
 
-from latentaudit.attribution.plan import HOOK
+from latentaudit.attribution.plan import HOOK, POINTS
 from latentaudit.errors import LatentAuditError
 from latentaudit.explain import examples as ex
 from latentaudit.explain.config import ExplainConfig
@@ -85,19 +85,21 @@ def check_inputs(run: str | os.PathLike, latents: Sequence[int] | None, layer: i
                   latents is not None)
 
 
-def _load_sae(run: RunFolder, layer: int, given) -> SAE:
+def _load_sae(run: RunFolder, layer: int, given, points: tuple[str, ...] = POINTS) -> SAE:
+    """The SAE of a run's layer (or ``given``), which must read one of ``points``."""
     from latentaudit.saes import load_sae
 
     if isinstance(given, SAE):
         sae = given
-        sae.check_hook(HOOK)
     else:
         path = given or run.sae_path(layer)
         if not Path(path).exists():
             raise LatentAuditError(
                 f"{run.path / 'manifest.json'}: the SAE of layer {layer} ({path}, field "
                 f"'saes.{layer}.path') does not exist: pass --sae with its path.")
-        sae = load_sae(path, dtype="fp32", hook=HOOK)
+        sae = load_sae(path, dtype="fp32")
+    if sae.info.hook not in points:
+        sae.check_hook(HOOK)
     d_sae = run.delta_attribution(layer).numel()
     if sae.d_sae != d_sae:
         raise LatentAuditError(
@@ -250,13 +252,14 @@ def _maps_and_exact(model: LoadedModel, inputs: Inputs, cfg: ExplainConfig
             for L, s in inputs.saes.items()}
     positions = run.option.get("positions", "all")
     pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
-    maps = completion_maps(model, seqs, dirs, a_bars, positions, cfg.batch_size, pad)
+    points = {L: s.info.hook for L, s in inputs.saes.items()}
+    maps = completion_maps(model, seqs, dirs, a_bars, positions, cfg.batch_size, pad, points)
     at = {i: r for r, i in enumerate(rows)}
     exact = {}
     for L in inputs.scored if exact_pairs else []:
         used = sorted({i for pair in exact_pairs for i in pair})
         change = exact_changes(model.model, L, [seqs[at[i]] for i in used], dirs[L], a_bars[L],
-                               positions, cfg.exact_batch_size)
+                               positions, cfg.exact_batch_size, point=points[L])
         first = torch.stack([maps[at[i]].deltas[L].sum(0) for i in used])  # (C, n)
         where = {i: r for r, i in enumerate(used)}
         check = exact_check(change.change, first, [(where[p], where[q]) for p, q in exact_pairs])

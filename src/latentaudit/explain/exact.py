@@ -82,11 +82,15 @@ class ExactChange(NamedTuple):
 @torch.no_grad()
 def exact_changes(model, layer: int, seqs: Sequence[tuple[list[int], list[int]]],
                   directions: Float[Tensor, "n d_model"], a_bar: Float[Tensor, " d_model"],
-                  positions: str, batch: int = 32, route: str | None = None) -> ExactChange:
+                  positions: str, batch: int = 32, route: str | None = None,
+                  point: str = "resid_post") -> ExactChange:
     """Steps 1–3 for every (prompt ids, completion ids) in ``seqs`` and every direction.
 
     ``route``: force upper-layers or full-forward (None: upper-layers when its check passes).
+    ``point``: the hook point of ``layer`` ablated; only resid_post can replay the layers above
+    (the others take full forwards).
     """
+    route = route if point == "resid_post" else "full-forward"
     dev = next(model.parameters()).device
     upper = list(range(layer + 1, len(layer_list(model))))
     keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
@@ -97,7 +101,8 @@ def exact_changes(model, layer: int, seqs: Sequence[tuple[list[int], list[int]]]
         k = len(q)
         targets = ids[:, -k:]  # (1, k)
         kwargs = {"logits_to_keep": k + 1} if keep_arg else {}
-        with capture_resid(model, [layer]) as store, capture_layer_inputs(model, upper) as calls:
+        with capture_resid(model, [layer], point=point) as store, \
+                capture_layer_inputs(model, upper) as calls:
             last = model(input_ids=ids, use_cache=False, **kwargs).logits[:, -(k + 1):]
         ones = torch.ones_like(targets, dtype=torch.bool)
         clean[c] = completion_losses(last[:, :-1], targets, ones).double().item()
@@ -113,17 +118,17 @@ def exact_changes(model, layer: int, seqs: Sequence[tuple[list[int], list[int]]]
             if route == "upper-layers":
                 out = upper_logits(model, layer, h, calls, k + 1)[:, :-1]  # (n, k, V)
             else:
-                out = _full_forward_logits(model, layer, ids, h, k, keep_arg)
+                out = _full_forward_logits(model, layer, ids, h, k, keep_arg, point)
             lost = completion_losses(out, targets.expand(len(h), -1), ones.expand(len(h), -1))
             change[c, s:s + len(h)] = lost.double().cpu() - clean[c]
     return ExactChange(clean, change, route or ROUTES[0])
 
 
 def _full_forward_logits(model, layer: int, ids: Tensor, hidden: Tensor, k: int,
-                         keep_arg: bool) -> Tensor:
-    """Logits at the completion's predicting positions with layer L's output replaced."""
+                         keep_arg: bool, point: str = "resid_post") -> Tensor:
+    """Logits at the completion's predicting positions with ``point`` of layer L replaced."""
     kwargs = {"logits_to_keep": k + 1} if keep_arg else {}
-    with resid_hooks(model, {layer: lambda _: hidden}):
+    with resid_hooks(model, {layer: lambda _: hidden}, point):
         out = model(input_ids=ids.expand(len(hidden), -1), use_cache=False, **kwargs).logits
     return out[:, -(k + 1):-1]
 

@@ -231,7 +231,8 @@ def _merge_batch(model, sae: SAE, layer: int, ids, mask, first: int, top: TopK,
                  ) -> tuple[TopK, Density, int]:
     """Step 2 for one batch, in row blocks and latent chunks that keep the latent tensor near
     128 MB; returns new state (``top`` and ``density`` are not changed)."""
-    hidden = run_until(model, [layer], input_ids=ids, attention_mask=mask)[layer]  # (B, T, D)
+    hidden = run_until(model, [layer], sae.info.hook, input_ids=ids,
+                       attention_mask=mask)[layer]  # (B, T, D)
     B, T = ids.shape
     dev = top.values.device
     real = mask.to(dev).bool()  # (B, T)

@@ -65,7 +65,8 @@ class CompletionMap(NamedTuple):
 
 def completion_maps(loaded, seqs: Sequence[tuple[list[int], list[int]]],
                     directions: dict[int, Tensor], a_bars: dict[int, Tensor], positions: str,
-                    batch_size: int, pad_id: int) -> list[CompletionMap]:
+                    batch_size: int, pad_id: int, points: dict[int, str] | None = None
+                    ) -> list[CompletionMap]:
     """Step 2–3 for every (prompt ids, completion ids) in ``seqs``, in their order.
 
     ``batch_size`` 0: chosen from free device memory; a batch that runs out of it is mapped as
@@ -82,7 +83,7 @@ def completion_maps(loaded, seqs: Sequence[tuple[list[int], list[int]]],
 
     def one_slice(idx: list[int]) -> list[tuple[int, CompletionMap]]:
         batch = collate([seqs[j] for j in idx], pad_id).to(loaded.device)
-        losses, per_layer = forward_backward(loaded.model, batch, layers)
+        losses, per_layer = forward_backward(loaded.model, batch, layers, points=points)
         done = []
         for row, j in enumerate(idx):
             real = batch.attention_mask[row].bool()  # (T,)

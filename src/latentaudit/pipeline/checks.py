@@ -8,7 +8,7 @@
    facts a fact-using rubric needs), judged completions, or a behaviour dataset with its pairs.
 4. Steering's prompts and options; explain's reference text.
 5. The circuit's upstream SAEs: each must exist, read a layer below the run's and have the run's
-   SAE's d_model. With explain, circuit or steer in the run, the SAE must read resid_post.
+   SAE's d_model. With circuit or steer in the run, the SAE must read resid_post.
 
 Problems are collected and raised as one error.
 """
@@ -57,7 +57,7 @@ def check_inputs(cfg: RunConfig) -> str:
         from latentaudit.saes.evaluate import text_documents
 
         check(("explain", "corpus"), text_documents, cfg.explain.corpus)
-    later = [name for name in ("explain", "circuit", "steer") if getattr(cfg, name) is not None]
+    later = [name for name in ("circuit", "steer") if getattr(cfg, name) is not None]
     if later and sae is not None:
         check(("sae",), check_resid_post, sae, later)
     if cfg.circuit is not None and sae is not None:
