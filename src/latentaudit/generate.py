@@ -190,7 +190,8 @@ def generate(loaded: LoadedModel, prompts: list[list[int]], seeds: list[int],
         if steering is not None:  # a copy per call: selected rows stay ours
             vectors = steering.vectors[torch.as_tensor(rows, device=steering.vectors.device)]
             part = RowSteering(steering.layer,
-                               vectors.to(layer_device(loaded.model, steering.layer)))
+                               vectors.to(layer_device(loaded.model, steering.layer)),
+                               steering.point)
         with steer_resid(loaded.model, part):
             return _generate(loaded, [prompts[r] for r in rows], [seeds[r] for r in rows], cfg,
                              part)
