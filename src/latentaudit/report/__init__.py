@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 INSTALL = 'pip install "latentaudit[report]"'
 REPORT_FILE = "report.html"
+FINDINGS_FILE = "findings.json"
 
 
 def require_packages() -> None:
@@ -54,7 +55,7 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
     ``steering`` the folder of the steering sweep's files (default ``run_dir``), ``monitor`` the
     folder of ``latentaudit monitor evaluate`` (default ``run_dir/monitor-eval``), ``circuit``
     the folder of ``latentaudit circuit`` (default ``run_dir/circuit``)."""
-    from latentaudit._io import atomic_open
+    from latentaudit._io import atomic_open, write_json
     from latentaudit.report.context import build_context
     from latentaudit.report.render import render
     from latentaudit.report.sections import Sources
@@ -70,9 +71,33 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
     path = Path(out) if out else run / REPORT_FILE
     with atomic_open(path, "w", encoding="utf-8") as f:
         f.write(html)
+    if context.get("findings"):
+        write_json(run / FINDINGS_FILE, context["findings"]["findings"])
     log.info("wrote %s (%d latents; sections: %s)", path, len(context["latents"]),
              ", ".join(s["name"] for s in context["sections"]))
     return path
 
 
-__all__ = ["REPORT_FILE", "write_report"]
+def write_findings(run_dir: str | os.PathLike, *, explain: str | os.PathLike | None = None,
+                   steering: str | os.PathLike | None = None) -> tuple[Path, dict | None]:
+    """Compute the run's findings (:mod:`latentaudit.report.findings`), write them to
+    ``run_dir/findings.json`` and return (that path, the findings); None, and no file, when the
+    run has neither steering nor an exactness check. Needs neither jinja2 nor matplotlib."""
+    from latentaudit._io import write_json
+    from latentaudit.report.sections import findings
+
+    run = Path(run_dir)
+    if not run.is_dir():
+        from latentaudit.errors import LatentAuditError
+
+        raise LatentAuditError(f"{run}: no such run folder; pass the --out folder of a "
+                               "`latentaudit attribute` or `latentaudit run`.")
+    data = findings.load(run, Path(explain) if explain else run / "explain",
+                         Path(steering) if steering else run)
+    path = run / FINDINGS_FILE
+    if data is not None:
+        write_json(path, data["findings"])
+    return path, data and data["findings"]
+
+
+__all__ = ["FINDINGS_FILE", "REPORT_FILE", "write_findings", "write_report"]

@@ -36,7 +36,9 @@ def build_context(sources: Sources) -> dict[str, Any]:
         if data is not None:
             ctx["sections"].append({"name": section.name, "title": section.title,
                                     "template": section.template,
-                                    "latent_template": section.latent_template, "data": data})
+                                    "latent_template": section.latent_template, "data": data,
+                                    "lead": section.lead})
+    ctx["sections"].sort(key=lambda s: not s["lead"])
     keys = latent_keys(ctx)
     attribution_section.complete(ctx["attribution"], keys)
     several = len({L for L, _ in keys}) > 1

@@ -23,7 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from latentaudit.report.sections import attribution, circuit, explain, monitor, pipeline, steering
+from latentaudit.report.sections import (
+    attribution,
+    circuit,
+    explain,
+    findings,
+    monitor,
+    pipeline,
+    steering,
+)
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,8 @@ class Section:
     template: str
     load: Callable[[Sources], dict[str, Any] | None]
     latent_template: str | None = None
+    lead: bool = False
+    """Loaded last (from the other stages' files), shown first."""
 
 
 SECTIONS: tuple[Section, ...] = (
@@ -71,4 +81,7 @@ SECTIONS: tuple[Section, ...] = (
     Section("monitor", "Monitors", "monitor.html",
             lambda s: monitor.load(s.monitor or s.run / "monitor-eval", s.run_layers,
                                    s.run_latents), "monitor_latent.html"),
+    Section("findings", "Findings", "findings.html",
+            lambda s: findings.load(s.run, s.explain, s.steering, s.run_layers),
+            "findings_latent.html", lead=True),
 )
