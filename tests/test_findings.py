@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 
@@ -263,3 +264,31 @@ def test_in_chromium_the_findings_section_loads_without_a_console_error(hostile_
     assert '<table class="data wrap" id="verdicts">' in findings
     opened = dom[dom.index('id="latent-5"'):]
     assert "<h4>Findings</h4>" in opened[:opened.index("</details>")]
+
+
+def test_exact_delta_sits_beside_the_first_order_one_with_its_sign_flips(tmp_path):
+    pytest.importorskip("jinja2")
+    pytest.importorskip("matplotlib")
+    import test_report as R
+    from latentaudit.report import write_report
+
+    run = tmp_path / "run"
+    R.make_attribution(run)
+    R.make_explain(run)
+    # latent 2 flips sign; latent 11 is covered by the exact check but not explained
+    R.write_json(run / "explain" / "exact.json", {"schema_version": 1, "layers": {str(L): {
+        "latents": [5, 2, 11], "exact_delta": [0.04, -0.03, 0.01],
+        "first_order_delta": [0.05, 0.02, 0.02], "pairs": [[1, 2], [3, 4]], "spearman": 0.5}}})
+    page = write_report(run).read_text(encoding="utf-8")
+    table = page[page.index('id="ranking"'):]
+    table = table[:table.index("</table>")]
+    rows = {int(i): cells for i, cells in
+            re.findall(r'data-latent="(\d+)">(.*?)</tr>', table, flags=re.S)}
+    assert 'class="exact">0.04</td>' in rows[5] and "⇄" not in rows[5]
+    assert 'class="exact">-0.03 <span class="flip"' in rows[2]  # sorted by the value alone
+    assert 'data-v="-0.03" class="exact"' in rows[2]
+    assert 'class="exact">0.01</td>' in rows[11]
+    explain = page[page.index('<section id="explain">'):]
+    # layer, latents, pairs, ρ (the manifest's), no CI on 3 latents, 1 sign flip
+    assert "<td>3</td><td>3</td><td>2</td><td>0.8</td><td>–</td><td>1</td>" in explain
+    assert "ρ rests on only 3 latents (fewer than 20)" in explain
