@@ -292,3 +292,38 @@ def test_exact_delta_sits_beside_the_first_order_one_with_its_sign_flips(tmp_pat
     # layer, latents, pairs, ρ (the manifest's), no CI on 3 latents, 1 sign flip
     assert "<td>3</td><td>3</td><td>2</td><td>0.8</td><td>–</td><td>1</td>" in explain
     assert "ρ rests on only 3 latents (fewer than 20)" in explain
+
+
+def test_a_direction_never_steered_has_no_column_and_the_numbers_are_explained(tmp_path):
+    pytest.importorskip("jinja2")
+    pytest.importorskip("matplotlib")
+    import test_report as R
+    from latentaudit.report import write_report
+
+    run = tmp_path / "run"
+    R.make_attribution(run)
+    R.make_steering(run)
+    rows = [json.loads(x) for x in (run / "steering.jsonl").read_text().splitlines()]
+    R.write_jsonl(run / "steering.jsonl", [r for r in rows if r["direction"] == "away"])
+    page = write_report(run).read_text(encoding="utf-8")
+    head = page[page.index('id="ranking"'):]
+    head = head[:head.index("</thead>")]
+    assert 'data-key="away"' in head and 'data-key="toward"' not in head
+    assert 'data-key="monitor_auc"' not in head  # no monitor evaluation: no column
+    steering = page[page.index('<section id="steering">'):]
+    assert "<strong>Rate</strong>: the share of positive replies" in steering
+    assert "it can be +0.0 pp while the two rates differ" in steering
+    assert '<th data-key="n_paired" data-kind="num"' in steering
+    assert R.details(page, f"latent-{R.RANKED[0]}").count(">decided pairs</th>") == 1
+
+
+def test_the_circuit_says_what_share_its_kept_edges_hold():
+    from latentaudit.report.sections.circuit import kept_share
+
+    nodes = [{"attribution_kept": 0.011, "attribution_total": 1.0},
+             {"attribution_kept": 0.04, "attribution_total": 2.0}, {"latent": 3}]
+    text = kept_share(nodes, {"fraction": 0.8, "max_edges": 5})
+    assert text.startswith("The kept edges hold 1.1–2.0% of their target's total |Δ-edge| "
+                           "(each target keeps its strongest incoming edges until they hold "
+                           "80% of its total or number 5, whichever comes first)")
+    assert kept_share([{"latent": 1}], {}) == ""

@@ -5,7 +5,8 @@
 2. The latents of the page: the ranking (layer by layer, best first), then latents only other
    sections name (explained by id, steered at random), by layer and id.
 3. The ranked-latents table: every section's columns, one row per latent, each cell with the
-   value it sorts by.
+   value it sorts by; a column no latent has a value in (e.g. "steer toward" in a sweep that
+   only steered away) is left out.
 4. One drill-down per latent, with the parts of every section that has something on it. Its
    element id is ``latent-{id}`` (``latent-{layer}-{id}`` when the page holds several layers).
 """
@@ -75,7 +76,10 @@ def table(ctx: dict[str, Any], keys: list[tuple[int, int]], ids: dict) -> dict[s
             value = data.get("cells", {}).get(key, {}).get(col["key"])
             cells.append({"kind": col["kind"], "value": value, "sort": sort_value(value)})
         rows.append({"key": key, "id": ids[key], "cells": cells})
-    return {"columns": columns, "rows": rows}
+    filled = [n for n in range(len(columns)) if any(r["cells"][n]["value"] not in (None, [], "")
+                                                     for r in rows)]
+    return {"columns": [columns[n] for n in filled],
+            "rows": [{**r, "cells": [r["cells"][n] for n in filled]} for r in rows]}
 
 
 def sort_value(value: Any) -> str:

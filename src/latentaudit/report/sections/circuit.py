@@ -60,7 +60,7 @@ def load(folder: Path, run_layers: list[int] | None = None) -> dict[str, Any] | 
     run_layers = run_layers or []
     return {"path": str(folder), "measure": g.get("measure"),
             "meaning": MEANING.get(g.get("measure"), ""), "hops": g.get("hops") or [],
-            "counts": g.get("counts") or {},
+            "counts": g.get("counts") or {}, "kept": kept_share(nodes, g.get("options") or {}),
             "width": 2 * MARGIN + COLUMN * max(len(layers) - 1, 0) + 160,
             "height": 2 * MARGIN + ROW * max((sum(n["layer"] == L for n in nodes)
                                               for L in layers), default=1),
@@ -69,6 +69,26 @@ def load(folder: Path, run_layers: list[int] | None = None) -> dict[str, Any] | 
             "nodes": list(views.values()), "edges": drawn,
             "latents": {(n["layer"], n["latent"]): {"incoming": views[n["id"]]["incoming"]}
                         for n in nodes if n["layer"] in run_layers and views[n["id"]]["incoming"]}}
+
+
+def kept_share(nodes: list[dict], options: dict[str, Any]) -> str:
+    """What share of their targets' total |Δ-edge| the kept edges hold, in words."""
+    shares = [n["attribution_kept"] / n["attribution_total"] for n in nodes
+              if isinstance(n.get("attribution_kept"), (int, float))
+              and isinstance(n.get("attribution_total"), (int, float)) and n["attribution_total"]]
+    if not shares:
+        return ""
+    span = f"{100 * min(shares):.1f}%" if max(shares) - min(shares) < 5e-4 else \
+        f"{100 * min(shares):.1f}–{100 * max(shares):.1f}%"
+    rule = ""
+    if isinstance(options.get("fraction"), (int, float)):
+        cap = options.get("max_edges")
+        rule = (f" (each target keeps its strongest incoming edges until they hold "
+                f"{100 * options['fraction']:.0f}% of its total"
+                + (f" or number {cap}, whichever comes first" if cap else "") + ")")
+    return (f"The kept edges hold {span} of their target's total |Δ-edge|{rule}: the rest is "
+            "spread over many weak edges, so the graph shows the strongest paths, not all of "
+            "the attribution.")
 
 
 def _check(path: Path, g: Any) -> tuple[list[dict], list[dict]]:
