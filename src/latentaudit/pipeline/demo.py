@@ -6,12 +6,30 @@ why; they go into ``pipeline.json`` and the report.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from latentaudit.pipeline.driver import PipelineResult, run_pipeline
 
 DEMO_DIR = Path(__file__).parent / "demo"
 DEMO_CONFIG = DEMO_DIR / "demo.toml"
+
+
+SHOWN_OUT = "runs/demo"
+"""The run folder of the printed config, relative to the folder the copy is saved in."""
+
+
+def show_config() -> str:
+    """The demo's config as ``latentaudit demo --show-config`` prints it: a copy that runs from
+    any folder (the shipped completions by their absolute path, ``out`` set)."""
+    lines = []
+    for line in DEMO_CONFIG.read_text(encoding="utf-8").splitlines(keepends=True):
+        if line.startswith("completions = "):
+            line = (f"completions = {json.dumps(str(DEMO_DIR / 'completions.jsonl'))}\n"
+                    f"# The run folder, relative to this file's folder.\n"
+                    f"out = {json.dumps(SHOWN_OUT)}\n")
+        lines.append(line)
+    return "".join(lines)
 
 
 def run_demo(out: str | Path = "runs/demo", *, dry_run: bool = False) -> PipelineResult:
