@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from latentaudit.pipeline.driver import PipelineResult, run_pipeline
+from latentaudit.pipeline.stages import CHECKPOINT
 
 DEMO_DIR = Path(__file__).parent / "demo"
 DEMO_CONFIG = DEMO_DIR / "demo.toml"
@@ -33,5 +34,10 @@ def show_config() -> str:
 
 
 def run_demo(out: str | Path = "runs/demo", *, dry_run: bool = False) -> PipelineResult:
-    """Run (or resume) the demo into ``out``."""
-    return run_pipeline(DEMO_CONFIG, out=out, dry_run=dry_run)
+    """Run (or resume) the demo into ``out``. Once attribution is done its checkpoint is
+    removed: the demo's options are fixed, so nothing would finish from it."""
+    result = run_pipeline(DEMO_CONFIG, out=out, dry_run=dry_run)
+    done = result.record.stages.get("attribute")
+    if not dry_run and done is not None and done.status == "done":
+        (result.run / CHECKPOINT).unlink(missing_ok=True)
+    return result

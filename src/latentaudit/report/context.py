@@ -46,7 +46,8 @@ def build_context(sources: Sources) -> dict[str, Any]:
     ids = {k: f"latent-{k[0]}-{k[1]}" if several else f"latent-{k[1]}" for k in keys}
     ctx["table"] = table(ctx, keys, ids)
     ctx["latents"] = drilldowns(ctx, keys, ids)
-    ctx["title"] = f"latentaudit report: {ctx['attribution']['model']}"
+    model = attribution_section.model_title(ctx["attribution"]["model"])
+    ctx["title"] = f"latentaudit report: {model}"
     ctx["generated"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     ctx["version"] = __version__
     return ctx
