@@ -68,8 +68,9 @@ def latent_keys(ctx: dict[str, Any]) -> list[tuple[int, int]]:
 
 def table(ctx: dict[str, Any], keys: list[tuple[int, int]], ids: dict) -> dict[str, Any]:
     """Step 3: {columns, rows}; a row is {key, id, cells: [{kind, value, sort}]}."""
-    columns = [c for _, data in _present(ctx) for c in data.get("columns", [])]
-    owner = [data for _, data in _present(ctx) for _ in data.get("columns", [])]
+    present = sorted(_present(ctx), key=lambda sd: sd[0]["lead"])  # the findings' last
+    columns = [c for _, data in present for c in data.get("columns", [])]
+    owner = [data for _, data in present for _ in data.get("columns", [])]
     rows = []
     for key in keys:
         cells = []

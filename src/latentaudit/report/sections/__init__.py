@@ -7,8 +7,9 @@ section's dict may hold two keys that the ranked-latents table and the per-laten
 gather from every section:
 
 - ``columns``: ``[{key, label, title, kind, first}]``, extra columns of the ranked-latents table
-  (``kind``: int, num, text, tokens, pct (a value ``{value, beyond}``) or auc (a value
-  ``{value, low, high}``); ``first``: the direction of a first click, asc or desc), and
+  (``kind``: int, num, text, tokens, pct (a value ``{value, beyond}``), auc (a value
+  ``{value, low, high}``), exact (a value ``{value, first_order, flip}``) or verdict;
+  ``first``: the direction of a first click, asc or desc), and
   ``cells``: ``{(layer, latent): {key: value}}``.
 - ``latents``: ``{(layer, latent): dict}``, shown in each latent's drill-down by the template
   ``latent_template``.

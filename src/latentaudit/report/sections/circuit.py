@@ -34,6 +34,8 @@ RADIUS = (7.0, 15.0)
 WIDTH = (0.8, 9.0)
 """Thinnest and thickest edge (∝ |Δ-edge| / the largest)."""
 SHOWN_EDGES = 8
+LABEL_PX = 7
+"""Width of a label character at the graph's 11 px font (px, generous)."""
 MEANING = {
     "loss": "An edge is the first-order change of the target's contribution to the loss when the "
             "upstream latent is mean-ablated, as Δ over the run's pairs (δ's units): red edges "
@@ -61,9 +63,7 @@ def load(folder: Path, run_layers: list[int] | None = None) -> dict[str, Any] | 
     return {"path": str(folder), "measure": g.get("measure"),
             "meaning": MEANING.get(g.get("measure"), ""), "hops": g.get("hops") or [],
             "counts": g.get("counts") or {}, "kept": kept_share(nodes, g.get("options") or {}),
-            "width": 2 * MARGIN + COLUMN * max(len(layers) - 1, 0) + 160,
-            "height": 2 * MARGIN + ROW * max((sum(n["layer"] == L for n in nodes)
-                                              for L in layers), default=1),
+            **extent(list(views.values())),
             "layer_columns": [{"x": MARGIN + COLUMN * c, "label": f"layer {L}"}
                         for c, L in enumerate(layers)],
             "nodes": list(views.values()), "edges": drawn,
@@ -136,6 +136,15 @@ def layout(nodes: list[dict], edges: list[dict], layers: list[int]
             row[n["id"]] = top + r
             place[n["id"]] = (MARGIN + COLUMN * c, MARGIN + ROW * (top + r))
     return place
+
+
+def extent(views: list[dict[str, Any]]) -> dict[str, int]:
+    """{width, height} of the drawing: its nodes and their labels, with a small margin (the box
+    is as large as the graph, not a fixed frame)."""
+    right = max((v["x"] + v["r"] + 4 + LABEL_PX * len(f"{v['latent']} {v['label']}")
+                 for v in views), default=2 * MARGIN)
+    bottom = max((v["y"] + v["r"] for v in views), default=2 * MARGIN)
+    return {"width": math.ceil(right + 16), "height": math.ceil(bottom + 16)}
 
 
 def node_view(n: dict, xy: tuple[float, float], top_d: float, edges: list[dict],

@@ -24,7 +24,7 @@ FILE = "findings.json"
 COLUMNS = [
     {"key": "verdict", "label": "verdict", "title": "steering verdict (rules at the top of the "
      "page): supported, contradicted, inconclusive, or control for a random latent",
-     "kind": "text", "first": "asc"},
+     "kind": "verdict", "first": "asc"},
 ]
 
 
