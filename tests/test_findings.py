@@ -327,3 +327,16 @@ def test_the_circuit_says_what_share_its_kept_edges_hold():
                            "(each target keeps its strongest incoming edges until they hold "
                            "80% of its total or number 5, whichever comes first)")
     assert kept_share([{"latent": 1}], {}) == ""
+
+
+@pytest.mark.parametrize(("rubric", "sentence"), [
+    ("false-belief", "This run looks for undesirable validation of a user's false belief "
+                     "(rubric false-belief)"),
+    ("broad-misalignment", "This run looks for broad misalignment (rubric broad-misalignment)"),
+    ("evil", "This run looks for what rubric evil grades positive (A 1-5 'evil' scale"),
+    ("no-such-rubric", None), (None, None)])
+def test_the_behaviour_in_one_sentence_from_the_rubric(rubric, sentence):
+    from latentaudit.report.sections.findings import behaviour
+
+    got = behaviour(rubric)
+    assert got == sentence if sentence is None else got.startswith(sentence)

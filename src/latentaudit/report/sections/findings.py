@@ -94,11 +94,16 @@ def behaviour(rubric: str | None) -> str | None:
         spec = json.loads(path.read_text(encoding="utf-8")) if path else {}
     except (OSError, json.JSONDecodeError):
         return None
-    text = str(spec.get("description") or "").split(":")[0].split(". ")[0].strip().rstrip(".")
+    desc = str(spec.get("description") or "").strip()
+    text = desc.split(":")[0].split(", after ")[0].split(". ")[0].strip().rstrip(".")
+    name = spec.get("name", rubric)
     if not text:
         return None
-    return (f"This run looks for {text[0].lower() + text[1:]} (rubric "
-            f"{spec.get('name', rubric)}): which latents make the model's completions show it.")
+    if text.startswith(("A ", "An ")):  # the description opens with its scale, not the behaviour
+        return (f"This run looks for what rubric {name} grades positive ({desc.rstrip('.')}): "
+                "which latents make the model's completions show it.")
+    return (f"This run looks for {text[0].lower() + text[1:]} (rubric {name}): which latents "
+            "make the model's completions show it.")
 
 
 def first_order(run: Path, inputs: rules.Inputs) -> dict[tuple[int, int], float]:
