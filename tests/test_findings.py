@@ -340,3 +340,15 @@ def test_the_behaviour_in_one_sentence_from_the_rubric(rubric, sentence):
 
     got = behaviour(rubric)
     assert got == sentence if sentence is None else got.startswith(sentence)
+
+
+def test_a_latent_is_described_from_its_top_examples_without_a_model():
+    from latentaudit.report.sections.explain import describe_examples
+
+    rows = [{"tokens": ["The", " cat", " sat", " on", "\n", " mat"], "max_index": 5},
+            {"tokens": ["a", " mat"], "max_index": 1},
+            {"tokens": ["x", " rug"], "max_index": 1},
+            {"tokens": ["y"], "max_index": None}]
+    assert describe_examples(rows) == ("Peaks on “ mat” (2 of 3), “ rug” (1 of 3); strongest in "
+                                       "“… cat sat on↵[ mat]”.")
+    assert describe_examples([]) is None

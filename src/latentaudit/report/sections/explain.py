@@ -22,6 +22,7 @@ from latentaudit.errors import LatentAuditError
 from latentaudit.report import figures, findings, highlight
 from latentaudit.report.findings import sign_of_value
 from latentaudit.report.read import read_json_if, read_jsonl, read_tensors
+from latentaudit.report.render import visible
 
 FIX = "rerun `latentaudit explain` (or pass --explain with its --out folder)."
 EXAMPLES_SHOWN = 10
@@ -151,6 +152,7 @@ def latent_view(row: dict[str, Any], edges: list[float], maps: dict | None) -> d
     return {"final_rank": row.get("final_rank"), "exact_delta": row.get("exact_delta"),
             "first_order_delta": row.get("first_order_delta"),
             "explanation": row.get("explanation"),
+            "described": describe_examples(row.get("top_examples") or []),
             "lens": {"cosine": lens.get("cosine") or [], "promoted": lens.get("promoted") or [],
                      "suppressed": lens.get("suppressed") or [],
                      "through_final_norm": lens.get("through_final_norm")},
@@ -161,6 +163,25 @@ def latent_view(row: dict[str, Any], edges: list[float], maps: dict | None) -> d
                 "mean_negative": amap.get("mean_negative"),
                 "top_tokens": (amap.get("top_tokens") or [])[:TOP_TOKENS]},
             "maps": mapped(maps, (row["layer"], row["latent"]))}
+
+
+def describe_examples(rows: list[dict[str, Any]], shown: int = 3) -> str | None:
+    """A one-line description of a latent from its top-activating examples, by template and
+    with no model: the tokens it peaks on (with how many of the examples), and the context of
+    the strongest one (up to 4 tokens before the peak)."""
+    peaks = [(ex.get("tokens") or [], ex.get("max_index")) for ex in rows]
+    peaks = [(toks, i) for toks, i in peaks if isinstance(i, int) and 0 <= i < len(toks)]
+    if not peaks:
+        return None
+    counts: dict[str, int] = {}
+    for toks, i in peaks:
+        counts[toks[i]] = counts.get(toks[i], 0) + 1
+    top = sorted(counts.items(), key=lambda kv: -kv[1])[:shown]
+    toks, i = peaks[0]
+    context = "".join(toks[max(0, i - 4):i])
+    return ("Peaks on " + ", ".join(f"“{visible(t)}” ({n} of {len(peaks)})"
+                                    for t, n in top)
+            + f"; strongest in “…{visible(context)}[{visible(toks[i])}]”.")
 
 
 def density(d: dict | None, edges: list[float]) -> dict[str, Any] | None:
