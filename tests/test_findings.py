@@ -245,7 +245,8 @@ def test_the_summary_command_prints_the_findings(hostile_run, capsys):
     assert out.splitlines()[0].startswith("This run looks for saying <script>")
     assert "Steered latents: 0 supported, 0 contradicted, 1 inconclusive, 1 random controls." \
         in out
-    assert "First-order vs exact Δ, layer 3: Spearman ρ 0.80 over 2 latents and 2 pairs" in out
+    assert ("First-order vs exact Δ, layer 3: Spearman ρ 0.80 (no interval) over 2 latents and "
+            "2 pairs") in out
     assert json.loads((hostile_run / "findings.json").read_text())["verdicts"]["control"] == 1
 
 
@@ -352,3 +353,21 @@ def test_a_latent_is_described_from_its_top_examples_without_a_model():
     assert describe_examples(rows) == ("Peaks on “ mat” (2 of 3), “ rug” (1 of 3); strongest in "
                                        "“… cat sat on↵[ mat]”.")
     assert describe_examples([]) is None
+
+
+def test_a_set_whose_mean_log_odds_points_the_other_way_is_a_disagreement():
+    summary = [{"method": "attribution", "direction": "away", "strength": 0.2, "model": "main",
+                "mean_logodds_change": 0.24, "mean_logodds_change_ci": [0.05, 0.52]},
+               {"method": "activation", "direction": "away", "strength": 0.2, "model": "main",
+                "mean_logodds_change": -0.3, "mean_logodds_change_ci": [-0.5, -0.1]},
+               {"method": "random", "direction": "away", "strength": 0.2, "model": "main",
+                "mean_logodds_change": 0.3, "mean_logodds_change_ci": [0.1, 0.5]}]
+    out = F.findings(F.Inputs(summary=summary))
+    assert out["set_disagreements"] == [
+        "the attribution set's mean first-token log-odds change, steering away at 0.2: +0.24 "
+        "[+0.05, +0.52], against the intended direction"]
+    assert out["disagreements"] == 1
+
+
+def test_no_rho_interval_at_plus_or_minus_one():
+    assert F.rho_interval(1.0, 5) is None and F.rho_interval(-1.0, 40) is None

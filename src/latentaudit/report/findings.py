@@ -80,6 +80,8 @@ class Inputs:
     logodds: list[dict[str, Any]] = field(default_factory=list)
     """Rows of steering_logodds.jsonl."""
     sets: dict[str, list[int]] = field(default_factory=dict)
+    summary: list[dict[str, Any]] = field(default_factory=list)
+    """Rows of steering_summary.json's ``summary`` (per method and condition)."""
 
 
 def _finite(x: Any) -> bool:
@@ -350,11 +352,26 @@ def _method_sentence(c: dict[str, Any]) -> str:
             f"{100 * c['detectable']:.0f} pp.")
 
 
+def set_disagreements(inputs: Inputs) -> list[str]:
+    """Rule 5 for whole latent sets: a method's mean first-token log-odds change whose interval
+    points against the intended direction."""
+    out = []
+    for r in inputs.summary:
+        ci, d = r.get("mean_logodds_change_ci"), r.get("direction")
+        if r.get("method") == CONTROL or sign_of_change(ci, d) >= 0:
+            continue
+        out.append(f"the {r.get('method')} set's mean first-token log-odds change, {_cond(r)}: "
+                   f"{_num(r.get('mean_logodds_change'))} {_ci_num(ci)}, against the intended "
+                   "direction")
+    return out
+
+
 def rho_interval(rho: float, n: int) -> tuple[float, float] | None:
-    """Rule 4: the Fisher-z 95% interval of a Spearman ρ over n latents (None for n ≤ 3)."""
-    if not _finite(rho) or n <= 3:
+    """Rule 4: the Fisher-z 95% interval of a Spearman ρ over n latents (None for n ≤ 3, and at
+    ρ = ±1, where the transform has no interval to give)."""
+    if not _finite(rho) or n <= 3 or abs(rho) >= 1 - 1e-9:
         return None
-    z, se = math.atanh(max(min(rho, 0.999999), -0.999999)), math.sqrt(1.06 / (n - 3))
+    z, se = math.atanh(rho), math.sqrt(1.06 / (n - 3))
     return math.tanh(z - Z_TEST * se), math.tanh(z + Z_TEST * se)
 
 
@@ -388,8 +405,9 @@ def findings(inputs: Inputs) -> dict[str, Any]:
               for v in ("supported", "contradicted", "inconclusive", "control")}
     return {"schema_version": SCHEMA_VERSION, "behaviour": inputs.behaviour,
             "verdicts": counts, "latents": lat, "methods": method_findings(inputs),
-            "trust": trust(inputs),
-            "disagreements": sum(len(f["disagreements"]) for f in lat),
+            "trust": trust(inputs), "set_disagreements": set_disagreements(inputs),
+            "disagreements": sum(len(f["disagreements"]) for f in lat)
+            + len(set_disagreements(inputs)),
             "rules": RULES}
 
 

@@ -67,7 +67,8 @@ def gather(run: Path, explain: Path, steering: Path,
         exact={int(L): {**(told.get(str(L)) or {}), **e}
                for L, e in (exact.get("layers") or {}).items()
                if isinstance(e, dict) and e.get("latents")},
-        steering=rows, logodds=logodds, sets=summary.get("sets") or {})
+        steering=rows, logodds=logodds, sets=summary.get("sets") or {},
+        summary=[r for r in summary.get("summary") or [] if isinstance(r, dict)])
     inputs.first_order = first_order(run, inputs)
     return inputs
 
@@ -150,11 +151,13 @@ def summary_lines(f: dict[str, Any]) -> list[str]:
     lines += [f"  {m['sentence']}" for m in f["methods"]]
     for t in f["trust"]:
         rho = "–" if t["rho"] is None else f"{t['rho']:.2f}"
-        ci = f" [{t['ci'][0]:.2f}, {t['ci'][1]:.2f}]" if t["ci"] else ""
+        ci = f" [{t['ci'][0]:.2f}, {t['ci'][1]:.2f}]" if t["ci"] else " (no interval)"
         lines.append(f"First-order vs exact Δ, layer {t['layer']}: Spearman ρ {rho}{ci} over "
                      f"{t['latents']} latents and {t['pairs']} pairs, {t['sign_flips']} sign "
                      "flips" + (f". Warning: {t['warning']}." if t["warning"] else "."))
     dis = [(x, d) for x in f["latents"] for d in x["disagreements"]]
-    lines.append(f"Disagreements: {len(dis)}." if dis else "Disagreements: none.")
+    lines.append(f"Disagreements: {f['disagreements']}." if f["disagreements"] else
+                 "Disagreements: none.")
+    lines += [f"  {d}" for d in f.get("set_disagreements") or []]
     lines += [f"  latent {x['latent']}: {d}" for x, d in dis]
     return lines
