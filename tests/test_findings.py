@@ -371,3 +371,17 @@ def test_a_set_whose_mean_log_odds_points_the_other_way_is_a_disagreement():
 
 def test_no_rho_interval_at_plus_or_minus_one():
     assert F.rho_interval(1.0, 5) is None and F.rho_interval(-1.0, 40) is None
+
+
+def test_a_run_without_steering_or_exactness_has_no_findings_file(tmp_path):
+    pytest.importorskip("jinja2")
+    pytest.importorskip("matplotlib")
+    import test_report as R
+    from latentaudit.report import write_findings, write_report
+
+    run = tmp_path / "run"
+    R.make_attribution(run)
+    (run / "findings.json").write_text("{}")  # left by an earlier sweep, since removed
+    page = write_report(run).read_text(encoding="utf-8")
+    assert '<section id="findings">' not in page and not (run / "findings.json").exists()
+    assert write_findings(run) == (run / "findings.json", None)

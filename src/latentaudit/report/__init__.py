@@ -5,7 +5,8 @@
    ``ranking.jsonl``, ``attribution.safetensors``), then, when they exist, the explain stage's
    ``explain/`` folder, the circuit's ``circuit.json`` (``circuit/``), the steering sweep's files
    and the monitor evaluation's ``monitor_eval.json`` (``monitor-eval/``). A stage without files
-   leaves its section out.
+   leaves its section out. Last, the findings (:mod:`latentaudit.report.findings`), computed
+   from those files, shown first and written to ``RUN_DIR/findings.json``.
 2. Draw the figures with matplotlib (Δ-attribution against Δ-activation of every latent;
    exact against first-order Δ; the ROC curves when the monitor evaluation has no ``roc.png``)
    and inline them, with the sweep's and the monitor evaluation's own PNG figures, as ``data:``
@@ -73,6 +74,8 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
         f.write(html)
     if context.get("findings"):
         write_json(run / FINDINGS_FILE, context["findings"]["findings"])
+    else:  # a findings.json of files that are gone would contradict the page
+        (run / FINDINGS_FILE).unlink(missing_ok=True)
     log.info("wrote %s (%d latents; sections: %s)", path, len(context["latents"]),
              ", ".join(s["name"] for s in context["sections"]))
     return path
@@ -97,6 +100,8 @@ def write_findings(run_dir: str | os.PathLike, *, explain: str | os.PathLike | N
     path = run / FINDINGS_FILE
     if data is not None:
         write_json(path, data["findings"])
+    else:
+        path.unlink(missing_ok=True)
     return path, data and data["findings"]
 
 
