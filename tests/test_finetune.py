@@ -303,3 +303,30 @@ def test_an_organism_name_missing_from_the_install_is_one_error(tmp_path, monkey
     spec = adapters.parse_model_spec("qwen2.5-0.5b-instruct-insecure")
     assert spec.base == "qwen2.5-0.5b-instruct" and spec.adapter == folder
     assert spec.name == "qwen2.5-0.5b-instruct-insecure"
+
+
+def test_an_adapter_by_hub_id_is_read_from_the_hub_cache_offline(base, trained, tmp_path,
+                                                                 monkeypatch):
+    """A hub id loads like a local folder: laid out as huggingface_hub lays out its cache, read
+    with the hub offline, and recorded with its repo and revision."""
+    import shutil
+
+    from latentaudit.models.load import load_model
+
+    snap = tmp_path / "hub" / "models--org--tiny-adapter" / "snapshots" / "0123abcd"
+    snap.mkdir(parents=True)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(trained / name, snap / name)
+    (snap.parents[1] / "refs").mkdir()
+    (snap.parents[1] / "refs" / "main").write_text("0123abcd")
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # the environment, as read at import
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9]])
+    hub = load_model(f"{base}+org/tiny-adapter", device="cpu")
+    local = load_model(f"{base}+{trained}", device="cpu")
+    assert torch.equal(_logits(hub.model, ids), _logits(local.model, ids))
+    assert hub.adapter["repo"] == "org/tiny-adapter" and hub.adapter["revision"] == "0123abcd"
+    with pytest.raises(LatentAuditError, match="the hub could not give it"):
+        load_model(f"{base}+org/absent", device="cpu")
