@@ -303,3 +303,54 @@ def test_an_organism_name_missing_from_the_install_is_one_error(tmp_path, monkey
     spec = adapters.parse_model_spec("qwen2.5-0.5b-instruct-insecure")
     assert spec.base == "qwen2.5-0.5b-instruct" and spec.adapter == folder
     assert spec.name == "qwen2.5-0.5b-instruct-insecure"
+
+
+def test_an_adapter_by_hub_id_is_read_from_the_hub_cache_offline(base, trained, tmp_path,
+                                                                 monkeypatch):
+    """A hub id loads like a local folder: laid out as huggingface_hub lays out its cache, read
+    with the hub offline, and recorded with its repo and revision."""
+    import shutil
+
+    from latentaudit.models.load import load_model
+
+    snap = tmp_path / "hub" / "models--org--tiny-adapter" / "snapshots" / "0123abcd"
+    snap.mkdir(parents=True)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(trained / name, snap / name)
+    (snap.parents[1] / "refs").mkdir()
+    (snap.parents[1] / "refs" / "main").write_text("0123abcd")
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # the environment, as read at import
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9]])
+    hub = load_model(f"{base}+org/tiny-adapter", device="cpu")
+    local = load_model(f"{base}+{trained}", device="cpu")
+    assert torch.equal(_logits(hub.model, ids), _logits(local.model, ids))
+    assert hub.adapter["repo"] == "org/tiny-adapter" and hub.adapter["revision"] == "0123abcd"
+    with pytest.raises(LatentAuditError, match="the hub could not give it"):
+        load_model(f"{base}+org/absent", device="cpu")
+
+
+@pytest.mark.embedded
+@pytest.mark.parametrize("name", ["qwen2.5-0.5b-instruct-insecure", "qwen2.5-0.5b-instruct-secure"])
+def test_a_shipped_organism_loads_by_its_short_name(name):
+    """A shipped organism is a small LoRA adapter of the default model with its card, and it
+    changes the model."""
+    from latentaudit.models import adapters, embedded
+    from latentaudit.models.load import load_model
+
+    folder = adapters.ORGANISM_ROOT / name
+    if not (folder / "adapter_config.json").is_file():
+        pytest.skip(f"{name} is not shipped in this checkout")
+    if not (embedded.is_cached("qwen2.5-0.5b-instruct")
+            or embedded.is_installed("qwen2.5-0.5b-instruct")):
+        pytest.skip("the default model is not installed")
+    assert (folder / "adapter_model.safetensors").stat().st_size <= 20 * 10**6
+    card = json.loads((folder / "finetune.json").read_text())
+    assert card["base_model"] == "qwen2.5-0.5b-instruct" and card["steps"] > 0
+    lm = load_model(name, device="cpu")
+    assert lm.name == name and lm.adapter["base"] == "qwen2.5-0.5b-instruct"
+    base = load_model("qwen2.5-0.5b-instruct", device="cpu")
+    ids = torch.tensor([base.tokenizer.encode("def read_file(name):\n    return open(")])
+    assert not torch.allclose(_logits(lm.model, ids), _logits(base.model, ids), atol=1e-3)

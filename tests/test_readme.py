@@ -66,13 +66,22 @@ def test_python_block_runs_as_written(line, code, fixtures, tmp_path, monkeypatc
     real_load_model = model_load.load_model
     monkeypatch.setattr(model_load, "load_model",
                         lambda name, *a, **kw: real_load_model(str(model_dir), *a, **kw))
-    monkeypatch.setattr(saes, "load_sae", lambda path, **kw: real_load_sae(sae_dir, **kw))
+    from latentaudit.models.embedded import DEFAULT_MODEL
+    from latentaudit.saes.shipped import resolve_sae_path
+
+    def load_sae(path, model=None, **kw):  # the name must be one the real loader resolves
+        resolved = Path(resolve_sae_path(str(path), model or DEFAULT_MODEL))
+        assert resolved.is_absolute() and resolved.exists(), f"load_sae({path!r}): no such SAE"
+        return real_load_sae(sae_dir, **kw)
+
+    monkeypatch.setattr(saes, "load_sae", load_sae)
     (tmp_path / "data.jsonl").write_text("".join(
         json.dumps({"prompt": p, "completion": c, "label": lab}) + "\n" for p, c, lab in DATA))
     (tmp_path / "corpus.txt").write_text("The sky is blue and two plus two is four. " * 20)
     monkeypatch.setenv("LATENTAUDIT_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
     exec(compile(code, f"README.md:{line}", "exec"), {"__name__": "__readme__"})
+    assert not (README.parent / "runs" / "api").exists()
 
 
 # -- bash and inline commands ---------------------------------------------------------------

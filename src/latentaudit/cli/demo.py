@@ -19,15 +19,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true",
                    help="Check the inputs and show what each stage would do, then stop.")
     p.add_argument("--show-config", action="store_true",
-                   help="Print the shipped config (a starting point for your own) and stop.")
+                   help="Print the shipped config (a starting point for your own: save it and "
+                        "`latentaudit run` it from any folder) and stop.")
 
 
 def run(args: argparse.Namespace) -> int:
     from latentaudit.cli.run import plan_lines, stop_on_sigterm, summary_lines
-    from latentaudit.pipeline import DEMO_CONFIG, run_demo
+    from latentaudit.pipeline import run_demo
+    from latentaudit.pipeline.demo import show_config
 
     if args.show_config:
-        print(DEMO_CONFIG.read_text(encoding="utf-8"), end="")
+        print(show_config(), end="")
         return 0
     stop_on_sigterm()
     result = run_demo(args.out, dry_run=args.dry_run)

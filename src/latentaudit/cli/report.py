@@ -31,12 +31,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                      "--out (default RUN_DIR).")
     p.add_argument("--monitor", metavar="DIR", help="Folder of `latentaudit monitor evaluate`, "
                                                     "its --out (default RUN_DIR/monitor-eval).")
+    p.add_argument("--summary", action="store_true",
+                   help="Print the run's findings (verdict per steered latent, methods against "
+                        "random latents, trust in the first-order Δ, disagreements) as text and "
+                        "write RUN_DIR/findings.json, instead of the HTML page.")
     p.add_argument("--circuit", metavar="DIR", help="Folder of `latentaudit circuit`, its --out "
                                                     "(default RUN_DIR/circuit).")
 
 
 def run(args: argparse.Namespace) -> int:
-    from latentaudit.report import write_report
+    from latentaudit.report import write_findings, write_report
+
+    if args.summary:
+        from latentaudit.report.sections.findings import summary_lines
+
+        path, found = write_findings(args.run, explain=args.explain, steering=args.steering)
+        if found is None:
+            print("No findings yet: the run has neither a steering sweep nor an exactness "
+                  "check (run `latentaudit steer` or `latentaudit explain`).")
+            return 0
+        print("\n".join(summary_lines(found)))
+        print(f"(written to {path})")
+        return 0
 
     path = write_report(args.run, args.out, explain=args.explain, steering=args.steering,
                         monitor=args.monitor, circuit=args.circuit)

@@ -55,6 +55,15 @@ def plan_lines(result) -> list[str]:
     return [f"{p.name:<10} {p.action:<7} {p.why}" for p in result.plans]
 
 
+def _what_it_did(name: str, rec) -> str:
+    """The one-line account of a finished stage the report's pipeline section gives."""
+    from dataclasses import asdict
+
+    from latentaudit.report.sections.pipeline import describe
+
+    return describe(name, asdict(rec))
+
+
 def summary_lines(result) -> list[str]:
     """One line per stage (what happened, its time), the notes and where the results are."""
     lines = [f"{'stage':<10} {'status':<8} {'seconds':>8}  {'this run':<7} note"]
@@ -63,6 +72,8 @@ def summary_lines(result) -> list[str]:
         status = rec.status if rec is not None else "-"
         seconds = f"{rec.seconds:.0f}" if rec is not None and rec.seconds else "-"
         note = rec.reason if rec is not None and rec.reason else p.why
+        if rec is not None and rec.status == "done" and p.action == "run":
+            note = _what_it_did(p.name, rec) or "ran in this run"
         lines.append(f"{p.name:<10} {status:<8} {seconds:>8}  {p.action:<7} {note}")
     lines += [f"note: {n}" for n in result.notes]
     lines.append(f"\nrun folder: {result.run} (pipeline.json records every stage)")

@@ -37,7 +37,7 @@ from typing import NamedTuple
 import torch
 
 from latentaudit._io import save_safetensors, sha256_file
-from latentaudit._progress import progress
+from latentaudit._progress import end_at_count, progress
 from latentaudit.batching import guard_for, resolve_batch_size
 from latentaudit.data.corpus import (
     SOURCES,
@@ -220,6 +220,10 @@ def corpus_examples(loaded, sae: SAE, layer: int, cfg: ExplainConfig, key: str,
             if checkpoint_seconds and monotonic() - last >= checkpoint_seconds:
                 _save(path, key, top, density, tokens, done, complete=False)
                 last = monotonic()
+        if done < total:
+            log.info("the reference text ran out after %d of the %d sequences asked for",
+                     done, total)
+        end_at_count(bar)
     _save(path, key, top, density, tokens, done, complete=True)
     cpu = TopK(*(t.cpu() for t in top))
     return CorpusExamples(cpu, Density(*(t.cpu() for t in density)), tokens, done, key, path)

@@ -171,7 +171,10 @@ def check_adapter(spec: ModelSpec) -> dict:
         raise LatentAuditError(f"{where}: the adapter was made for base model '{named}', not "
                                f"'{spec.base}'; name its base (or a copy of it) as BASE.")
     _check_shapes(spec.base, weights)
-    return {"base": spec.base, "adapter": str(folder), "adapter_sha256": sha256_file(weights),
+    hub = ({"repo": spec.name.partition("+")[2] or spec.name, "revision": folder.name}
+           if folder.parent.name == "snapshots" else {})
+    return {"base": spec.base, "adapter": str(folder), **hub,
+            "adapter_sha256": sha256_file(weights),
             "config_sha256": sha256_file(where), "rank": cfg.get("r"),
             "alpha": cfg.get("lora_alpha"), "merged": True}
 

@@ -5,7 +5,8 @@
    ``ranking.jsonl``, ``attribution.safetensors``), then, when they exist, the explain stage's
    ``explain/`` folder, the circuit's ``circuit.json`` (``circuit/``), the steering sweep's files
    and the monitor evaluation's ``monitor_eval.json`` (``monitor-eval/``). A stage without files
-   leaves its section out.
+   leaves its section out. Last, the findings (:mod:`latentaudit.report.findings`), computed
+   from those files, shown first and written to ``RUN_DIR/findings.json``.
 2. Draw the figures with matplotlib (Δ-attribution against Δ-activation of every latent;
    exact against first-order Δ; the ROC curves when the monitor evaluation has no ``roc.png``)
    and inline them, with the sweep's and the monitor evaluation's own PNG figures, as ``data:``
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 
 INSTALL = 'pip install "latentaudit[report]"'
 REPORT_FILE = "report.html"
+FINDINGS_FILE = "findings.json"
 
 
 def require_packages() -> None:
@@ -54,7 +56,7 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
     ``steering`` the folder of the steering sweep's files (default ``run_dir``), ``monitor`` the
     folder of ``latentaudit monitor evaluate`` (default ``run_dir/monitor-eval``), ``circuit``
     the folder of ``latentaudit circuit`` (default ``run_dir/circuit``)."""
-    from latentaudit._io import atomic_open
+    from latentaudit._io import atomic_open, write_json
     from latentaudit.report.context import build_context
     from latentaudit.report.render import render
     from latentaudit.report.sections import Sources
@@ -70,9 +72,37 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
     path = Path(out) if out else run / REPORT_FILE
     with atomic_open(path, "w", encoding="utf-8") as f:
         f.write(html)
+    if context.get("findings"):
+        write_json(run / FINDINGS_FILE, context["findings"]["findings"])
+    else:  # a findings.json of files that are gone would contradict the page
+        (run / FINDINGS_FILE).unlink(missing_ok=True)
     log.info("wrote %s (%d latents; sections: %s)", path, len(context["latents"]),
              ", ".join(s["name"] for s in context["sections"]))
     return path
 
 
-__all__ = ["REPORT_FILE", "write_report"]
+def write_findings(run_dir: str | os.PathLike, *, explain: str | os.PathLike | None = None,
+                   steering: str | os.PathLike | None = None) -> tuple[Path, dict | None]:
+    """Compute the run's findings (:mod:`latentaudit.report.findings`), write them to
+    ``run_dir/findings.json`` and return (that path, the findings); None, and no file, when the
+    run has neither steering nor an exactness check. Needs neither jinja2 nor matplotlib."""
+    from latentaudit._io import write_json
+    from latentaudit.report.sections import findings
+
+    run = Path(run_dir)
+    if not run.is_dir():
+        from latentaudit.errors import LatentAuditError
+
+        raise LatentAuditError(f"{run}: no such run folder; pass the --out folder of a "
+                               "`latentaudit attribute` or `latentaudit run`.")
+    data = findings.load(run, Path(explain) if explain else run / "explain",
+                         Path(steering) if steering else run)
+    path = run / FINDINGS_FILE
+    if data is not None:
+        write_json(path, data["findings"])
+    else:
+        path.unlink(missing_ok=True)
+    return path, data and data["findings"]
+
+
+__all__ = ["FINDINGS_FILE", "REPORT_FILE", "write_findings", "write_report"]

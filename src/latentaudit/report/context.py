@@ -5,7 +5,8 @@
 2. The latents of the page: the ranking (layer by layer, best first), then latents only other
    sections name (explained by id, steered at random), by layer and id.
 3. The ranked-latents table: every section's columns, one row per latent, each cell with the
-   value it sorts by.
+   value it sorts by; a column no latent has a value in (e.g. "steer toward" in a sweep that
+   only steered away) is left out.
 4. One drill-down per latent, with the parts of every section that has something on it. Its
    element id is ``latent-{id}`` (``latent-{layer}-{id}`` when the page holds several layers).
 """
@@ -36,14 +37,17 @@ def build_context(sources: Sources) -> dict[str, Any]:
         if data is not None:
             ctx["sections"].append({"name": section.name, "title": section.title,
                                     "template": section.template,
-                                    "latent_template": section.latent_template, "data": data})
+                                    "latent_template": section.latent_template, "data": data,
+                                    "lead": section.lead})
+    ctx["sections"].sort(key=lambda s: not s["lead"])
     keys = latent_keys(ctx)
     attribution_section.complete(ctx["attribution"], keys)
     several = len({L for L, _ in keys}) > 1
     ids = {k: f"latent-{k[0]}-{k[1]}" if several else f"latent-{k[1]}" for k in keys}
     ctx["table"] = table(ctx, keys, ids)
     ctx["latents"] = drilldowns(ctx, keys, ids)
-    ctx["title"] = f"latentaudit report: {ctx['attribution']['model']}"
+    model = attribution_section.model_title(ctx["attribution"]["model"])
+    ctx["title"] = f"latentaudit report: {model}"
     ctx["generated"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     ctx["version"] = __version__
     return ctx
@@ -65,18 +69,22 @@ def latent_keys(ctx: dict[str, Any]) -> list[tuple[int, int]]:
 def table(ctx: dict[str, Any], keys: list[tuple[int, int]], ids: dict) -> dict[str, Any]:
     """Step 3: {columns, rows}; a row is {key, id, cells: [{kind, value, sort}], neuronpedia}
     (the latent's Neuronpedia page or None)."""
-    columns = [c for _, data in _present(ctx) for c in data.get("columns", [])]
-    owner = [data for _, data in _present(ctx) for _ in data.get("columns", [])]
+    present = sorted(_present(ctx), key=lambda sd: sd[0]["lead"])  # the findings' last
+    columns = [c for _, data in present for c in data.get("columns", [])]
+    owner = [data for _, data in present for _ in data.get("columns", [])]
     rows = []
     for key in keys:
         cells = []
         for col, data in zip(columns, owner, strict=True):
             value = data.get("cells", {}).get(key, {}).get(col["key"])
             cells.append({"kind": col["kind"], "value": value, "sort": sort_value(value)})
-        links = [d.get("cells", {}).get(key, {}).get("neuronpedia") for _, d in _present(ctx)]
+        links = [d.get("cells", {}).get(key, {}).get("neuronpedia") for _, d in present]
         rows.append({"key": key, "id": ids[key], "cells": cells,
                      "neuronpedia": next((u for u in links if u), None)})
-    return {"columns": columns, "rows": rows}
+    filled = [n for n in range(len(columns)) if any(r["cells"][n]["value"] not in (None, [], "")
+                                                     for r in rows)]
+    return {"columns": [columns[n] for n in filled],
+            "rows": [{**r, "cells": [r["cells"][n] for n in filled]} for r in rows]}
 
 
 def sort_value(value: Any) -> str:

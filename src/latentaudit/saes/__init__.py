@@ -5,8 +5,13 @@ from latentaudit.saes.sae import SAE, SAEInfo
 __all__ = ["SAE", "SAEInfo", "load_sae"]
 
 
-def load_sae(path, **kwargs):
-    """Load an SAE from any supported format (see :mod:`latentaudit.saes.formats`)."""
-    from latentaudit.saes.formats import load_sae as _load
+def load_sae(path, *, model: str | None = None, **kwargs):
+    """Load an SAE from any supported format (see :mod:`latentaudit.saes.formats`).
 
-    return _load(path, **kwargs)
+    ``path`` takes every value ``--sae`` takes: a folder or file, ``"default"`` (the shipped
+    SAE of ``model``, by default the default embedded model) or a shipped SAE's name."""
+    from latentaudit.models.embedded import DEFAULT_MODEL
+    from latentaudit.saes.formats import load_sae as _load
+    from latentaudit.saes.shipped import resolve_sae_path
+
+    return _load(resolve_sae_path(str(path), model or DEFAULT_MODEL), **kwargs)

@@ -7,8 +7,9 @@ section's dict may hold two keys that the ranked-latents table and the per-laten
 gather from every section:
 
 - ``columns``: ``[{key, label, title, kind, first}]``, extra columns of the ranked-latents table
-  (``kind``: int, num, text, tokens, pct (a value ``{value, beyond}``) or auc (a value
-  ``{value, low, high}``); ``first``: the direction of a first click, asc or desc), and
+  (``kind``: int, num, text, tokens, pct (a value ``{value, beyond}``), auc (a value
+  ``{value, low, high}``), exact (a value ``{value, first_order, flip}``) or verdict;
+  ``first``: the direction of a first click, asc or desc), and
   ``cells``: ``{(layer, latent): {key: value}}``.
 - ``latents``: ``{(layer, latent): dict}``, shown in each latent's drill-down by the template
   ``latent_template``.
@@ -23,7 +24,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from latentaudit.report.sections import attribution, circuit, explain, monitor, pipeline, steering
+from latentaudit.report.sections import (
+    attribution,
+    circuit,
+    explain,
+    findings,
+    monitor,
+    pipeline,
+    steering,
+)
 
 
 @dataclass(frozen=True)
@@ -54,6 +63,8 @@ class Section:
     template: str
     load: Callable[[Sources], dict[str, Any] | None]
     latent_template: str | None = None
+    lead: bool = False
+    """Loaded last (from the other stages' files), shown first."""
 
 
 SECTIONS: tuple[Section, ...] = (
@@ -71,4 +82,7 @@ SECTIONS: tuple[Section, ...] = (
     Section("monitor", "Monitors", "monitor.html",
             lambda s: monitor.load(s.monitor or s.run / "monitor-eval", s.run_layers,
                                    s.run_latents), "monitor_latent.html"),
+    Section("findings", "Findings", "findings.html",
+            lambda s: findings.load(s.run, s.explain, s.steering, s.run_layers),
+            "findings_latent.html", lead=True),
 )

@@ -99,10 +99,19 @@ def _check_ranking(run: Path, ranking: list[dict], vectors: dict) -> None:
                                    f"attribution.safetensors do not have; {FIX}")
 
 
+def model_title(name: str) -> str:
+    """A model's name as the page shows it: an embedded model's short name with the model it
+    is (the default's short name does not say it is the Coder variant)."""
+    from latentaudit.models.embedded import EMBEDDED, canonical
+
+    model = EMBEDDED.get(canonical(str(name)))
+    return f"{name} ({model.description.split(',')[0]})" if model else str(name)
+
+
 def provenance(manifest: dict[str, Any]) -> list[tuple[str, str]]:
     """(label, value) rows: model, SAEs, dataset, options and versions."""
     m = manifest.get("model") or {}
-    rows = [("model", f"{m.get('name')} ({m.get('path')})"),
+    rows = [("model", f"{model_title(m.get('name'))} ({m.get('path')})"),
             ("d_model, dtype", f"{m.get('d_model')}, {m.get('dtype')}"),
             ("layers", ", ".join(map(str, manifest.get("layers", [])))),
             ("hook", str(manifest.get("hook", "resid_post")))]

@@ -34,6 +34,8 @@ RADIUS = (7.0, 15.0)
 WIDTH = (0.8, 9.0)
 """Thinnest and thickest edge (∝ |Δ-edge| / the largest)."""
 SHOWN_EDGES = 8
+LABEL_PX = 7
+"""Width of a label character at the graph's 11 px font (px, generous)."""
 MEANING = {
     "loss": "An edge is the first-order change of the target's contribution to the loss when the "
             "upstream latent is mean-ablated, as Δ over the run's pairs (δ's units): red edges "
@@ -60,15 +62,33 @@ def load(folder: Path, run_layers: list[int] | None = None) -> dict[str, Any] | 
     run_layers = run_layers or []
     return {"path": str(folder), "measure": g.get("measure"),
             "meaning": MEANING.get(g.get("measure"), ""), "hops": g.get("hops") or [],
-            "counts": g.get("counts") or {},
-            "width": 2 * MARGIN + COLUMN * max(len(layers) - 1, 0) + 160,
-            "height": 2 * MARGIN + ROW * max((sum(n["layer"] == L for n in nodes)
-                                              for L in layers), default=1),
+            "counts": g.get("counts") or {}, "kept": kept_share(nodes, g.get("options") or {}),
+            **extent(list(views.values())),
             "layer_columns": [{"x": MARGIN + COLUMN * c, "label": f"layer {L}"}
                         for c, L in enumerate(layers)],
             "nodes": list(views.values()), "edges": drawn,
             "latents": {(n["layer"], n["latent"]): {"incoming": views[n["id"]]["incoming"]}
                         for n in nodes if n["layer"] in run_layers and views[n["id"]]["incoming"]}}
+
+
+def kept_share(nodes: list[dict], options: dict[str, Any]) -> str:
+    """What share of their targets' total |Δ-edge| the kept edges hold, in words."""
+    shares = [n["attribution_kept"] / n["attribution_total"] for n in nodes
+              if isinstance(n.get("attribution_kept"), (int, float))
+              and isinstance(n.get("attribution_total"), (int, float)) and n["attribution_total"]]
+    if not shares:
+        return ""
+    span = f"{100 * min(shares):.1f}%" if max(shares) - min(shares) < 5e-4 else \
+        f"{100 * min(shares):.1f}–{100 * max(shares):.1f}%"
+    rule = ""
+    if isinstance(options.get("fraction"), (int, float)):
+        cap = options.get("max_edges")
+        rule = (f" (each target keeps its strongest incoming edges until they hold "
+                f"{100 * options['fraction']:.0f}% of its total"
+                + (f" or number {cap}, whichever comes first" if cap else "") + ")")
+    return (f"The kept edges hold {span} of their target's total |Δ-edge|{rule}: the rest is "
+            "spread over many weak edges, so the graph shows the strongest paths, not all of "
+            "the attribution.")
 
 
 def _check(path: Path, g: Any) -> tuple[list[dict], list[dict]]:
@@ -116,6 +136,15 @@ def layout(nodes: list[dict], edges: list[dict], layers: list[int]
             row[n["id"]] = top + r
             place[n["id"]] = (MARGIN + COLUMN * c, MARGIN + ROW * (top + r))
     return place
+
+
+def extent(views: list[dict[str, Any]]) -> dict[str, int]:
+    """{width, height} of the drawing: its nodes and their labels, with a small margin (the box
+    is as large as the graph, not a fixed frame)."""
+    right = max((v["x"] + v["r"] + 4 + LABEL_PX * len(f"{v['latent']} {v['label']}")
+                 for v in views), default=2 * MARGIN)
+    bottom = max((v["y"] + v["r"] for v in views), default=2 * MARGIN)
+    return {"width": math.ceil(right + 16), "height": math.ceil(bottom + 16)}
 
 
 def node_view(n: dict, xy: tuple[float, float], top_d: float, edges: list[dict],

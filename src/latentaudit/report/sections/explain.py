@@ -19,8 +19,10 @@ from typing import Any
 
 from latentaudit.data.corpus import TRAINING_SOURCES, content_warning
 from latentaudit.errors import LatentAuditError
-from latentaudit.report import figures, highlight
+from latentaudit.report import figures, findings, highlight
+from latentaudit.report.findings import sign_of_value
 from latentaudit.report.read import read_json_if, read_jsonl, read_tensors
+from latentaudit.report.render import visible
 
 FIX = "rerun `latentaudit explain` (or pass --explain with its --out folder)."
 EXAMPLES_SHOWN = 10
@@ -28,7 +30,8 @@ MAPS_SHOWN = 4
 TOP_TOKENS = 8
 COLUMNS = [
     {"key": "exact_delta", "label": "exact Δ", "title": "exact loss-gap change of mean-ablating "
-     "the latent, on the exactness sample", "kind": "num", "first": "desc"},
+     "the latent, on the exactness sample; ⇄ its first-order Δ on the same pairs has the other "
+     "sign", "kind": "exact", "first": "desc"},
     {"key": "frequency", "label": "density", "title": "share of reference-text tokens on which "
      "the latent fires", "kind": "num", "first": "desc"},
 ]
@@ -47,15 +50,44 @@ def load(folder: Path) -> dict[str, Any] | None:
     maps = _maps(folder)
     latents = {(r["layer"], r["latent"]): latent_view(r, edges, maps) for r in rows}
     rescored = bool((manifest.get("options") or {}).get("rescore"))
+    exact = read_json_if(folder / "exact.json", FIX)
     return {"path": str(folder), "corpus": corpus, "warnings": warnings(corpus),
             "interpretation": manifest.get("interpretation"),
-            "exactness": exactness(manifest, read_json_if(folder / "exact.json", FIX)),
+            "exactness": exactness(manifest, exact),
             "n_latents": len(rows), "n_maps": len(maps["rows"]) if maps else 0,
             "latents": latents,
             "columns": ([FINAL_RANK] if rescored else []) + COLUMNS,
-            "cells": {k: {"final_rank": v["final_rank"], "exact_delta": v["exact_delta"],
-                          "frequency": (v["density"] or {}).get("frequency")}
-                      for k, v in latents.items()}}
+            "cells": cells(latents, exact)}
+
+
+def cells(latents: dict, exact: dict | None) -> dict[tuple[int, int], dict[str, Any]]:
+    """Table cells of the explained latents, and the exact Δ of every latent exact.json
+    covers (its numbers win: latents.jsonl copies them)."""
+    out = {k: {"final_rank": v["final_rank"],
+               "exact_delta": exact_cell(v["exact_delta"], v["first_order_delta"]),
+               "frequency": (v["density"] or {}).get("frequency")} for k, v in latents.items()}
+    for k, c in exact_cells(exact).items():
+        out.setdefault(k, {}).update(c)
+    return out
+
+
+def exact_cell(exact: Any, first: Any) -> dict[str, Any] | None:
+    """An exact-Δ cell: {value, flip}, flip when the first-order Δ of the same pairs has the
+    other sign."""
+    if exact is None:
+        return None
+    return {"value": exact, "first_order": first,
+            "flip": sign_of_value(exact) * sign_of_value(first) < 0}
+
+
+def exact_cells(exact: dict | None) -> dict[tuple[int, int], dict[str, Any]]:
+    """Exact-Δ cells of every latent the exact check covers (explained or not)."""
+    out = {}
+    for L, e in ((exact or {}).get("layers") or {}).items():
+        for i, x, f in zip(e.get("latents") or [], e.get("exact_delta") or [],
+                           e.get("first_order_delta") or [], strict=False):
+            out[(int(L), i)] = {"exact_delta": exact_cell(x, f)}
+    return out
 
 
 def warnings(corpus: dict[str, Any]) -> list[str]:
@@ -71,10 +103,13 @@ def exactness(manifest: dict, exact: dict | None) -> list[dict[str, Any]]:
     """Step 3: one entry per layer of the exactness check."""
     out = []
     for L, e in (manifest.get("exactness") or {}).items():
-        entry = {"layer": L, "route": e.get("route"), "pairs": e.get("pairs"),
-                 "spearman": e.get("spearman"),
-                 "per_completion": e.get("spearman_per_completion_mean"), "figure": None}
         full = ((exact or {}).get("layers") or {}).get(str(L))
+        trust = findings.trust(findings.Inputs(exact={int(L): {**e, **(full or {})}}))[0]
+        entry = {"layer": L, "route": e.get("route"), "pairs": e.get("pairs"),
+                 "spearman": e.get("spearman"), "latents": trust["latents"] if full else None,
+                 "ci": trust["ci"], "warning": trust["warning"] if full else None,
+                 "flips": trust["sign_flips"] if full else None,
+                 "per_completion": e.get("spearman_per_completion_mean"), "figure": None}
         if full and full.get("latents"):
             entry["figure"] = figures.exactness_scatter(
                 full["first_order_delta"], full["exact_delta"], full["latents"], int(L),
@@ -117,6 +152,7 @@ def latent_view(row: dict[str, Any], edges: list[float], maps: dict | None) -> d
     return {"final_rank": row.get("final_rank"), "exact_delta": row.get("exact_delta"),
             "first_order_delta": row.get("first_order_delta"),
             "explanation": row.get("explanation"),
+            "described": describe_examples(row.get("top_examples") or []),
             "lens": {"cosine": lens.get("cosine") or [], "promoted": lens.get("promoted") or [],
                      "suppressed": lens.get("suppressed") or [],
                      "through_final_norm": lens.get("through_final_norm")},
@@ -127,6 +163,25 @@ def latent_view(row: dict[str, Any], edges: list[float], maps: dict | None) -> d
                 "mean_negative": amap.get("mean_negative"),
                 "top_tokens": (amap.get("top_tokens") or [])[:TOP_TOKENS]},
             "maps": mapped(maps, (row["layer"], row["latent"]))}
+
+
+def describe_examples(rows: list[dict[str, Any]], shown: int = 3) -> str | None:
+    """A one-line description of a latent from its top-activating examples, by template and
+    with no model: the tokens it peaks on (with how many of the examples), and the context of
+    the strongest one (up to 4 tokens before the peak)."""
+    peaks = [(ex.get("tokens") or [], ex.get("max_index")) for ex in rows]
+    peaks = [(toks, i) for toks, i in peaks if isinstance(i, int) and 0 <= i < len(toks)]
+    if not peaks:
+        return None
+    counts: dict[str, int] = {}
+    for toks, i in peaks:
+        counts[toks[i]] = counts.get(toks[i], 0) + 1
+    top = sorted(counts.items(), key=lambda kv: -kv[1])[:shown]
+    toks, i = peaks[0]
+    context = "".join(toks[max(0, i - 4):i])
+    return ("Peaks on " + ", ".join(f"“{visible(t)}” ({n} of {len(peaks)})"
+                                    for t, n in top)
+            + f"; strongest in “…{visible(context)}[{visible(toks[i])}]”.")
 
 
 def density(d: dict | None, edges: list[float]) -> dict[str, Any] | None:

@@ -53,11 +53,17 @@ def load(folder: Path, run_layers: list[int] | None = None) -> dict[str, Any] | 
     data = {"path": str(folder), "layer": layer, "settings": settings(work, summary),
             "summary": summary.get("summary") or [], "sets": summary.get("sets") or {},
             "rows": rows, "logodds": logodds,
-            "figures": [f for f in figs if f["uri"]], "columns": COLUMNS, "cells": {},
+            "figures": [f for f in figs if f["uri"]], "columns": columns(rows), "cells": {},
             "latents": {}}
     if layer is not None:
         per_latent(data, int(layer), examples(folder))
     return data
+
+
+def columns(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The table columns this sweep can fill: a direction it never steered has none."""
+    steered = {r["direction"] for r in rows}
+    return [c for c in COLUMNS if c["key"] not in ("away", "toward") or c["key"] in steered]
 
 
 def settings(work: dict[str, Any], summary: dict[str, Any]) -> list[tuple[str, str]]:
