@@ -42,15 +42,24 @@ def default_sae_path(model: str) -> Path:
     return path
 
 
-def resolve_sae_path(value: str, model: str) -> str:
-    """An ``--sae`` value as a path: ``default`` (the model's default shipped SAE), the name of
-    a shipped SAE, a public name (``org/repo/sub/folder``, ``org/repo:hookpoint``,
-    ``saelens:RELEASE/ID``; fetched into the hub cache, see :mod:`latentaudit.saes.hub`), or a
-    path (returned unchanged)."""
+def resolve_shipped(value: str, model: str) -> str:
+    """``default`` (the model's default shipped SAE) or a shipped SAE's name as its folder;
+    anything else unchanged."""
     if value == "default":
         return str(default_sae_path(model))
     if value in shipped_names() and not Path(value).exists():
         return str(SHIPPED_DIR / value)
+    return value
+
+
+def resolve_sae_path(value: str, model: str) -> str:
+    """An ``--sae`` value as a path: ``default`` or a shipped SAE's name
+    (:func:`resolve_shipped`), a public name (``org/repo/sub/folder``, ``org/repo:hookpoint``,
+    ``saelens:RELEASE/ID``; fetched into the hub cache, see :mod:`latentaudit.saes.hub`), or a
+    path (returned unchanged)."""
+    shipped = resolve_shipped(value, model)
+    if shipped != value:
+        return shipped
     from latentaudit.saes import hub
 
     ref = hub.parse(value)
