@@ -30,7 +30,7 @@ def main() -> None:
     dest.mkdir(parents=True, exist_ok=True)
     for name in FILES:
         if (src / name).exists():
-            shutil.copy2(src / name, dest / name)
+            shutil.copyfile(src / name, dest / name)
     print(f"shipped {args.name}: {dest} ({size / 1e6:.1f} MB adapter)")
 
 
