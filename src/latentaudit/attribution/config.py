@@ -9,6 +9,7 @@ from torch import Tensor
 
 from latentaudit.data.behaviour import PAIRINGS
 from latentaudit.errors import LatentAuditError
+from latentaudit.runfolder import RankingRow as RankedLatent
 from latentaudit.saes.sae import SAEInfo
 
 ABAR_SOURCES = ("auto", "sae", "dataset", "zero")
@@ -86,22 +87,6 @@ class LayerAttribution:
         """Latent indices with the largest Δ-attribution, best first."""
         k = min(k, self.delta_attribution.shape[0])
         return self.delta_attribution.topk(k).indices.tolist()
-
-
-@dataclass
-class RankedLatent:
-    """One row of the ranking: a top latent of one layer by Δ-attribution."""
-
-    layer: int
-    latent: int
-    rank: int
-    """1 for the largest Δ-attribution of its layer."""
-    delta_attribution: float
-    delta_activation: float | None
-    delta_activation_rank: int | None
-    """The latent's rank by Δ-activation among all latents of its layer (None if skipped)."""
-    logit_lens_top_tokens: list[str]
-    """The 10 tokens whose unembedding rows have the largest cosine with the decoder direction."""
 
 
 @dataclass

@@ -107,35 +107,9 @@ def _load_sae(run: RunFolder, layer: int, given) -> SAE:
 def _load_data(run: RunFolder, data, cfg: ExplainConfig):
     if not cfg.maps and not cfg.exact_pairs:
         return None, []
-    from latentaudit.data.behaviour import dataset_hash, load_pairs
-
-    if data is not None and not Path(data).is_file():
-        raise LatentAuditError(f"--data {data}: no such file.")
-    path = data or _run_file(run)
-    if path is None:
-        raise LatentAuditError(f"{run.path / 'manifest.json'} names no dataset file (field "
-                               "'dataset'): pass --data, or --no-maps --exact-pairs 0.")
-    if not Path(path).is_file():
-        raise LatentAuditError(f"the run's dataset {path} (field 'dataset.path' of "
-                               f"{run.path / 'manifest.json'}) does not exist: pass --data.")
-    want = (run.manifest.get("dataset") or {}).get("sha256")
-    if want and dataset_hash(path) != want:
-        log.warning("%s is not the file the run attributed (sha256 differs): the maps and the "
-                    "exact check describe this file", path)
-    rows, pairing = load_pairs(path, run.option.get("pairing", "all"))
+    rows, pairing, _ = run.pairs(data, "pass --data, or --no-maps --exact-pairs 0.",
+                                 "the maps and the exact check")
     return rows, sample_pairs(pairing.pairs, 0, cfg.seed)
-
-
-def _run_file(run: RunFolder) -> str | None:
-    """The run's dataset path; a relative one is tried from the working directory, then from the
-    run folder's parent (where `attribute` usually ran) and the run folder."""
-    path = run.dataset_path
-    if path is None or Path(path).is_absolute() or Path(path).is_file():
-        return path
-    for base in (run.path.parent, run.path):
-        if (base / path).is_file():
-            return str(base / path)
-    return path
 
 
 def explain_latents(run: str | os.PathLike, latents: Sequence[int] | None = None,
@@ -243,7 +217,7 @@ def _maps_and_exact(model: LoadedModel, inputs: Inputs, cfg: ExplainConfig
     max_len = getattr(model.model.config, "max_position_embeddings", None)
     seqs = encode_completions(model.tokenizer, [inputs.data[i] for i in rows], max_len)
     run = inputs.run
-    a_bars = {L: run.tensor("a_bar", L).to(model.device) for L in inputs.scored}
+    a_bars = {L: run.vector("a_bar", L, "pt").to(model.device) for L in inputs.scored}
     dirs = {L: s.decoder_directions(rows=inputs.scored[L]).to(layer_device(model.model, L))
             for L, s in inputs.saes.items()}
     positions = run.option.get("positions", "all")

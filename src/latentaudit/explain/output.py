@@ -127,7 +127,7 @@ def layer_rows(model, inputs: Inputs, cfg: ExplainConfig, layer: int, corpus: Co
         latents = sorted(final, key=final.get)[:cfg.top_k]
     lenses = lens_rows(model, inputs.saes[layer].decoder_directions()[latents], cfg)
     attribution = run.delta_attribution(layer)
-    activation = run.tensor("delta_activation", layer)
+    activation = run.delta_activation(layer)
     rows = []
     for i, lens in zip(latents, lenses, strict=True):
         c = scored.index(i)

@@ -1,7 +1,8 @@
 """How well latents detect the behaviour on held-out completions, against baselines.
 
 1. Latent sets: the top K of an attribution run by Δ-attribution and by Δ-activation, latents
-   given by id, and ``random_draws`` sets of K latents drawn uniformly (seeded).
+   given by id, and ``random_draws`` sets of K latents drawn uniformly (seeded) from the latents
+   no other set of size K holds (:func:`latentaudit.attribution.select.random_latents`).
 2. Every completion of the evaluation file (prompts not used for attribution) is read once:
    each latent's mean and max activation over its tokens and the mean residual
    (:mod:`~latentaudit.monitor.read`; cached on disk).
@@ -26,6 +27,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from latentaudit.attribution.select import random_latents
 from latentaudit.errors import LatentAuditError
 from latentaudit.monitor.combine import nested_scores, transfer_scores
 from latentaudit.monitor.metrics import (
@@ -95,8 +97,9 @@ def latent_sets(cfg: EvalConfig, d_sae: int, run=None, given: list[int] | None =
             sets.append(LatentSet("Δ-attribution", k, run.top(k, "attribution")))
             if run.delta_activation is not None:
                 sets.append(LatentSet("Δ-activation", k, run.top(k, "activation")))
+        chosen = {i for s in sets if s.k == k for i in s.latents} | set(given or ())
         gen = torch.Generator().manual_seed(cfg.seed + k)
-        sets += [LatentSet("random", k, torch.randperm(d_sae, generator=gen)[:k].tolist())
+        sets += [LatentSet("random", k, random_latents(d_sae, k, chosen, gen))
                  for _ in range(cfg.random_draws)]
     if given:
         sets.append(LatentSet("given", len(given), list(given)))

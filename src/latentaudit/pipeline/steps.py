@@ -17,10 +17,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from latentaudit import runfolder as rf
 from latentaudit.errors import LatentAuditError
 from latentaudit.pipeline.checks import steer_prompts
 from latentaudit.pipeline.config import RunConfig
-from latentaudit.pipeline.stages import CHECKPOINT, completions_path, dataset_path, judged_path
+from latentaudit.pipeline.stages import completions_path, dataset_path, judged_path
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ def sample(ctx: Context) -> dict[str, Any]:
     from latentaudit.models.embedded import canonical
     from latentaudit.sample import manifest_path, plan_sampling, run_sampling
 
-    s, out = ctx.cfg.settings, ctx.run / "completions.jsonl"
+    s, out = ctx.cfg.settings, ctx.run / rf.COMPLETIONS
     plan = ctx.plan_or_restart(
         lambda: plan_sampling(s.prompts, ctx.cfg.sample, out, model=canonical(s.model),
                               dtype=_dtype_name(s.dtype)), [out, manifest_path(out)])
@@ -137,7 +138,7 @@ def judge(ctx: Context) -> dict[str, Any]:
     items_from_rows(read_completions(path), rubric, path)  # before a judge model loads
     spec = resolve_spec(ctx.cfg.judge.judge, rubric)
     judge = make_judge(spec, rubric, **_judge_options(spec, ctx))
-    done = judge_file(path, rubric, judge, ctx.run / "judged.jsonl", ctx.run / "judge_cache.jsonl")
+    done = judge_file(path, rubric, judge, ctx.run / rf.JUDGED, ctx.run / rf.JUDGE_CACHE)
     failures = done.run.failures
     if failures and not ctx.cfg.judge.allow_failures:
         raise LatentAuditError(
@@ -151,7 +152,7 @@ def judge(ctx: Context) -> dict[str, Any]:
 def pair(ctx: Context) -> dict[str, Any]:
     from latentaudit.pair import pair_file
 
-    result = pair_file(judged_path(ctx.cfg), ctx.run / "dataset.jsonl", ctx.cfg.settings.rubric,
+    result = pair_file(judged_path(ctx.cfg), ctx.run / rf.DATASET, ctx.cfg.settings.rubric,
                        ctx.cfg.pair.pairing)
     total: Counter = Counter()
     for c in result.counts.values():
@@ -175,7 +176,7 @@ def attribute(ctx: Context) -> dict[str, Any]:
 
     s, cfg = ctx.cfg.settings, ctx.cfg.attribute
     inputs = check_inputs([ctx.sae], str(dataset_path(ctx.cfg)), s.layer, cfg)
-    result = engine.attribute_checked(ctx.model(), inputs, cfg, ctx.run / CHECKPOINT)
+    result = engine.attribute_checked(ctx.model(), inputs, cfg, ctx.run / rf.CHECKPOINT)
     write_run(ctx.run, result)
     layer = next(iter(result.layers))
     return {"layer": layer, "completions": result.n_completions, "pairs": result.n_pairs,
@@ -203,7 +204,7 @@ def explain(ctx: Context) -> dict[str, Any]:
     cfg, dataset = ctx.cfg.explain, dataset_path(ctx.cfg)
     if cfg.corpus == "dataset":
         cfg = replace(cfg, corpus=str(_corpus_from_dataset(dataset,
-                                                           ctx.run / "explain-corpus.jsonl")))
+                                                           ctx.run / rf.EXPLAIN_CORPUS)))
     s, cache = ctx.cfg.settings, ctx.cfg.explain_cache_dir
     if ctx.model.loaded is None:  # check before the model loads
         engine.check_inputs(ctx.run, None, None, cfg, s.model, s.dtype, None, dataset, cache)
@@ -247,7 +248,7 @@ def steer(ctx: Context) -> dict[str, Any]:
         coherence_judge=None if opts.coherence_judge == "none" else opts.coherence_judge,
         data=dataset_path(ctx.cfg), toward_model=opts.toward_model, base_model=opts.base_model,
         judge_options=_judge_options(spec, ctx) if kind in ("openai", "local") else {}),
-        [work / "manifest.json", work / "completions.jsonl", work / "resid_norm.json"])
+        [work / rf.MANIFEST, work / rf.COMPLETIONS, work / "resid_norm.json"])
     result = run_steering(plan, ctx.model(), device=s.device, dtype=s.dtype)
     return {"prompts": len(plan.prompts), "held_out_from": plan.excluded_prompts,
             "sets": result.sets, "rows": len(result.rows),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from latentaudit.errors import LatentAuditError
+from latentaudit.runfolder import ConditionKey
 
 METHODS = ("attribution", "activation", "random", "model-diff", "given")
 DIRECTIONS = ("away", "toward")
@@ -140,14 +141,18 @@ class Condition:
         return f"{head}{self.method}/{lat}/{self.direction}/{self.strength:g}{tail}"
 
     @property
-    def key(self) -> str:
+    def condition_key(self) -> ConditionKey:
         """What is generated: the same latents, direction, strength and model under two
         selection methods share their completions."""
         if self.method == "base":
-            return self.base_id
-        tail = "" if self.model == "main" else f"@{self.model}"
-        return f"{'+'.join(map(str, self.latents))}/{self.direction}/{self.strength:g}{tail}"
+            return ConditionKey(model=self.model)
+        return ConditionKey(tuple(self.latents), self.direction, self.strength, self.model)
+
+    @property
+    def key(self) -> str:
+        """:attr:`condition_key` as written in the sweep's files."""
+        return str(self.condition_key)
 
     @property
     def base_id(self) -> str:
-        return "base" if self.model == "main" else f"base@{self.model}"
+        return str(self.condition_key.base)

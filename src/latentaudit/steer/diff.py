@@ -57,9 +57,9 @@ def model_diff(plan, loaded, sae, *, device: str = "auto",
     from latentaudit.data.behaviour import dataset_hash, load_behaviour
     from latentaudit.models.load import load_model
 
-    if plan.run is None or plan.run.dataset is None:
+    if plan.dataset is None:
         raise LatentAuditError("--methods model-diff reads the run's dataset: pass --from RUN_DIR.")
-    data = plan.run.dataset
+    data = plan.dataset
     key = json.dumps({"base_model": plan.base_model, "model": plan.model,
                       "dataset_sha256": dataset_hash(data), "layer": plan.layer,
                       "sae": plan.sae_path})
