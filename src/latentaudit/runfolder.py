@@ -50,7 +50,7 @@ STEERING_SUMMARY = "steering_summary.json"
 STEERING_LOGODDS = "steering_logodds.jsonl"
 STEER_DIR = "steer"
 REPORT = "report.html"
-ATTRIBUTE_FILES = (TENSORS, RANKING, MANIFEST)
+ATTRIBUTE_FILES = (MANIFEST, RANKING, TENSORS)
 EXPLAIN_FILES = tuple(f"{EXPLAIN_DIR}/{n}" for n in (
     "latents.jsonl", MANIFEST, "exact.json", "token_maps.safetensors", COMPLETIONS)
 ) + (EXPLAIN_CORPUS,)
