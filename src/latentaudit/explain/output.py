@@ -13,18 +13,18 @@ from torch import Tensor
 from latentaudit._io import save_safetensors, write_json, write_jsonl
 from latentaudit.data.corpus import content_warning
 from latentaudit.explain.config import ExplainConfig
-from latentaudit.explain.lens import (
+from latentaudit.explain.inputs import Inputs, LayerExact, Maps
+from latentaudit.explain.maps import map_summary, pair_weights, stack_maps
+from latentaudit.explain.topk import HIST_EDGES
+from latentaudit.models.lens import (
     logit_lens,
     promoted_suppressed,
     through_norm,
     token_strings,
     unembedding,
 )
-from latentaudit.explain.maps import map_summary, pair_weights, stack_maps
-from latentaudit.explain.topk import HIST_EDGES
 
 if TYPE_CHECKING:
-    from latentaudit.explain.engine import Inputs, LayerExact, Maps
     from latentaudit.explain.examples import CorpusExamples
 
 SCHEMA_VERSION = 1

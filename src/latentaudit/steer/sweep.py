@@ -35,6 +35,7 @@ import torch
 from latentaudit import runfolder as rf
 from latentaudit._io import write_json, write_jsonl
 from latentaudit.errors import LatentAuditError
+from latentaudit.executor import as_executor
 from latentaudit.judges.rubrics import Rubric, load_rubric
 from latentaudit.runfolder import RunFolder, SteeringRow, dataset_prompt_ids
 from latentaudit.steer.config import Condition, SteerConfig
@@ -213,14 +214,14 @@ def run_steering(plan: SteerPlan, model=None, *, device: str = "auto", dtype: st
                  engine=None) -> SteerResult:
     """Run a planned sweep (steps 2–7 of the module docstring); ``model`` may be loaded already.
 
-    engine: an :class:`~latentaudit.distributed.EngineConfig`; with ``--engine ray`` the steered
-    completions (step 6, and the search's trials) are generated on Ray workers.
+    engine: an :class:`~latentaudit.executor.Executor` (or its ``EngineConfig``); with
+    ``--engine ray`` the steered completions (step 6, and the search's trials) are generated on
+    Ray workers.
     """
-    if engine is None or not engine.distributed:
+    executor = as_executor(engine)
+    if not executor.distributed:
         return _run_steering(plan, model, device=device, dtype=dtype)
-    from latentaudit.distributed.steer import RemoteRows
-
-    with RemoteRows(engine, device=device, dtype=dtype) as remote:
+    with executor.steered_rows(device, dtype) as remote:
         return _run_steering(plan, model, device=device, dtype=dtype, remote=remote)
 
 
