@@ -36,8 +36,7 @@ stop string is dropped whole). So ``text == decode(token_ids[:-1] if eos else to
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 from jaxtyping import Float, Int
@@ -50,43 +49,13 @@ from latentaudit.models.hooks import RowSteering, layer_device, steer_resid
 from latentaudit.models.load import LoadedModel
 
 
-@dataclass
-class SampleConfig:
-    """How to sample completions."""
+class Sampling(Protocol):
+    """The options generation reads (those of :class:`latentaudit.sample.SampleConfig`)."""
 
-    n: int = 1
-    """Completions per prompt."""
-    temperature: float = 1.0
-    """Softmax temperature; 0 means greedy decoding."""
-    top_p: float = 1.0
-    """Nucleus sampling: keep the smallest set of tokens whose probability reaches this mass."""
-    max_new_tokens: int = 200
-    """Most tokens generated per completion."""
-    stop: tuple[str, ...] = ()
-    """Stop strings: a completion ends before the first one it contains."""
-    seed: int = 0
-    """Base seed; each (prompt_id, sample_index) derives its own, so runs are reproducible."""
-    batch_size: int = 8
-    """Completions generated together (does not change the results; 0 or auto: chosen from free
-    device memory)."""
-    system: str | None = None
-    """System prompt for prompts that do not carry their own."""
-
-    def __post_init__(self) -> None:
-        self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
-        for flag, value, low in (("--n", self.n, 1), ("--max-new-tokens", self.max_new_tokens, 1),
-                                 ("--batch-size", self.batch_size, 0), ("--seed", self.seed, None)):
-            if isinstance(value, bool) or not isinstance(value, int) or (
-                    low is not None and value < low):
-                raise LatentAuditError(f"{flag} must be a whole number{f' ≥ {low}' if low else ''}"
-                                       f", got {value!r}.")
-        if not self.temperature >= 0:
-            raise LatentAuditError(f"--temperature must be ≥ 0 (0 = greedy), got "
-                                   f"{self.temperature}.")
-        if not 0 < self.top_p <= 1:
-            raise LatentAuditError(f"--top-p must be in (0, 1], got {self.top_p}.")
-        if not all(isinstance(s, str) and s for s in self.stop):
-            raise LatentAuditError(f"--stop strings must be non-empty, got {list(self.stop)!r}.")
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    stop: tuple[str, ...]
 
 
 class Generation(NamedTuple):
@@ -197,7 +166,7 @@ def cut_at_stop(tokenizer, ids: list[int], stops: tuple[str, ...]) -> tuple[list
     return ids[:k], decode(tokenizer, ids[:k])
 
 
-def _finish(tokenizer, ids: list[int], eos: set[int], cfg: SampleConfig) -> Generation | None:
+def _finish(tokenizer, ids: list[int], eos: set[int], cfg: Sampling) -> Generation | None:
     if ids[-1] in eos:
         return Generation(ids, decode(tokenizer, ids[:-1]), "eos")
     if cfg.stop and (cut := cut_at_stop(tokenizer, ids, cfg.stop)) is not None:
@@ -209,7 +178,7 @@ def _finish(tokenizer, ids: list[int], eos: set[int], cfg: SampleConfig) -> Gene
 
 @torch.no_grad()
 def generate(loaded: LoadedModel, prompts: list[list[int]], seeds: list[int],
-             cfg: SampleConfig, steering: RowSteering | None = None) -> list[Generation]:
+             cfg: Sampling, steering: RowSteering | None = None) -> list[Generation]:
     """Sample one completion per prompt id list with a KV cache; row b draws from seeds[b].
 
     ``steering``: one vector per prompt, added to its layer's output at every position of row b
@@ -244,7 +213,7 @@ def row_uniforms(seeds: list[int], steps: int) -> Float[Tensor, "batch steps"]:
 
 
 def _generate(loaded: LoadedModel, prompts: list[list[int]], seeds: list[int],
-              cfg: SampleConfig, steering: RowSteering | None) -> list[Generation]:
+              cfg: Sampling, steering: RowSteering | None) -> list[Generation]:
     model, tok, dev = loaded.model, loaded.tokenizer, loaded.device
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     eos = eos_token_ids(loaded)

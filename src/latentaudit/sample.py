@@ -45,7 +45,6 @@ from latentaudit.data.tokens import is_chat_messages, prompt_ids
 from latentaudit.errors import LatentAuditError
 from latentaudit.generate import (  # noqa: F401  (re-exported: latentaudit.sample is public)
     Generation,
-    SampleConfig,
     cut_at_stop,
     decode,
     eos_token_ids,
@@ -62,6 +61,45 @@ FINISH_REASONS = ("stop", "eos", "length")
 # Manifest keys that must match when resuming; ``n`` may grow, the rest is informational.
 MATCHED_KEYS = ("schema_version", "model", "dtype", "prompts_sha256", "system", "temperature",
                 "top_p", "max_new_tokens", "stop", "seed")
+
+
+@dataclass
+class SampleConfig:
+    """How to sample completions."""
+
+    n: int = 1
+    """Completions per prompt."""
+    temperature: float = 1.0
+    """Softmax temperature; 0 means greedy decoding."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches this mass."""
+    max_new_tokens: int = 200
+    """Most tokens generated per completion."""
+    stop: tuple[str, ...] = ()
+    """Stop strings: a completion ends before the first one it contains."""
+    seed: int = 0
+    """Base seed; each (prompt_id, sample_index) derives its own, so runs are reproducible."""
+    batch_size: int = 8
+    """Completions generated together (does not change the results; 0 or auto: chosen from free
+    device memory)."""
+    system: str | None = None
+    """System prompt for prompts that do not carry their own."""
+
+    def __post_init__(self) -> None:
+        self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        for flag, value, low in (("--n", self.n, 1), ("--max-new-tokens", self.max_new_tokens, 1),
+                                 ("--batch-size", self.batch_size, 0), ("--seed", self.seed, None)):
+            if isinstance(value, bool) or not isinstance(value, int) or (
+                    low is not None and value < low):
+                raise LatentAuditError(f"{flag} must be a whole number{f' ≥ {low}' if low else ''}"
+                                       f", got {value!r}.")
+        if not self.temperature >= 0:
+            raise LatentAuditError(f"--temperature must be ≥ 0 (0 = greedy), got "
+                                   f"{self.temperature}.")
+        if not 0 < self.top_p <= 1:
+            raise LatentAuditError(f"--top-p must be in (0, 1], got {self.top_p}.")
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise LatentAuditError(f"--stop strings must be non-empty, got {list(self.stop)!r}.")
 
 
 # ---- prompts ---------------------------------------------------------------------------------

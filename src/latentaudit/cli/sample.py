@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from latentaudit.cli import DEVICE_HELP, batch_size_arg, field_docs
     from latentaudit.cli._engine import add_engine_options
 
-    doc = field_docs("generate.py", "SampleConfig")
+    doc = field_docs("sample.py", "SampleConfig")
     p.add_argument("--model", required=True,
                    help="Model: embedded short name, local folder or hub id.")
     p.add_argument("--prompts", required=True,
