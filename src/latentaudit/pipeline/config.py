@@ -213,10 +213,11 @@ def _path(value: str, base: Path) -> str:
 
 def _resolve_spec(spec: str | None, base: Path) -> str | None:
     """A judge spec with its file resolved (rules:FILE, human:FILE, probe:FILE)."""
+    from latentaudit.judges.spec import JudgeSpec
+
     if spec is None or ":" not in spec:
         return spec
-    kind, _, arg = spec.partition(":")
-    return f"{kind}:{_resolve(arg, base)}" if kind in ("rules", "human", "probe") else spec
+    return str(JudgeSpec.parse(spec, flag="judge").with_file(lambda f: _resolve(f, base)))
 
 
 # ---- the whole file ----------------------------------------------------------------------------

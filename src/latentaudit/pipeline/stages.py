@@ -85,15 +85,14 @@ def rubric_digest(name: str) -> str:
 
 def judge_spec(spec: str, cfg: RunConfig) -> dict[str, Any]:
     """A judge as it enters a fingerprint: the resolved spec, its file and model options."""
-    from latentaudit.judges import load_rubric, resolve_spec
+    from latentaudit.judges import JudgeSpec, load_rubric
 
-    resolved = resolve_spec(spec, load_rubric(cfg.settings.rubric))
-    kind, _, arg = resolved.partition(":")
-    file = digest(arg) if arg else None  # a file enters by its content, a model by its name
-    out: dict[str, Any] = {"spec": f"{kind}:<file>" if file else resolved, "file": file}
-    if kind in ("probe", "local"):
+    s = JudgeSpec.parse(spec, load_rubric(cfg.settings.rubric))
+    file = digest(s.arg) if s.arg else None  # a file enters by its content, a model by its name
+    out: dict[str, Any] = {"spec": f"{s.backend}:<file>" if file else str(s), "file": file}
+    if s.backend in ("probe", "local"):
         out.update(dtype=cfg.settings.dtype, judge_model=cfg.judge.judge_model)
-    if kind == "openai":
+    if s.backend == "openai":
         out.update(base_url=cfg.judge.judge_base_url, logprobs=not cfg.judge.no_logprobs)
     return out
 

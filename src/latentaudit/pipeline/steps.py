@@ -108,26 +108,19 @@ def sample(ctx: Context) -> dict[str, Any]:
 
 def _judge_options(spec: str, ctx: Context) -> dict[str, Any]:
     """Constructor options of the judge ``spec`` (a probe of the run's model shares it)."""
-    from latentaudit.judges import load_rubric, resolve_spec
+    from latentaudit.judges import JudgeSpec, backend_options, load_rubric
     from latentaudit.models.embedded import canonical
 
     o, s = ctx.cfg.judge, ctx.cfg.settings
-    kind, _, arg = resolve_spec(spec, load_rubric(s.rubric)).partition(":")
-    if kind == "openai":
-        return dict(base_url=o.judge_base_url, api_key_env=o.judge_api_key_env,
-                    workers=o.judge_workers, timeout=o.judge_timeout, retries=o.judge_retries,
-                    logprobs=not o.no_logprobs)
-    if kind == "local":
-        return dict(device=s.device, dtype=s.dtype, batch_size=o.batch_size or 16)
-    if kind == "probe":
+    parsed = JudgeSpec.parse(spec, load_rubric(s.rubric))
+    options = backend_options(parsed, o, s.device, s.dtype)
+    if parsed.backend == "probe":
         from latentaudit.judges.probe import load_probe
 
-        reads = o.judge_model or load_probe(arg or s.rubric).model
+        reads = o.judge_model or load_probe(parsed.arg or s.rubric).model
         if canonical(reads) == canonical(s.model):
-            return dict(model=ctx.model(), batch_size=o.batch_size or 8)
-        return dict(model=o.judge_model, device=s.device, dtype=s.dtype,
-                    batch_size=o.batch_size or 8)
-    return {}
+            return dict(model=ctx.model(), batch_size=options["batch_size"])
+    return options
 
 
 def judge(ctx: Context) -> dict[str, Any]:
@@ -235,12 +228,12 @@ def circuit(ctx: Context) -> dict[str, Any]:
 
 
 def steer(ctx: Context) -> dict[str, Any]:
-    from latentaudit.judges import load_rubric, resolve_spec
+    from latentaudit.judges import JudgeSpec, load_rubric
     from latentaudit.steer import plan_steering, run_steering
 
     opts, s = ctx.cfg.steer_options, ctx.cfg.settings
     spec = opts.judge or ctx.cfg.judge.judge
-    kind = resolve_spec(spec, load_rubric(s.rubric)).partition(":")[0]
+    kind = JudgeSpec.parse(spec, load_rubric(s.rubric)).backend
     work = ctx.run / "steer"
     plan = ctx.plan_or_restart(lambda: plan_steering(
         ctx.cfg.steer, run=ctx.run, latents=list(opts.latents) or None,

@@ -104,7 +104,7 @@ def plan_steering(cfg: SteerConfig, *, run: str | os.PathLike | None = None,
                   toward_model: str | None = None, base_model: str | None = None,
                   judge_options: dict[str, Any] | None = None) -> SteerPlan:
     """Check every input of a sweep (step 1 of the module docstring)."""
-    from latentaudit.judges import BACKENDS, resolve_spec
+    from latentaudit.judges import JudgeSpec
     from latentaudit.saes.shipped import resolve_sae_path
     from latentaudit.sample import read_prompts
 
@@ -119,9 +119,8 @@ def plan_steering(cfg: SteerConfig, *, run: str | os.PathLike | None = None,
                                "change whose latents you diff).")
     rub = load_rubric(rubric)
     for spec in (judge, coherence_judge):
-        if spec is not None and resolve_spec(spec, rub).partition(":")[0] not in BACKENDS:
-            raise LatentAuditError(f"--judge {spec}: the backend must be one of "
-                                   f"{', '.join(BACKENDS)}.")
+        if spec is not None:
+            JudgeSpec.parse(spec, rub)
     sae_path = resolve_sae_path(sae, model) if sae else (
         info.sae_path(info.layers[0]) if info else None)
     if sae_path is None:
