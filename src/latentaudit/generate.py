@@ -45,6 +45,7 @@ from torch import Tensor
 from latentaudit.batching import guard_for
 from latentaudit.data.tokens import left_pad
 from latentaudit.errors import LatentAuditError
+from latentaudit.models.forward import keep_logits, pad_id
 from latentaudit.models.hooks import RowSteering, layer_device, steer_resid
 from latentaudit.models.load import LoadedModel
 
@@ -215,7 +216,7 @@ def row_uniforms(seeds: list[int], steps: int) -> Float[Tensor, "batch steps"]:
 def _generate(loaded: LoadedModel, prompts: list[list[int]], seeds: list[int],
               cfg: Sampling, steering: RowSteering | None) -> list[Generation]:
     model, tok, dev = loaded.model, loaded.tokenizer, loaded.device
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    pad = pad_id(tok)
     eos = eos_token_ids(loaded)
     B, padded = len(prompts), left_pad(prompts, pad)
     ids, mask, pos = (t.to(dev) for t in (padded.input_ids, padded.attention_mask,
@@ -309,8 +310,4 @@ def returned_cache(output, cache_arg: str):
 
 def last_logits_only(model) -> dict[str, int]:
     """Ask for the last position's logits only, where the model supports it."""
-    params = inspect.signature(model.forward).parameters
-    for name in ("logits_to_keep", "num_logits_to_keep"):
-        if name in params:
-            return {name: 1}
-    return {}
+    return keep_logits(model, 1)

@@ -41,6 +41,7 @@ from latentaudit.explain.topk import (
     empty_topk,
     merge_states,
 )
+from latentaudit.models.forward import pad_id
 from latentaudit.saes.harvest import pad_batch
 from latentaudit.saes.sae import SAE
 
@@ -65,7 +66,7 @@ def corpus_examples_ray(pool: WorkerPool, loaded, sae: SAE, layer: int, cfg: Exp
     seqs = list(itertools.islice(corpus_sequences(cfg, loaded.tokenizer), done, None))
     step = cfg.batch_size * max(1, math.ceil(len(seqs) / (4 * pool.n_workers * cfg.batch_size)))
     parts = [(done + k, seqs[k:k + step]) for k in range(0, len(seqs), step)]
-    pad = getattr(loaded.tokenizer, "pad_token_id", None) or 0
+    pad = pad_id(loaded.tokenizer)
     waiting: dict[int, tuple] = {}
     state = {"top": top, "density": density, "tokens": tokens, "done": done, "saved": monotonic()}
 

@@ -24,6 +24,7 @@ from latentaudit.explain.maps import completion_maps, sample_pairs
 from latentaudit.explain.output import ExplainResult, assemble, write_explain
 from latentaudit.explain.run import RunFolder, choose_latents, read_run
 from latentaudit.models import load as model_load
+from latentaudit.models.forward import pad_id
 from latentaudit.models.hooks import layer_device, layer_module
 from latentaudit.models.load import LoadedModel
 from latentaudit.saes.sae import SAE
@@ -169,7 +170,7 @@ def _maps_and_exact(model: LoadedModel, inputs: Inputs, cfg: ExplainConfig
     dirs = {L: s.decoder_directions(rows=inputs.scored[L]).to(layer_device(model.model, L))
             for L, s in inputs.saes.items()}
     positions = run.option.get("positions", "all")
-    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+    pad = pad_id(model.tokenizer)
     maps = completion_maps(model, seqs, dirs, a_bars, positions, cfg.batch_size, pad)
     at = {i: r for r, i in enumerate(rows)}
     exact = {}

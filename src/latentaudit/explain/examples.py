@@ -55,6 +55,7 @@ from latentaudit.explain.topk import (
     merge_topk,
     update_density,
 )
+from latentaudit.models.forward import pad_id
 from latentaudit.models.hooks import layer_device, run_until
 from latentaudit.saes.harvest import pad_batch, token_sequences
 from latentaudit.saes.sae import SAE
@@ -208,7 +209,7 @@ def corpus_examples(loaded, sae: SAE, layer: int, cfg: ExplainConfig, key: str,
         top = TopK(*(t.to(dev) for t in got.top))
         density, tokens, done = Density(*(t.to(dev) for t in got.density)), got.tokens, got.done
         log.info("resuming the corpus pass of layer %d after %d sequences", layer, done)
-    pad = getattr(loaded.tokenizer, "pad_token_id", None) or 0
+    pad = pad_id(loaded.tokenizer)
     seqs = itertools.islice(corpus_sequences(cfg, loaded.tokenizer), done, None)
     total = n_sequences(cfg)
     last = monotonic()

@@ -251,13 +251,8 @@ def steer(ctx: Context) -> dict[str, Any]:
 
 
 def report(ctx: Context) -> dict[str, Any]:
-    import latentaudit
+    from latentaudit.report import write_report
 
-    try:
-        write_report = latentaudit.write_report
-    except AttributeError:
-        raise StageSkipped("this version of latentaudit has no HTML report "
-                           "(latentaudit.write_report)") from None
     try:
         from latentaudit.report import require_packages
 
