@@ -11,7 +11,8 @@ PACKAGE = Path(__file__).parents[1] / "src" / "latentaudit"
 
 LAYERS = [
     ["errors"],
-    ["_io", "_progress", "batching", "logistic", "executor"],
+    ["_io", "_progress", "batching", "logistic", "options"],
+    ["executor"],
     ["data"],
     ["suites"],
     ["runfolder"],

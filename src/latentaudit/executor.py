@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from latentaudit.errors import LatentAuditError
+from latentaudit.options import whole
 
 ENGINES = ("local", "ray")
 INSTALL = 'pip install "latentaudit[ray]"'
@@ -49,12 +50,9 @@ class EngineConfig:
                                    f"{', '.join(ENGINES)}.")
         if self.engine == "local" and self.ray_address is not None:
             raise LatentAuditError("--ray-address needs --engine ray.")
-        for flag, value, low in (("--ray-workers", self.ray_workers, 1),
-                                 ("--ray-retries", self.ray_retries, 0)):
-            if value is None and flag == "--ray-workers":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise LatentAuditError(f"{flag} must be a whole number ≥ {low}, got {value!r}.")
+        if self.ray_workers is not None:
+            whole("ray_workers", self.ray_workers, 1)
+        whole("ray_retries", self.ray_retries, 0)
 
     @property
     def distributed(self) -> bool:

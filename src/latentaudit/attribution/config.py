@@ -8,7 +8,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from latentaudit.data.behaviour import PAIRINGS
-from latentaudit.errors import LatentAuditError
+from latentaudit.options import at_least, one_of
 from latentaudit.runfolder import RankingRow as RankedLatent
 from latentaudit.saes.sae import SAEInfo
 
@@ -45,24 +45,13 @@ class AttributionConfig:
     time)."""
 
     def __post_init__(self) -> None:
-        _at_least("--batch-size", self.batch_size, 0)
-        _one_of("--abar", self.abar, ABAR_SOURCES)
-        _one_of("--positions", self.positions, POSITIONS)
-        _one_of("--pairing", self.pairing, PAIRINGS)
-        _at_least("--top-k", self.top_k, 1)
-        _at_least("--sae-chunk", self.sae_chunk, 0)
-        _at_least("--checkpoint-every-batches", self.checkpoint_every_batches, 0)
-        _at_least("--checkpoint-every-seconds", self.checkpoint_every_seconds, 0)
-
-
-def _at_least(flag: str, value: float, low: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low:
-        raise LatentAuditError(f"{flag} must be at least {low}, got {value!r}.")
-
-
-def _one_of(flag: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise LatentAuditError(f"{flag} '{value}' is not one of {', '.join(allowed)}.")
+        at_least("batch_size", self.batch_size, 0)
+        one_of("abar", self.abar, ABAR_SOURCES)
+        one_of("positions", self.positions, POSITIONS)
+        one_of("pairing", self.pairing, PAIRINGS)
+        for name, low in (("top_k", 1), ("sae_chunk", 0), ("checkpoint_every_batches", 0),
+                          ("checkpoint_every_seconds", 0)):
+            at_least(name, getattr(self, name), low)
 
 
 @dataclass

@@ -38,6 +38,7 @@ from latentaudit.monitor.metrics import (
     roc_curve,
 )
 from latentaudit.monitor.read import Labelled, Reductions
+from latentaudit.options import whole
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +76,9 @@ class EvalConfig:
             raise LatentAuditError(f"--recall must be in (0, 1], got {self.recall}.")
         if not 0 < self.level < 1:
             raise LatentAuditError(f"--level must be in (0, 1), got {self.level}.")
-        for flag, value, low in (("--folds", self.folds, 2), ("--bootstrap", self.bootstrap, 1),
-                                 ("--random-draws", self.random_draws, 0),
-                                 ("--batch-size", self.batch_size, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise LatentAuditError(f"{flag} must be a whole number ≥ {low}, got {value!r}.")
+        for name, low in (("folds", 2), ("bootstrap", 1), ("random_draws", 0),
+                          ("batch_size", 1)):
+            whole(name, getattr(self, name), low)
 
 
 class LatentSet(NamedTuple):

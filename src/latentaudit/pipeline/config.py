@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from latentaudit.errors import LatentAuditError
+from latentaudit.options import OptionError
 from latentaudit.pipeline.options import (
     CircuitOptions,
     JudgeOptions,
@@ -180,6 +181,9 @@ def _build(cls: type, values: dict[str, Any], section: str, loc: Located,
     mine = {k: v for k, v in values.items() if k in names}
     try:
         return cls(**mine)
+    except OptionError as err:  # names its field: reported at that key
+        problems.append(f"{loc.where((section, err.field))}: {err.named(err.field).rstrip('.')}")
+        return None
     except LatentAuditError as err:
         message = str(err)
         for key in sorted(mine, key=len, reverse=True):
