@@ -17,22 +17,22 @@ def read_run(path: str | os.PathLike) -> RunFolder:
     return RunFolder.open(path, "--from")
 
 
-def parse_latents(text: str) -> list[int]:
-    """``"12,87"`` -> [12, 87], with an error that names --latents."""
+def parse_latents(text: str, flag: str = "--latents") -> list[int]:
+    """``"12,87"`` -> [12, 87], with an error that names ``flag``."""
     try:
         ids = [int(x) for x in text.replace(" ", "").split(",") if x]
     except ValueError:
-        raise LatentAuditError(f"--latents {text!r}: give latent ids separated by commas, e.g. "
-                               "--latents 12,87.") from None
+        raise LatentAuditError(f"{flag} {text!r}: give latent ids separated by commas, e.g. "
+                               f"{flag} 12,87.") from None
     if not ids:
-        raise LatentAuditError("--latents is empty: give latent ids, e.g. --latents 12,87.")
+        raise LatentAuditError(f"{flag} is empty: give latent ids, e.g. {flag} 12,87.")
     return ids
 
 
 def choose_latents(run: RunFolder, top_k: int, latents: Sequence[int] | None = None,
-                   layer: int | None = None) -> dict[int, list[int]]:
+                   layer: int | None = None, flag: str = "--latents") -> dict[int, list[int]]:
     """{layer: latent ids}: the given ones (at ``layer``, needed when the run has several), else
-    the top ``top_k`` of each layer's ranking."""
+    the top ``top_k`` of each layer's ranking; ``flag`` names the given ids in errors."""
     if layer is not None and layer not in run.layers:
         raise LatentAuditError(f"--layer {layer} is not a layer of the run {run.path} (layers: "
                                f"{', '.join(map(str, run.layers))}).")
@@ -46,11 +46,11 @@ def choose_latents(run: RunFolder, top_k: int, latents: Sequence[int] | None = N
         if len(run.layers) > 1:
             raise LatentAuditError(f"the run {run.path} has layers "
                                    f"{', '.join(map(str, run.layers))}: pass --layer with "
-                                   "--latents.")
+                                   f"{flag}.")
         layer = run.layers[0]
     d_sae = run.d_sae(layer)
     bad = [i for i in latents if not 0 <= i < d_sae]
     if bad:
-        raise LatentAuditError(f"--latents {', '.join(map(str, bad))}: out of range, the SAE of "
+        raise LatentAuditError(f"{flag} {', '.join(map(str, bad))}: out of range, the SAE of "
                                f"layer {layer} has latents 0..{d_sae - 1}.")
     return {layer: list(dict.fromkeys(latents))}

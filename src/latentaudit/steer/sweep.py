@@ -37,7 +37,7 @@ from latentaudit._io import write_json, write_jsonl
 from latentaudit.errors import LatentAuditError
 from latentaudit.executor import as_executor
 from latentaudit.judges.rubrics import Rubric, load_rubric
-from latentaudit.runfolder import RunFolder, SteeringRow, dataset_prompt_ids
+from latentaudit.runfolder import RunFolder, dataset_prompt_ids
 from latentaudit.steer.config import Condition, SteerConfig
 from latentaudit.steer.latents import latent_sets, read_run
 from latentaudit.suites import SuitePrompt
@@ -197,8 +197,9 @@ def _check_previous(plan: SteerPlan) -> None:
 class SteerResult:
     """What a sweep wrote (the same content as its files)."""
 
-    rows: list[SteeringRow]
-    """``steering.jsonl``: one row per condition."""
+    rows: list[dict[str, Any]]
+    """``steering.jsonl``: one row per condition (the fields of
+    :class:`~latentaudit.runfolder.SteeringRow`)."""
     summary: list[dict[str, Any]]
     """``steering_summary.json``: per method, direction and strength."""
     logodds: list[dict[str, Any]]
@@ -278,12 +279,13 @@ def _run_steering(plan: SteerPlan, model=None, *, device: str = "auto", dtype: s
     write_jsonl(plan.work / rf.JUDGED, graded.values())
     table = condition_table(conds, graded, units, cfg, {r["key"]: r for r in lo_rows})
     summary = summarise(table, cfg.n_boot, cfg.seed, cfg.level)
-    write_jsonl(plan.out / rf.STEERING, (r.to_dict() for r in table))
+    table_rows = [r.to_dict() for r in table]
+    write_jsonl(plan.out / rf.STEERING, table_rows)
     write_json(plan.out / rf.STEERING_SUMMARY,
                {"schema_version": SCHEMA_VERSION, "resid_norm": rbar, "sets": sets,
                 "prompts": len(plan.prompts), "units": len(units), "summary": summary})
     figs = figures.plot_sweep(table, plan.out)
-    return SteerResult(rows=table, summary=summary, logodds=lo_rows, sets=sets, resid_norm=rbar,
+    return SteerResult(rows=table_rows, summary=summary, logodds=lo_rows, sets=sets, resid_norm=rbar,
                        out=plan.out, figures=figs)
 
 
