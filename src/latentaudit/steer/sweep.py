@@ -285,8 +285,8 @@ def _run_steering(plan: SteerPlan, model=None, *, device: str = "auto", dtype: s
                {"schema_version": SCHEMA_VERSION, "resid_norm": rbar, "sets": sets,
                 "prompts": len(plan.prompts), "units": len(units), "summary": summary})
     figs = figures.plot_sweep(table, plan.out)
-    return SteerResult(rows=table_rows, summary=summary, logodds=lo_rows, sets=sets, resid_norm=rbar,
-                       out=plan.out, figures=figs)
+    return SteerResult(rows=table_rows, summary=summary, logodds=lo_rows, sets=sets,
+                       resid_norm=rbar, out=plan.out, figures=figs)
 
 
 def make_conditions(sets: dict[str, list[int]], cfg: SteerConfig, rbar: float | None,
