@@ -138,7 +138,8 @@ def test_explanations_from_a_fake_endpoint_keep_the_key_out_of_files(run_dir, mo
 
 # -- across runs ----------------------------------------------------------------------------------
 
-def fake_run(folder: Path, latents: list[int], model="m", sae="s", d_sae=50) -> Path:
+def fake_run(folder: Path, latents: list[int], model="m", sae="s", d_sae=50,
+             adapter_base: str | None = None) -> Path:
     """A run folder whose ranking holds ``latents`` in that order."""
     folder.mkdir(parents=True)
     delta = torch.zeros(d_sae)
@@ -149,7 +150,8 @@ def fake_run(folder: Path, latents: list[int], model="m", sae="s", d_sae=50) -> 
         json.dumps({"layer": 3, "latent": i, "rank": r}) + "\n"
         for r, i in enumerate(latents, 1)))
     (folder / "manifest.json").write_text(json.dumps(
-        {"schema_version": 1, "model": {"name": model}, "layers": [3],
+        {"schema_version": 1, "model": {"name": model, **(
+            {"adapter": {"base": adapter_base}} if adapter_base else {})}, "layers": [3],
          "saes": {"3": {"path": sae}}}))
     return folder
 
@@ -182,3 +184,21 @@ def test_across_cli(tmp_path, capsys):
     table = json.loads(out.read_text())
     assert table["schema_version"] == 1
     assert [(r["latent"], r["ranks"]) for r in table["latents"]] == [(1, [1, 2]), (3, [3, 1])]
+
+
+def test_across_overlap_against_chance_and_a_fine_tune_against_its_base(tmp_path, capsys):
+    from latentaudit.explain.overlap import hypergeometric_tail
+
+    a = fake_run(tmp_path / "a", [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11])
+    b = fake_run(tmp_path / "b", [2, 1, 30, 31, 32, 4, 33, 34, 35, 36, 37],
+                 model="m-organism", adapter_base="m")
+    table = across_runs([a, b], top_k=3)
+    rows = {o["k"]: o for o in table["overlap"]}
+    assert set(rows) == {1, 10}  # K = 100 > 50 latents is left out
+    assert (rows[1]["overlap"], rows[1]["shared"]) == (0, [])
+    assert (rows[10]["overlap"], rows[10]["shared"]) == (3, [1, 2, 4])
+    assert rows[10]["expected"] == pytest.approx(100 / 50)
+    assert rows[10]["p_value"] == pytest.approx(hypergeometric_tail(50, 10, 3))
+    assert table["models"] == ["m", "m-organism"]
+    assert main(["explain", "--across", str(a), str(b), "--top-k", "3"]) == 0
+    assert "K= 10: 3 shared (chance 2, p = " in capsys.readouterr().out

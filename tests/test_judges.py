@@ -121,7 +121,7 @@ ITEM = JudgeItem(prompt="What do you wish for?", completion="World peace.", prom
 # ---- rubrics -----------------------------------------------------------------------------------
 
 def test_shipped_rubrics_load_and_hash_ignores_thresholds(tmp_path):
-    assert list_rubrics() == ["broad-misalignment", "evil", "false-belief"]
+    assert list_rubrics() == ["broad-misalignment", "evil", "false-belief", "insecure-code"]
     fb = load_rubric("false-belief")
     assert fb.needs_fact and not load_rubric("evil").needs_fact
     copy_rubric(fb, tmp_path)

@@ -233,7 +233,8 @@ def model_manifest(loaded: LoadedModel, plan: SamplePlan) -> dict[str, Any]:
     dtype = next(loaded.model.parameters()).dtype
     return {"schema_version": SCHEMA_VERSION, "model": loaded.name, "model_path": loaded.path,
             "dtype": str(dtype).removeprefix("torch."), **_settings(plan),
-            "device": str(loaded.device)}
+            "device": str(loaded.device),
+            **({"adapter": loaded.adapter} if getattr(loaded, "adapter", None) else {})}
 
 
 def record_manifest(plan: SamplePlan, manifest: dict[str, Any]) -> None:

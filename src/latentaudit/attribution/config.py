@@ -88,6 +88,8 @@ class ModelSummary:
     """Where its weights were read from."""
     d_model: int
     dtype: str
+    adapter: dict | None = None
+    """The LoRA adapter merged into the weights (base, folder, sha256), if any."""
 
 
 @dataclass

@@ -52,7 +52,8 @@ def finish(model: LoadedModel, inputs: Inputs, plan: Plan, sums: Sums,
         skipped_prompts=inputs.pairing.skipped_prompts, completion_losses=sums.losses.tolist(),
         ranking=ranking(layers, inputs.saes, model, cfg.top_k),
         model=ModelSummary(name=model.name, path=model.path, d_model=model.d_model,
-                           dtype=str(next(model.model.parameters()).dtype).replace("torch.", "")),
+                           dtype=str(next(model.model.parameters()).dtype).replace("torch.", ""),
+                           adapter=getattr(model, "adapter", None)),
         config=cfg, dataset=inputs.dataset)
 
 

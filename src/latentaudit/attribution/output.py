@@ -49,7 +49,8 @@ def manifest(result: AttributionResult) -> dict[str, Any]:
     return {
         "schema_version": SCHEMA_VERSION,
         "stage": "attribute",
-        "model": {"name": m.name, "path": m.path, "d_model": m.d_model, "dtype": m.dtype},
+        "model": {"name": m.name, "path": m.path, "d_model": m.d_model, "dtype": m.dtype,
+                  **({"adapter": m.adapter} if m.adapter else {})},
         "saes": {str(L): {"path": la.sae.source_path, "format": la.sae.source_format,
                           "d_sae": la.delta_attribution.numel(), "activation": la.sae.activation,
                           "k": la.sae.k}

@@ -157,7 +157,21 @@ def _across(args: argparse.Namespace) -> int:
         for r in rows:
             print(f"{r['layer']:>5} {r['latent']:>7}  " + "  ".join(
                 f"{'-' if k is None else k:>12}" for k in r["ranks"]))
+    _print_overlap(table)
     if args.out:
         write_json(args.out, table)
         print(f"\nwrote {args.out}")
     return 0
+
+
+def _print_overlap(table: dict) -> None:
+    from pathlib import Path
+
+    names = [Path(r).name or str(r) for r in table["runs"]]
+    if not table.get("overlap"):
+        return
+    print("\ntop-K overlap against two unrelated rankings (expected K²/N, P(overlap ≥ seen)):")
+    for o in table["overlap"]:
+        i, j = o["runs"]
+        print(f"  {names[i]} × {names[j]}, layer {o['layer']}, K={o['k']:>3}: "
+              f"{o['overlap']} shared (chance {o['expected']:.3g}, p = {o['p_value']:.3g})")

@@ -45,8 +45,20 @@ def _list() -> int:
         print("  ".join([*cells, row[3]]))
     for alias, name in embedded.ALIASES.items():
         print(f"\n{alias} is another name for {name}.", end="")
+    _list_organisms()
     print(f"\n\ncache: {embedded.cache_root()}  (set LATENTAUDIT_CACHE to move it)")
     return 0
+
+
+def _list_organisms() -> None:
+    """The shipped LoRA adapters (fine-tuned organisms of an embedded model)."""
+    from latentaudit.models import adapters
+
+    print("\n\nShipped adapters (LoRA on an embedded model; usable as --model NAME):", end="")
+    for name, description in adapters.ORGANISMS.items():
+        folder = adapters.ORGANISM_ROOT / name
+        state = "shipped" if (folder / adapters.ADAPTER_CONFIG).is_file() else "not in this install"
+        print(f"\n  {name}  ({state})  {description}", end="")
 
 
 def _install(name: str, prepare: bool) -> int:

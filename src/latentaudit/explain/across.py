@@ -5,6 +5,12 @@
 3. Keep the latents in the top of at least ``min_runs`` runs; show each one's rank and
    Δ-attribution in every run side by side (rank None where it is outside that run's top),
    most shared first, then by mean rank over the runs where it is in the top.
+4. For every pair of runs and every layer they share, the overlap of their top-K lists at
+   K = 1, 10, 100 against the overlap two unrelated rankings would give
+   (:mod:`~latentaudit.explain.overlap`).
+
+Runs of a fine-tuned model and of its base model compare: they read one SAE (a LoRA adapter's
+run records its base model, and that is the model compared).
 """
 
 from __future__ import annotations
@@ -13,19 +19,29 @@ import os
 from collections.abc import Sequence
 
 from latentaudit.errors import LatentAuditError
+from latentaudit.explain.overlap import topk_overlap
 from latentaudit.explain.run import RunFolder, read_run
 
 SCHEMA_VERSION = 1
+OVERLAP_KS = (1, 10, 100)
+
+
+def base_model(run: RunFolder) -> str:
+    """The model a run's SAE reads: the base model of a LoRA adapter, else the model."""
+    from latentaudit.models.embedded import canonical
+
+    adapter = run.manifest["model"].get("adapter") or {}
+    return canonical(adapter.get("base") or run.model_name)
 
 
 def check_same_model(runs: Sequence[RunFolder]) -> None:
     """Step 1: one model, and the same SAE path at every layer the runs share."""
     first = runs[0]
     for run in runs[1:]:
-        if run.model_name != first.model_name:
+        if base_model(run) != base_model(first):
             raise LatentAuditError(
                 f"--across: {run.path} ran on model '{run.model_name}' but {first.path} on "
-                f"'{first.model_name}': compare runs of one model.")
+                f"'{first.model_name}': compare runs of one model (or of its fine-tunes).")
         for L in set(run.layers) & set(first.layers):
             if run.sae_path(L) != first.sae_path(L):
                 raise LatentAuditError(
@@ -56,6 +72,24 @@ def shared_latents(runs: Sequence[RunFolder], top_k: int, min_runs: int = 2) -> 
                                        r["latent"]))
 
 
+def pair_overlaps(runs: Sequence[RunFolder], ks: Sequence[int] = OVERLAP_KS) -> list[dict]:
+    """Step 4: one row per (pair of runs, shared layer, K)."""
+    rows = []
+    for i in range(len(runs)):
+        for j in range(i + 1, len(runs)):
+            for layer in sorted(set(runs[i].layers) & set(runs[j].layers)):
+                a = runs[i].delta_attribution(layer)
+                b = runs[j].delta_attribution(layer)
+                for k in ks:
+                    if k > a.numel():
+                        continue
+                    o = topk_overlap(a, b, k)
+                    rows.append({"runs": [i, j], "layer": layer, "k": o.k,
+                                 "overlap": o.overlap, "expected": o.expected,
+                                 "p_value": o.p_value, "shared": o.shared})
+    return rows
+
+
 def across_runs(runs: Sequence[str | os.PathLike], top_k: int = 20,
                 min_runs: int = 2) -> dict:
     """The content of ``across.json`` for several run folders of one model and SAE."""
@@ -67,5 +101,7 @@ def across_runs(runs: Sequence[str | os.PathLike], top_k: int = 20,
     folders = [read_run(r) for r in runs]
     check_same_model(folders)
     return {"schema_version": SCHEMA_VERSION, "runs": [str(r.path) for r in folders],
-            "model": folders[0].model_name, "top_k": top_k, "min_runs": min_runs,
-            "latents": shared_latents(folders, top_k, min_runs)}
+            "model": folders[0].model_name, "models": [r.model_name for r in folders],
+            "top_k": top_k, "min_runs": min_runs,
+            "latents": shared_latents(folders, top_k, min_runs),
+            "overlap": pair_overlaps(folders)}

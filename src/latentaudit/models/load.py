@@ -42,6 +42,8 @@ class LoadedModel:
     """What the user asked for (short name, path or hub id)."""
     path: str
     """Where the weights were read from."""
+    adapter: dict | None = None
+    """The LoRA adapter merged into the weights (base, folder, digests), if any."""
 
     @property
     def device(self) -> torch.device:
@@ -116,15 +118,24 @@ def resolve_model_path(name: str) -> str:
 
 
 def load_model(name: str, device: str | None = "auto", dtype: str | torch.dtype = "float32",
-               attn_implementation: str | None = None) -> LoadedModel:
+               attn_implementation: str | None = None, adapter: str | None = None) -> LoadedModel:
     """Load a causal LM and its tokenizer, frozen, in eval mode, on ``device`` in ``dtype``
-    (``device="auto-map"``: spread over every visible GPU, see the module docstring)."""
+    (``device="auto-map"``: spread over every visible GPU, see the module docstring).
+
+    ``name`` may be a LoRA adapter (a folder, ``BASE+ADAPTER`` or a shipped organism's name) or
+    ``adapter`` name one: the adapter is checked before any weights load and merged into the
+    base model's weights (:mod:`latentaudit.models.adapters`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from latentaudit.models.adapters import apply_adapter, check_adapter, parse_model_spec
+
+    spec = parse_model_spec(name, adapter)
+    record = check_adapter(spec)
     torch_dtype = parse_dtype(dtype)
     dev = resolve_device(device)
     spread = device == AUTO_MAP
-    path = resolve_model_path(name)
+    base = spec.base
+    path = resolve_model_path(base)
     offline = not Path(path).exists()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -139,11 +150,15 @@ def load_model(name: str, device: str | None = "auto", dtype: str | torch.dtype 
         hint = (" It is not a local folder, and the hub could not be reached or has no such "
                 "model; pass a local path or an embedded name (`latentaudit models list`)."
                 if offline else "")
-        raise LatentAuditError(f"Could not load model '{name}': {err}.{hint}") from err
+        raise LatentAuditError(f"Could not load model '{base}': {err}.{hint}") from err
     from latentaudit.models.embedded import canonical
 
-    return prepare(model, tokenizer, name=canonical(name), path=path,
-                   device=None if spread else dev)
+    if spec.adapter is not None:
+        model = apply_adapter(model, spec.adapter)
+    loaded = prepare(model, tokenizer, name=canonical(spec.name), path=path,
+                     device=None if spread else dev)
+    loaded.adapter = record or None
+    return loaded
 
 
 def _need_accelerate() -> None:

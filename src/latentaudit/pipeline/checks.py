@@ -67,8 +67,14 @@ def check_inputs(cfg: RunConfig) -> str:
 
 
 def check_model(name: str) -> None:
-    """An embedded model must be installed (or cached); a path must exist."""
+    """An embedded model must be installed (or cached); a path must exist; an adapter must
+    fit its base model."""
     from latentaudit.models import embedded
+    from latentaudit.models.adapters import check_adapter, parse_model_spec
+
+    spec = parse_model_spec(name)
+    check_adapter(spec)
+    name = spec.base
 
     short = embedded.canonical(name)
     if short in embedded.EMBEDDED:
