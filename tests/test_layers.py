@@ -17,7 +17,7 @@ LAYERS = [
     ["suites"],
     ["runfolder"],
     ["models"],
-    ["saes"],
+    ["saes", "finetune"],
     ["generate"],
     ["sample"],
     ["judges"],
