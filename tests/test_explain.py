@@ -12,7 +12,6 @@ from latentaudit.attribution.output import write_run
 from latentaudit.errors import LatentAuditError
 from latentaudit.explain import ExplainConfig, explain_latents
 from latentaudit.explain.exact import ablate, average_ranks, exact_changes, exact_check, spearman
-from latentaudit.explain.lens import promoted_suppressed, through_norm
 from latentaudit.explain.maps import pair_weights, sample_pairs, token_map
 from latentaudit.explain.output import final_order
 from latentaudit.explain.topk import (
@@ -25,6 +24,7 @@ from latentaudit.explain.topk import (
     update_density,
 )
 from latentaudit.models.hooks import layer_list, resid_hooks
+from latentaudit.models.lens import promoted_suppressed, through_norm
 from latentaudit.models.upper import final_norm
 from test_attribute import ablated_loss, loaded, make_data, reference_delta
 from tiny import random_sae
@@ -387,7 +387,7 @@ def test_second_run_reads_the_cache_without_the_model_pass(tiny_run, tmp_path, m
     cfg = small_cfg(corpus, exact_pairs=0, maps=False)
     first = explain_latents(root / "run", [3, 7], cfg, model=lm, out=tmp_path / "a",
                             cache_dir=tmp_path)
-    monkeypatch.setattr(examples, "_merge_batch", lambda *a, **k: pytest.fail("model ran"))
+    monkeypatch.setattr(examples, "merge_batch", lambda *a, **k: pytest.fail("model ran"))
     again = explain_latents(root / "run", [3, 7], cfg, model=lm, out=tmp_path / "b",
                             cache_dir=tmp_path)
     assert [r["top_examples"] for r in again.latents] == [r["top_examples"] for r in first.latents]
@@ -401,7 +401,7 @@ def test_killed_corpus_pass_resumes_to_the_same_state(tiny_run, tmp_path, monkey
     cfg = small_cfg(corpus)
     sae = random_sae(32, 40, layer=1).double()
     full = examples.corpus_examples(lm, sae, 1, cfg, "k1", tmp_path / "full")
-    real, calls = examples._merge_batch, []
+    real, calls = examples.merge_batch, []
 
     def dying(*args, **kw):
         calls.append(1)
@@ -409,10 +409,10 @@ def test_killed_corpus_pass_resumes_to_the_same_state(tiny_run, tmp_path, monkey
             raise KeyboardInterrupt
         return real(*args, **kw)
 
-    monkeypatch.setattr(examples, "_merge_batch", dying)
+    monkeypatch.setattr(examples, "merge_batch", dying)
     with pytest.raises(KeyboardInterrupt):
         examples.corpus_examples(lm, sae, 1, cfg, "k1", tmp_path, checkpoint_seconds=1e-9)
-    monkeypatch.setattr(examples, "_merge_batch", real)
+    monkeypatch.setattr(examples, "merge_batch", real)
     resumed = examples.corpus_examples(lm, sae, 1, cfg, "k1", tmp_path)
     assert resumed.sequences == full.sequences == examples.n_sequences(cfg)
     for a, b in zip(full.top + full.density, resumed.top + resumed.density, strict=True):

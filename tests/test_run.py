@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-import latentaudit
 from latentaudit.cli import main
 from latentaudit.errors import LatentAuditError
 from latentaudit.pipeline import plan_stages, read_config, run_pipeline, steps
@@ -179,21 +178,6 @@ def test_a_rerun_runs_no_stage_and_loads_no_model(project, calls, capsys):
     assert calls == []
     out = capsys.readouterr().out
     assert "attribute  done" in out and "skip" in out
-
-
-def test_the_report_stage_is_skipped_with_a_note_until_write_report_exists(project, calls,
-                                                                            monkeypatch):
-    module = latentaudit._EXPORTS["write_report"]
-    monkeypatch.delitem(latentaudit._EXPORTS, "write_report")
-    result = run_pipeline(project, redo=("report",))
-    assert statuses(result.run)["report"] == "skipped"
-    assert any("write_report" in n for n in result.notes)
-    assert not (result.run / "report.html").exists() and result.report is None
-    monkeypatch.setitem(latentaudit._EXPORTS, "write_report", module)
-    calls.clear()
-    result = run_pipeline(project)
-    assert calls == ["report"] and result.report == result.run / "report.html"
-    assert statuses(result.run)["report"] == "done" and result.report.is_file()
 
 
 def test_a_kill_between_stages_resumes_at_the_next_stage(tiny_model_dir, sae_dir, tmp_path,

@@ -178,13 +178,13 @@ def test_explain_scan_retry_on_out_of_memory_keeps_the_same_examples(tmp_path, m
                         batch_size=4, skip_first=4)
     lm, sae = loaded(), random_sae(32, 40, layer=1).double()
     whole = examples.corpus_examples(lm, sae, 1, cfg, "k", tmp_path / "a")
-    real, check = examples._merge_batch, oom_above(1)
+    real, check = examples.merge_batch, oom_above(1)
 
     def tight(model, sae, layer, ids, *a, **k):
         check(ids.shape[0])
         return real(model, sae, layer, ids, *a, **k)
 
-    monkeypatch.setattr(examples, "_merge_batch", tight)
+    monkeypatch.setattr(examples, "merge_batch", tight)
     split = examples.corpus_examples(lm, sae, 1, cfg, "k", tmp_path / "b")
     assert split.tokens == whole.tokens and split.sequences == whole.sequences
     for a, b in zip(whole.top + whole.density, split.top + split.density, strict=True):
@@ -245,9 +245,9 @@ def test_explain_scan_with_a_streamed_sae_equals_the_whole_sae():
     mask = torch.ones_like(ids)
     mask[2, 9:] = 0  # a shorter row
     state = empty_topk(40, 3, 2, 1), empty_density(40)
-    whole = examples._merge_batch(lm.model, sae, 1, ids, mask, 0, *state, cfg)
+    whole = examples.merge_batch(lm.model, sae, 1, ids, mask, 0, *state, cfg)
     for chunk in (1, 9, 40):
-        got = examples._merge_batch(lm.model, sae, 1, ids, mask, 0, *state, cfg, chunk)
+        got = examples.merge_batch(lm.model, sae, 1, ids, mask, 0, *state, cfg, chunk)
         for a, b in zip(whole[0] + whole[1], got[0] + got[1], strict=True):
             torch.testing.assert_close(b, a, **TIGHT)
         assert got[2] == whole[2]

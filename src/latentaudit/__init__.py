@@ -37,7 +37,7 @@ _EXPORTS = {
     "plan_steering": "latentaudit.steer",
     "run_steering": "latentaudit.steer",
     "write_report": "latentaudit.report",
-    "EngineConfig": "latentaudit.distributed",
+    "EngineConfig": "latentaudit.executor",
     "LatentAuditError": "latentaudit.errors",
     "fetch_corpus": "latentaudit.data.corpus",
     "load_corpus": "latentaudit.data.corpus",

@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from latentaudit.errors import LatentAuditError
+
 
 def named_or_file(name_or_path: str | os.PathLike, folder: Path, suffix: str) -> Path | None:
     """``name_or_path`` if it is a file, else the shipped ``folder/<name><suffix>``, else None."""
@@ -91,6 +93,30 @@ def save_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict | No
         save_file(clean, str(tmp), metadata=metadata)
 
 
+def load_tagged_safetensors(path: Path, key: str, fmt: str, what: str, fix: str,
+                            where: str = "") -> tuple[dict[str, Any], dict[str, Any]]:
+    """(metadata, tensors) of a safetensors file whose metadata ``key`` holds a JSON object of
+    ``format`` ``fmt`` (a probe, a monitor); ``what`` names the kind in errors, ``fix`` says how
+    to make one and ``where`` prefixes the path (e.g. the flag that named it)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(key)
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as err:
+        raise LatentAuditError(f"{where}{path}: not a readable safetensors file ({err}).") \
+            from err
+    try:
+        meta = json.loads(raw or "")
+    except json.JSONDecodeError:
+        meta = None
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        raise LatentAuditError(f"{where}{path}: not a latentaudit {what} (no '{key}' "
+                               f"metadata); {fix}.")
+    return meta, tensors
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     """Hex sha256 of a file, read in chunks."""
     h = hashlib.sha256()
@@ -117,7 +143,6 @@ def read_jsonl(path: str | os.PathLike, parse: Callable[[Any, str], tuple[Any, l
     (1-based line, item) for each parsed line. Blank lines are skipped. ``unique`` = (field name,
     key function) reports items whose key repeats an earlier line's.
     """
-    from latentaudit.errors import LatentAuditError
 
     items, errs, seen = [], [], {}
     with open(path, encoding="utf-8") as f:

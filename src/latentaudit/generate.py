@@ -36,7 +36,7 @@ stop string is dropped whole). So ``text == decode(token_ids[:-1] if eos else to
 from __future__ import annotations
 
 import inspect
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 from jaxtyping import Float, Int
@@ -45,11 +45,18 @@ from torch import Tensor
 from latentaudit.batching import guard_for
 from latentaudit.data.tokens import left_pad
 from latentaudit.errors import LatentAuditError
+from latentaudit.models.forward import keep_logits, pad_id
 from latentaudit.models.hooks import RowSteering, layer_device, steer_resid
 from latentaudit.models.load import LoadedModel
 
-if TYPE_CHECKING:
-    from latentaudit.sample import SampleConfig
+
+class Sampling(Protocol):
+    """The options generation reads (those of :class:`latentaudit.sample.SampleConfig`)."""
+
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    stop: tuple[str, ...]
 
 
 class Generation(NamedTuple):
@@ -160,7 +167,7 @@ def cut_at_stop(tokenizer, ids: list[int], stops: tuple[str, ...]) -> tuple[list
     return ids[:k], decode(tokenizer, ids[:k])
 
 
-def _finish(tokenizer, ids: list[int], eos: set[int], cfg: SampleConfig) -> Generation | None:
+def _finish(tokenizer, ids: list[int], eos: set[int], cfg: Sampling) -> Generation | None:
     if ids[-1] in eos:
         return Generation(ids, decode(tokenizer, ids[:-1]), "eos")
     if cfg.stop and (cut := cut_at_stop(tokenizer, ids, cfg.stop)) is not None:
@@ -172,7 +179,7 @@ def _finish(tokenizer, ids: list[int], eos: set[int], cfg: SampleConfig) -> Gene
 
 @torch.no_grad()
 def generate(loaded: LoadedModel, prompts: list[list[int]], seeds: list[int],
-             cfg: SampleConfig, steering: RowSteering | None = None) -> list[Generation]:
+             cfg: Sampling, steering: RowSteering | None = None) -> list[Generation]:
     """Sample one completion per prompt id list with a KV cache; row b draws from seeds[b].
 
     ``steering``: one vector per prompt, added to its layer's output at every position of row b
@@ -208,9 +215,9 @@ def row_uniforms(seeds: list[int], steps: int) -> Float[Tensor, "batch steps"]:
 
 
 def _generate(loaded: LoadedModel, prompts: list[list[int]], seeds: list[int],
-              cfg: SampleConfig, steering: RowSteering | None) -> list[Generation]:
+              cfg: Sampling, steering: RowSteering | None) -> list[Generation]:
     model, tok, dev = loaded.model, loaded.tokenizer, loaded.device
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    pad = pad_id(tok)
     eos = eos_token_ids(loaded)
     B, padded = len(prompts), left_pad(prompts, pad)
     ids, mask, pos = (t.to(dev) for t in (padded.input_ids, padded.attention_mask,
@@ -304,8 +311,4 @@ def returned_cache(output, cache_arg: str):
 
 def last_logits_only(model) -> dict[str, int]:
     """Ask for the last position's logits only, where the model supports it."""
-    params = inspect.signature(model.forward).parameters
-    for name in ("logits_to_keep", "num_logits_to_keep"):
-        if name in params:
-            return {name: 1}
-    return {}
+    return keep_logits(model, 1)

@@ -52,6 +52,7 @@ from latentaudit.generate import (  # noqa: F401  (re-exported: latentaudit.samp
     sample_tokens,
 )
 from latentaudit.models.load import LoadedModel
+from latentaudit.options import whole
 from latentaudit.suites import SuitePrompt as Prompt
 
 log = logging.getLogger(__name__)
@@ -87,12 +88,8 @@ class SampleConfig:
 
     def __post_init__(self) -> None:
         self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
-        for flag, value, low in (("--n", self.n, 1), ("--max-new-tokens", self.max_new_tokens, 1),
-                                 ("--batch-size", self.batch_size, 0), ("--seed", self.seed, None)):
-            if isinstance(value, bool) or not isinstance(value, int) or (
-                    low is not None and value < low):
-                raise LatentAuditError(f"{flag} must be a whole number{f' ≥ {low}' if low else ''}"
-                                       f", got {value!r}.")
+        for name, low in (("n", 1), ("max_new_tokens", 1), ("batch_size", 0), ("seed", None)):
+            whole(name, getattr(self, name), low)
         if not self.temperature >= 0:
             raise LatentAuditError(f"--temperature must be ≥ 0 (0 = greedy), got "
                                    f"{self.temperature}.")

@@ -20,7 +20,6 @@ losses are copied back only at checkpoints and at the end.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import logging
 import os
@@ -38,6 +37,7 @@ from latentaudit.attribution.math import _wide, batch_moments, completion_losses
 from latentaudit.attribution.plan import Plan
 from latentaudit.batching import guard_for
 from latentaudit.data.tokens import Batch, collate
+from latentaudit.models.forward import keep_logits
 from latentaudit.models.hooks import capture_resid, layer_device
 from latentaudit.models.load import LoadedModel
 from latentaudit.saes.sae import SAE
@@ -109,7 +109,6 @@ def run_batches(model: LoadedModel, saes: dict[int, SAE], plan: Plan, cfg: Attri
     acc = {L: Accumulators(model.d_model, sae.d_sae, layer_device(lm, L))
            for L, sae in saes.items()}
     losses = torch.zeros(len(plan.used), dtype=torch.float64)
-    keep_arg = "logits_to_keep" in inspect.signature(lm.forward).parameters
     key = run_key(model, saes, plan, cfg)
     start = _resume(checkpoint, key, acc, losses)
     every_n, every_s = cfg.checkpoint_every_batches, cfg.checkpoint_every_seconds
@@ -118,7 +117,7 @@ def run_batches(model: LoadedModel, saes: dict[int, SAE], plan: Plan, cfg: Attri
     pending: list[BatchSums] = []  # losses still on the device
 
     def slice_sums(rows: list[int]) -> BatchSums:
-        return batch_sums(model, saes, plan, rows, cfg, keep_arg, chunks)
+        return batch_sums(model, saes, plan, rows, cfg, chunks=chunks)
 
     with progress(total=len(plan.batches), desc="attribute", unit="batch", initial=start) as bar:
         for b in range(start, len(plan.batches)):
@@ -146,7 +145,7 @@ def _flush_losses(pending: list[BatchSums], losses: Tensor) -> None:
 
 
 def batch_sums(model: LoadedModel, saes: dict[int, SAE], plan: Plan, rows: list[int],
-               cfg: AttributionConfig, keep_arg: bool | None = None,
+               cfg: AttributionConfig,
                chunks: dict[int, int] | None = None) -> BatchSums:
     """Steps 1–2 for the completions ``rows`` of the plan, changing nothing outside."""
     cpu_batch = collate([plan.seqs[j] for j in rows], plan.pad_id)
@@ -154,7 +153,7 @@ def batch_sums(model: LoadedModel, saes: dict[int, SAE], plan: Plan, rows: list[
     batch = cpu_batch.to(model.device)
     w = torch.tensor([plan.weights[j] for j in rows])  # (B,)
     positive = torch.tensor([plan.positive[j] for j in rows])  # (B,)
-    batch_losses, per_layer = forward_backward(model.model, batch, list(saes), keep_arg,
+    batch_losses, per_layer = forward_backward(model.model, batch, list(saes),
                                                points={L: s.info.hook for L, s in saes.items()})
     out = {}
     for L, (a, g) in per_layer.items():
@@ -193,23 +192,17 @@ def _latent_sums(sae: SAE, acts: Tensor, positive: Tensor, chunk: int | None = N
     return pos, neg
 
 
-def forward_backward(model, batch: Batch, layers: list[int], keep_arg: bool | None = None,
-                     points: dict[int, str] | None = None
+def forward_backward(model, batch: Batch, layers: list[int], points: dict[int, str] | None = None
                      ) -> tuple[Tensor, dict[int, tuple[Tensor, Tensor]]]:
     """One forward (logits only where needed) and one backward to the hooked activations.
 
     Returns ℓ_C of each row and {layer: (a, g)} with a and g = ∂Σℓ/∂a of shape (B, T, D), at
     each layer's hook point in ``points`` (default resid_post).
-    ``keep_arg``: whether the model's forward takes ``logits_to_keep`` (None: look it up). The
-    explain stage reuses this for its per-token attribution maps.
+    The explain stage reuses this for its per-token attribution maps.
     """
-    if keep_arg is None:
-        keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
     k = batch.n_completion
     kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                  position_ids=batch.position_ids, use_cache=False)
-    if keep_arg:
-        kwargs["logits_to_keep"] = k + 1
+                  position_ids=batch.position_ids, use_cache=False, **keep_logits(model, k + 1))
     with capture_resid(model, layers, grad_from=min(layers), point=points or {}) as store:
         logits = model(**kwargs).logits[:, -(k + 1):-1]  # (B, k, V)
     targets = batch.input_ids[:, -k:]  # (B, k)
@@ -248,12 +241,6 @@ def layer_sums(sae: SAE | None, a: Tensor, g: Tensor, w: Tensor, mask: Tensor, b
         with torch.no_grad():
             out["f_pos"], out["f_neg"] = _latent_sums(sae, acts, side, chunk)
     return out
-
-
-def _accumulate(acc: Accumulators, sae: SAE | None, a: Tensor, g: Tensor, w: Tensor,
-                mask: Tensor, batch: Batch, positive: Tensor) -> None:
-    """Add one batch's sums at one layer to ``acc`` (:func:`layer_sums`)."""
-    acc.add(layer_sums(sae, a, g, w, mask, batch, positive))
 
 
 def _save_checkpoint(path, key: str, done: int, acc: dict[int, Accumulators],

@@ -8,7 +8,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from latentaudit.data.behaviour import PAIRINGS
-from latentaudit.errors import LatentAuditError
+from latentaudit.options import at_least, one_of
+from latentaudit.runfolder import RankingRow as RankedLatent
 from latentaudit.saes.sae import SAEInfo
 
 ABAR_SOURCES = ("auto", "sae", "dataset", "zero")
@@ -48,28 +49,17 @@ class AttributionConfig:
     error."""
 
     def __post_init__(self) -> None:
-        _at_least("--batch-size", self.batch_size, 0)
-        _one_of("--abar", self.abar, ABAR_SOURCES)
-        _one_of("--positions", self.positions, POSITIONS)
-        _one_of("--pairing", self.pairing, PAIRINGS)
-        _at_least("--top-k", self.top_k, 1)
-        _at_least("--sae-chunk", self.sae_chunk, 0)
-        _at_least("--checkpoint-every-batches", self.checkpoint_every_batches, 0)
-        _at_least("--checkpoint-every-seconds", self.checkpoint_every_seconds, 0)
-        _one_of("--hook", self.hook, HOOKS)
+        at_least("batch_size", self.batch_size, 0)
+        one_of("abar", self.abar, ABAR_SOURCES)
+        one_of("positions", self.positions, POSITIONS)
+        one_of("pairing", self.pairing, PAIRINGS)
+        for name, low in (("top_k", 1), ("sae_chunk", 0), ("checkpoint_every_batches", 0),
+                          ("checkpoint_every_seconds", 0)):
+            at_least(name, getattr(self, name), low)
+        one_of("hook", self.hook, HOOKS)
 
 
 HOOKS = ("auto", "resid_pre", "attn_out", "mlp_out", "resid_post")
-
-
-def _at_least(flag: str, value: float, low: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low:
-        raise LatentAuditError(f"{flag} must be at least {low}, got {value!r}.")
-
-
-def _one_of(flag: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise LatentAuditError(f"{flag} '{value}' is not one of {', '.join(allowed)}.")
 
 
 @dataclass
@@ -94,24 +84,6 @@ class LayerAttribution:
         """Latent indices with the largest Δ-attribution, best first."""
         k = min(k, self.delta_attribution.shape[0])
         return self.delta_attribution.topk(k).indices.tolist()
-
-
-@dataclass
-class RankedLatent:
-    """One row of the ranking: a top latent of one layer by Δ-attribution."""
-
-    layer: int
-    latent: int
-    rank: int
-    """1 for the largest Δ-attribution of its layer."""
-    delta_attribution: float
-    delta_activation: float | None
-    delta_activation_rank: int | None
-    """The latent's rank by Δ-activation among all latents of its layer (None if skipped)."""
-    logit_lens_top_tokens: list[str]
-    """The 10 tokens whose unembedding rows have the largest cosine with the decoder direction."""
-    neuronpedia_url: str | None = None
-    """The latent's Neuronpedia page, when the SAE is a known public release."""
 
 
 @dataclass

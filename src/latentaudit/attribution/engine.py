@@ -24,8 +24,8 @@ from latentaudit.attribution.plan import (
     make_plan,
 )
 from latentaudit.batching import resolve_batch_size
-from latentaudit.distributed.config import EngineConfig, require_ray
 from latentaudit.errors import LatentAuditError
+from latentaudit.executor import EngineConfig, Executor, as_executor
 from latentaudit.models import load as model_load
 from latentaudit.models.hooks import layer_device, layer_module, num_layers
 from latentaudit.models.load import LoadedModel
@@ -37,7 +37,7 @@ def attribute(model: LoadedModel | str | os.PathLike, saes: SAEs, data: Data,
               layers: int | Sequence[int] | None = None,
               checkpoint: str | os.PathLike | None = None,
               device: str = "auto", dtype: str = "float32",
-              engine: EngineConfig | None = None) -> AttributionResult:
+              engine: EngineConfig | Executor | None = None) -> AttributionResult:
     """Rank SAE latents by Δ-attribution for a behaviour dataset.
 
     model: a :class:`~latentaudit.models.load.LoadedModel`, or a short name, folder or hub id
@@ -47,13 +47,14 @@ def attribute(model: LoadedModel | str | os.PathLike, saes: SAEs, data: Data,
     config records, or the matching entry of ``layers`` (see
     :func:`~latentaudit.attribution.plan.saes_by_layer`). data: a behaviour JSONL path or a list
     of :class:`~latentaudit.data.behaviour.Completion`. checkpoint: a file for resumable
-    checkpoints (a rerun with the same inputs continues from it). engine: with ``--engine ray``
-    the completions are sharded across Ray workers (:mod:`latentaudit.distributed.attribute`;
-    ``model`` must then be a name or path, and ``checkpoint`` is a folder of finished shards).
+    checkpoints (a rerun with the same inputs continues from it). engine: the executor (or its
+    :class:`~latentaudit.executor.EngineConfig`); with ``--engine ray`` the completions are
+    sharded across Ray workers (``model`` must then be a name or path, and ``checkpoint`` is a
+    folder of finished shards).
     """
     cfg = cfg or AttributionConfig()
-    if engine is not None and engine.distributed:
-        require_ray()
+    executor = as_executor(engine)
+    if executor.distributed:
         if isinstance(model, LoadedModel):
             raise LatentAuditError("--engine ray: pass the model by name or path (every worker "
                                    "loads its own copy), not a loaded model.")
@@ -63,11 +64,9 @@ def attribute(model: LoadedModel | str | os.PathLike, saes: SAEs, data: Data,
     inputs = check_inputs(saes, data, layers, cfg)
     if not isinstance(model, LoadedModel):
         check_model_config(str(model), inputs.saes)
-    if engine is not None and engine.distributed:
-        from latentaudit.distributed.attribute import attribute_ray
-
-        return attribute_ray(str(model), inputs, cfg, engine, checkpoint=checkpoint,
-                             device=device, dtype=dtype)
+    if executor.distributed:
+        return executor.attribute(str(model), inputs, cfg, checkpoint=checkpoint, device=device,
+                                  dtype=dtype)
     if not isinstance(model, LoadedModel):
         model = model_load.load_model(str(model), device=device, dtype=dtype)
     return attribute_checked(model, inputs, cfg, checkpoint)

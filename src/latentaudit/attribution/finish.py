@@ -26,7 +26,7 @@ from latentaudit.attribution.math import center, deltas_from_moments
 from latentaudit.attribution.plan import Inputs, Plan
 from latentaudit.batching import free_memory
 from latentaudit.errors import LatentAuditError
-from latentaudit.explain.lens import logit_lens, token_strings, unembedding
+from latentaudit.models.lens import logit_lens, token_strings, unembedding
 from latentaudit.models.load import LoadedModel
 from latentaudit.saes.releases import neuronpedia_url
 from latentaudit.saes.sae import SAE

@@ -26,16 +26,10 @@ import torch
 
 from latentaudit._io import save_safetensors, write_json, write_jsonl
 from latentaudit.attribution.config import AttributionResult
-
-SCHEMA_VERSION = 1
-TENSORS_FILE = "attribution.safetensors"
-RANKING_FILE = "ranking.jsonl"
-MANIFEST_FILE = "manifest.json"
-
-
-def tensor_name(name: str, layer: int, several: bool) -> str:
-    """``name`` or ``name_layer{L}`` when the result has several layers."""
-    return f"{name}_layer{layer}" if several else name
+from latentaudit.runfolder import MANIFEST as MANIFEST_FILE
+from latentaudit.runfolder import RANKING as RANKING_FILE
+from latentaudit.runfolder import SCHEMA_VERSION, tensor_name
+from latentaudit.runfolder import TENSORS as TENSORS_FILE
 
 
 def _versions() -> dict[str, str]:

@@ -19,6 +19,7 @@ from latentaudit.attribution.config import AttributionConfig
 from latentaudit.data.behaviour import Completion, Pairing, dataset_hash, load_pairs
 from latentaudit.data.tokens import completion_ids, prompt_ids
 from latentaudit.errors import LatentAuditError
+from latentaudit.models.forward import pad_id
 from latentaudit.saes.sae import CONFIG_FILE, SAE
 
 SAESource = SAE | str | os.PathLike
@@ -172,7 +173,7 @@ def make_plan(inputs: Inputs, tokenizer, max_len: int | None, batch_size: int) -
     weights = inputs.pairing.weights(len(inputs.data))
     seqs = encode_completions(tokenizer, [inputs.data[i] for i in used], max_len)
     order = sorted(range(len(used)), key=lambda j: (len(seqs[j][0]) + len(seqs[j][1]), j))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     return Plan(used=used, weights=[weights[i] for i in used],
                 positive=[inputs.data[i].positive for i in used], seqs=seqs,
                 batches=[order[s:s + batch_size] for s in range(0, len(order), batch_size)],

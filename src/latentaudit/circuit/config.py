@@ -10,6 +10,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from latentaudit.errors import LatentAuditError
+from latentaudit.options import at_least
 
 MEASURES = ("loss", "pre-activation")
 ROUTES = ("auto", "stacked", "one-at-a-time")
@@ -64,15 +65,10 @@ class CircuitConfig:
     time)."""
 
     def __post_init__(self) -> None:
-        for flag, value, low in (
-                ("--top-k", self.top_k, 1), ("--max-edges", self.max_edges, 0),
-                ("--max-prompts", self.max_prompts, 0),
-                ("--batch-size", self.batch_size, 1), ("--target-batch", self.target_batch, 1),
-                ("--lens-tokens", self.lens_tokens, 1), ("--node-examples", self.node_examples, 0),
-                ("--checkpoint-every-batches", self.checkpoint_every_batches, 0),
-                ("--checkpoint-every-seconds", self.checkpoint_every_seconds, 0)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low:
-                raise LatentAuditError(f"{flag} must be at least {low}, got {value!r}.")
+        for name, low in (("top_k", 1), ("max_edges", 0), ("max_prompts", 0), ("batch_size", 1),
+                          ("target_batch", 1), ("lens_tokens", 1), ("node_examples", 0),
+                          ("checkpoint_every_batches", 0), ("checkpoint_every_seconds", 0)):
+            at_least(name, getattr(self, name), low)
         if isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float)) \
                 or not 0 < self.fraction <= 1:
             raise LatentAuditError(f"--fraction must be in (0, 1], got {self.fraction!r}.")

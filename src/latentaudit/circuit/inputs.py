@@ -11,7 +11,6 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
-from pathlib import Path
 from typing import Any
 
 from latentaudit.attribution.plan import config_file, saes_by_layer
@@ -63,10 +62,7 @@ def check_inputs(run: str | os.PathLike, upstream: Upstream,
     from latentaudit.models.embedded import canonical
 
     folder = read_run(run)
-    try:
-        chosen = choose_latents(folder, cfg.top_k, targets, layer)
-    except LatentAuditError as err:
-        raise LatentAuditError(str(err).replace("--latents", "--targets")) from None
+    chosen = choose_latents(folder, cfg.top_k, targets, layer, "--targets")
     if len(chosen) > 1:
         raise LatentAuditError(f"the run {folder.path} has layers "
                                f"{', '.join(map(str, chosen))}: pass --layer with the layer of "
@@ -76,7 +72,7 @@ def check_inputs(run: str | os.PathLike, upstream: Upstream,
         sae = str(sae)
     target_sae = _load_sae(folder, target_layer, sae, points=(HOOK,))
     ups = upstream_saes(upstream, upstream_layers, target_layer, target_sae)
-    rows, pairing, dataset = _load_data(folder, data)
+    rows, pairing, dataset = folder.pairs(data, "pass --data.", "the circuit")
     pairing = first_prompts(rows, pairing, cfg.max_prompts)
     name = canonical(model_name or folder.model_name)
     return Inputs(folder, target_layer, ids, targets is not None, target_sae, ups, rows,
@@ -124,28 +120,6 @@ def first_prompts(rows, pairing, n: int):
     paired = {rows[i].prompt_id for pair in pairing.pairs for i in pair}
     keep = set(list(dict.fromkeys(r.prompt_id for r in rows if r.prompt_id in paired))[:n])
     return replace(pairing, pairs=[p for p in pairing.pairs if rows[p[0]].prompt_id in keep])
-
-
-def _load_data(run: RunFolder, data):
-    from latentaudit.data.behaviour import dataset_hash, load_pairs
-    from latentaudit.explain.engine import _run_file
-
-    if data is not None and not Path(data).is_file():
-        raise LatentAuditError(f"--data {data}: no such file.")
-    path = data or _run_file(run)
-    if path is None:
-        raise LatentAuditError(f"{run.path / 'manifest.json'} names no dataset file (field "
-                               "'dataset'): pass --data.")
-    if not Path(path).is_file():
-        raise LatentAuditError(f"the run's dataset {path} (field 'dataset.path' of "
-                               f"{run.path / 'manifest.json'}) does not exist: pass --data.")
-    want = (run.manifest.get("dataset") or {}).get("sha256")
-    got = dataset_hash(path)
-    if want and got != want:
-        log.warning("%s is not the file the run attributed (sha256 differs): the circuit "
-                    "describes this file", path)
-    rows, pairing = load_pairs(path, run.option.get("pairing", "all"))
-    return rows, pairing, {"path": str(path), "sha256": got}
 
 
 def explain_config(run: RunFolder) -> ExplainConfig:

@@ -15,7 +15,7 @@ import os
 
 from latentaudit.explain import examples as ex
 from latentaudit.explain.config import ExplainConfig
-from latentaudit.explain.lens import logit_lens, token_strings, unembedding
+from latentaudit.models.lens import logit_lens, token_strings, unembedding
 from latentaudit.saes.sae import SAE
 
 log = logging.getLogger(__name__)

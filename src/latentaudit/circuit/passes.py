@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import logging
 import os
@@ -36,8 +35,9 @@ from latentaudit.attribution.plan import Plan
 from latentaudit.circuit.config import CircuitConfig
 from latentaudit.circuit.math import edge_moments
 from latentaudit.data.tokens import Batch, collate
+from latentaudit.models.forward import keep_logits
 from latentaudit.models.hooks import capture_layer_inputs, capture_resid
-from latentaudit.models.upper import repeat_calls, run_layers
+from latentaudit.models.upper import REPLAY_ERRORS, repeat_calls, run_layers
 
 log = logging.getLogger(__name__)
 
@@ -79,15 +79,11 @@ class BatchProducts(NamedTuple):
 
 def batch_products(model, batch: Batch, lower: int, upper: int, targets: list[int],
                    cotangents: Cotangents, target_batch: int, stacked: bool = True,
-                   keep_arg: bool | None = None) -> BatchProducts:
+                   ) -> BatchProducts:
     """Steps 1–2 for one batch: a¹, g¹ and every target's vector-Jacobian product at a¹."""
-    if keep_arg is None:
-        keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
     k = batch.n_completion
     kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                  position_ids=batch.position_ids, use_cache=False)
-    if keep_arg:
-        kwargs["logits_to_keep"] = k + 1
+                  position_ids=batch.position_ids, use_cache=False, **keep_logits(model, k + 1))
     between = list(range(lower + 1, upper + 1))
     with capture_resid(model, [lower, upper], grad_from=lower) as store, \
             capture_layer_inputs(model, between) as calls:
@@ -120,7 +116,9 @@ def _stacked(model, lower: int, upper: int, a1: Tensor, a2: Tensor, calls, V: Te
         try:
             with torch.enable_grad():
                 y = run_layers(model, lower, upper, x, repeat_calls(calls, B, n))
-        except Exception:  # an architecture whose layers do not replay: one at a time
+        except REPLAY_ERRORS as err:  # the layers do not replay here: one target at a time
+            log.info("replaying layers %d-%d failed (%s: %s)", lower + 1, upper,
+                     type(err).__name__, err)
             return None
         if y.shape != x.shape or \
                 (y.detach().view(n, *a2.shape) - a2)[:, valid].abs().max().item() > tol:
@@ -136,7 +134,6 @@ def run_hop(model, plan: Plan, lower: int, upper: int, targets: list[int], d_sae
     """Steps 1–4 over every batch of ``plan``; returns the sums and the route taken."""
     lm, device = model.model, model.device
     sums = HopSums(len(targets), model.d_model, d_sae, device)
-    keep_arg = "logits_to_keep" in inspect.signature(lm.forward).parameters
     start, route = _resume(checkpoint, key, sums)
     stacked = stacked_route(cfg.route, device) and route != "one-at-a-time"
     every_n, every_s = cfg.checkpoint_every_batches, cfg.checkpoint_every_seconds
@@ -148,7 +145,7 @@ def run_hop(model, plan: Plan, lower: int, upper: int, targets: list[int], d_sae
             batch = collate([plan.seqs[j] for j in idx], plan.pad_id).to(device)
             w = torch.tensor([plan.weights[j] for j in idx], device=device)  # (B,)
             got = batch_products(lm, batch, lower, upper, targets, cotangents, cfg.target_batch,
-                                 stacked, keep_arg)
+                                 stacked)
             if stacked and not got.stacked:
                 log.info("the layers between %d and %d do not replay here: one backward per "
                          "target from now on", lower, upper)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from latentaudit import runfolder as rf
 from latentaudit.cli import DEVICE_HELP, batch_size_arg, field_docs
 from latentaudit.cli._engine import add_engine_options, engine_from_args
 
@@ -15,7 +16,6 @@ DESCRIPTION = (
     "attribution.safetensors, ranking.jsonl and manifest.json into --out. A killed run resumes "
     "from its checkpoint when rerun with the same arguments. Every input is checked before the "
     "model loads.")
-CHECKPOINT_FILE = "attribute.checkpoint.safetensors"
 SHARDS_DIR = "attribute.shards"
 """With --engine ray: the folder of finished shards (removed once the run is written)."""
 
@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise LatentAuditError(f"--out {out} is a file: pass a folder for the run's files.")
     saes = [resolve_sae_path(s, args.model) for s in args.sae]
-    ckpt = out / (SHARDS_DIR if engine.distributed else CHECKPOINT_FILE)
+    ckpt = out / (SHARDS_DIR if engine.distributed else rf.CHECKPOINT)
     result = attribute(args.model, saes, args.data, cfg, layers=args.layer, checkpoint=ckpt,
                        device=args.device, dtype=args.dtype, engine=engine)
     write_run(out, result)

@@ -86,10 +86,7 @@ def run(args: argparse.Namespace) -> int:
     if args.show < 0:
         raise LatentAuditError(f"--show must be at least 0, got {args.show}.")
     cfg = config_from_args(args)
-    try:
-        targets = parse_latents(args.targets) if args.targets is not None else None
-    except LatentAuditError as err:
-        raise LatentAuditError(str(err).replace("--latents", "--targets")) from None
+    targets = parse_latents(args.targets, "--targets") if args.targets is not None else None
     model = args.model or read_run(args.run).model_name
     upstream = [resolve_sae_path(s, model) for s in args.upstream_sae]
     sae = resolve_sae_path(args.sae, model) if args.sae else None

@@ -74,18 +74,11 @@ def _need(args, *flags: str) -> None:
 
 def judge_options(spec: str, args) -> dict:
     """Constructor options of the judge backend ``spec`` names, from the flags."""
-    kind = spec.partition(":")[0]
-    if kind == "openai":
-        return dict(base_url=args.judge_base_url, api_key_env=args.judge_api_key_env,
-                    workers=args.judge_workers, timeout=args.judge_timeout,
-                    retries=args.judge_retries, logprobs=not args.no_logprobs)
-    if kind == "local":
-        return dict(device=args.device, dtype=args.dtype,
-                    batch_size=16 if args.batch_size is None else args.batch_size)
-    if kind == "probe":
-        return dict(model=args.judge_model, device=args.device, dtype=args.dtype,
-                    batch_size=8 if args.batch_size is None else args.batch_size)
-    return {}
+    from latentaudit.judges.spec import JudgeSpec, backend_options
+
+    if spec == "auto":
+        return {}
+    return backend_options(JudgeSpec.parse(spec), args, args.device, args.dtype)
 
 
 def _report(summary, rubric) -> list[str]:

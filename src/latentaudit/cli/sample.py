@@ -64,9 +64,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = str(parse_dtype(args.dtype)).removeprefix("torch.")
     plan = plan_sampling(args.prompts, cfg, args.out, model=args.model, dtype=dtype)
     if (plan.todo or plan.previous is None) and engine.distributed:
-        from latentaudit.distributed.sample import sample_ray
-
-        out = sample_ray(args.model, plan, engine, device=args.device, dtype=args.dtype)
+        out = engine.sample(args.model, plan, args.device, args.dtype)
     elif plan.todo or plan.previous is None:
         out = run_sampling(load_model(args.model, device=args.device, dtype=args.dtype), plan)
     else:  # every completion is there, sampled with these parameters

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from latentaudit import runfolder as rf
 from latentaudit.cli import DEVICE_HELP, batch_size_arg, field_docs
 
 NAME = "steer"
@@ -133,8 +134,7 @@ def run(args: argparse.Namespace) -> int:
     result = run_steering(plan, device=args.device, dtype=args.dtype, engine=engine)
     for line in summary_lines(result) if not cfg.logodds_only else logodds_lines(result):
         print(line)
-    files = ["steering.jsonl", "steering_summary.json"]
-    files += ["steering_logodds.jsonl"] if result.logodds else []
+    files = [rf.STEERING, rf.STEERING_SUMMARY] + ([rf.STEERING_LOGODDS] if result.logodds else [])
     files += [f.name for f in result.figures]
     print(f"\nwrote {', '.join(files)} into {result.out}")
     return 0

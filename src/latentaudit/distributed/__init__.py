@@ -20,6 +20,6 @@ Without Ray installed, ``--engine ray`` is one error that says how to install it
 engine (the default) never imports Ray.
 """
 
-from latentaudit.distributed.config import ENGINES, EngineConfig
+from latentaudit.executor import ENGINES, EngineConfig
 
 __all__ = ["ENGINES", "EngineConfig"]

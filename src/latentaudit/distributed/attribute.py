@@ -37,8 +37,8 @@ from latentaudit.attribution.config import AttributionConfig, AttributionResult
 from latentaudit.attribution.engine import prepare_plan
 from latentaudit.attribution.finish import finish
 from latentaudit.attribution.plan import Inputs
-from latentaudit.distributed.config import EngineConfig
 from latentaudit.distributed.pool import WorkerPool
+from latentaudit.executor import EngineConfig
 
 log = logging.getLogger(__name__)
 

@@ -26,12 +26,12 @@ from latentaudit.distributed.pool import WorkerPool
 from latentaudit.explain.config import ExplainConfig
 from latentaudit.explain.examples import (
     CorpusExamples,
-    _merge_batch,
-    _save,
     cache_path,
     corpus_sequences,
+    merge_batch,
     n_sequences,
     read_cache,
+    save_cache,
 )
 from latentaudit.explain.topk import (
     Density,
@@ -41,6 +41,7 @@ from latentaudit.explain.topk import (
     empty_topk,
     merge_states,
 )
+from latentaudit.models.forward import pad_id
 from latentaudit.saes.harvest import pad_batch
 from latentaudit.saes.sae import SAE
 
@@ -53,19 +54,19 @@ def corpus_examples_ray(pool: WorkerPool, loaded, sae: SAE, layer: int, cfg: Exp
     """:func:`~latentaudit.explain.examples.corpus_examples` with the pass on ``pool``."""
     path = cache_path(key, cache_dir)
     got = read_cache(path, key)
-    if got is not None and got[4]:
+    if got is not None and got.complete:
         log.info("top-activating examples of layer %d read from the cache %s", layer, path)
-        return CorpusExamples(got[0], got[1], got[2], got[3], key, path)
+        return CorpusExamples(got.top, got.density, got.tokens, got.done, key, path)
     if got is None:
         top = empty_topk(sae.d_sae, cfg.examples, cfg.context_before, cfg.context_after)
         density, tokens, done = empty_density(sae.d_sae), 0, 0
     else:
-        top, density, tokens, done = got[0], got[1], got[2], got[3]
+        top, density, tokens, done = got.top, got.density, got.tokens, got.done
         log.info("resuming the corpus pass of layer %d after %d sequences", layer, done)
     seqs = list(itertools.islice(corpus_sequences(cfg, loaded.tokenizer), done, None))
     step = cfg.batch_size * max(1, math.ceil(len(seqs) / (4 * pool.n_workers * cfg.batch_size)))
     parts = [(done + k, seqs[k:k + step]) for k in range(0, len(seqs), step)]
-    pad = getattr(loaded.tokenizer, "pad_token_id", None) or 0
+    pad = pad_id(loaded.tokenizer)
     waiting: dict[int, tuple] = {}
     state = {"top": top, "density": density, "tokens": tokens, "done": done, "saved": monotonic()}
 
@@ -78,7 +79,7 @@ def corpus_examples_ray(pool: WorkerPool, loaded, sae: SAE, layer: int, cfg: Exp
             state["tokens"] += part_tokens
             state["done"] += n
         if checkpoint_seconds and monotonic() - state["saved"] >= checkpoint_seconds:
-            _save(path, key, state["top"], state["density"], state["tokens"], state["done"],
+            save_cache(path, key, state["top"], state["density"], state["tokens"], state["done"],
                   complete=False)
             state["saved"] = monotonic()
 
@@ -86,7 +87,8 @@ def corpus_examples_ray(pool: WorkerPool, loaded, sae: SAE, layer: int, cfg: Exp
     shared = pool.share((loaded.name, cpu_sae, layer, cfg, pad))
     pool.run(_scan, parts, shared=shared, on_result=merge, sizes=[len(p) for _, p in parts],
              desc=f"top examples L{layer}", unit="seq", initial=done)
-    _save(path, key, state["top"], state["density"], state["tokens"], state["done"], complete=True)
+    save_cache(path, key, state["top"], state["density"], state["tokens"], state["done"],
+               complete=True)
     if state["done"] != n_sequences(cfg):
         log.info("the corpus held %d of the %d sequences asked for", state["done"],
                  n_sequences(cfg))
@@ -104,7 +106,7 @@ def _scan(worker, shared, first: int, seqs: list[list[int]]) -> tuple[TopK, Dens
     density, tokens = empty_density(sae.d_sae, dev), 0
     for b in range(0, len(seqs), cfg.batch_size):
         ids, mask = (t.to(dev) for t in pad_batch(seqs[b:b + cfg.batch_size], pad))
-        top, density, n = _merge_batch(loaded.model, sae, layer, ids, mask, first + b, top,
+        top, density, n = merge_batch(loaded.model, sae, layer, ids, mask, first + b, top,
                                        density, cfg)
         tokens += n
     return TopK(*(t.cpu() for t in top)), Density(*(t.cpu() for t in density)), tokens

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from latentaudit.distributed.config import EngineConfig
 from latentaudit.distributed.pool import WorkerPool
+from latentaudit.executor import EngineConfig
 from latentaudit.judges.base import JudgeCache, JudgeItem, JudgeRun, grade_all
 from latentaudit.judges.rubrics import Rubric
 

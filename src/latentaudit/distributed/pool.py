@@ -27,8 +27,8 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
-from latentaudit.distributed.config import EngineConfig, require_ray
 from latentaudit.errors import LatentAuditError
+from latentaudit.executor import EngineConfig, require_ray
 
 log = logging.getLogger(__name__)
 

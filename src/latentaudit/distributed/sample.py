@@ -17,8 +17,8 @@ import json
 from pathlib import Path
 
 from latentaudit._io import append_jsonl, atomic_open, complete_lines
-from latentaudit.distributed.config import EngineConfig
 from latentaudit.distributed.pool import WorkerPool
+from latentaudit.executor import EngineConfig
 from latentaudit.sample import SamplePlan, model_manifest, record_manifest, sample_rows
 
 

@@ -17,8 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from latentaudit._io import append_jsonl
-from latentaudit.distributed.config import EngineConfig
 from latentaudit.distributed.pool import WorkerPool
+from latentaudit.executor import EngineConfig
 
 
 class RemoteRows:

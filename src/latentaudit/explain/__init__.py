@@ -5,8 +5,8 @@ Algorithm, for each layer L of the run (SAE decoder rows d_i, unit length; the r
 1. Check every input before the model loads (:mod:`.engine`, :mod:`.run`): the run folder, the
    latents (the top ``top_k`` of ranking.jsonl, or given ids), the SAE, the dataset, the
    reference text (unless its pass is cached) and the options.
-2. Logit lens (:mod:`.lens`): the tokens with the largest cosine with d_i, and the tokens W_U d_i
-   promotes and suppresses most (optionally through the final norm).
+2. Logit lens (:mod:`latentaudit.models.lens`): the tokens with the largest cosine with d_i,
+   and the tokens W_U d_i promotes and suppresses most (optionally through the final norm).
 3. Top-activating examples and density (:mod:`.examples`, :mod:`.topk`): one pass up to layer L
    over the reference text keeps, for every latent, the k largest activations with a context
    window (a streaming top-k: memory d_sae × k × window whatever the text size), how often it
@@ -66,8 +66,8 @@ delta_attribution}], one entry per run in ``ranks`` and ``delta_attribution``).
 from latentaudit.explain.across import across_runs
 from latentaudit.explain.config import ExplainConfig
 from latentaudit.explain.engine import explain_latents
-from latentaudit.explain.lens import LensTokens, logit_lens, token_strings, unembedding
 from latentaudit.explain.output import ExplainResult
+from latentaudit.models.lens import LensTokens, logit_lens, token_strings, unembedding
 
 __all__ = ["ExplainConfig", "ExplainResult", "LensTokens", "across_runs", "explain_latents",
            "logit_lens", "token_strings", "unembedding"]

@@ -63,7 +63,7 @@ def shared_latents(runs: Sequence[RunFolder], top_k: int, min_runs: int = 2) -> 
             continue
         deltas = []
         for run in runs:
-            t = run.tensor("delta_attribution", layer) if layer in run.layers else None
+            t = run.vector("delta_attribution", layer, "pt") if layer in run.layers else None
             deltas.append(None if t is None or latent >= t.numel() else float(t[latent]))
         rows.append({"layer": layer, "latent": latent, "runs_in_top": len(hits),
                      "mean_rank": sum(hits) / len(hits), "ranks": ranks,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from latentaudit.errors import LatentAuditError
+from latentaudit.options import at_least
 
 
 @dataclass
@@ -58,17 +59,12 @@ class ExplainConfig:
     """Seconds per explanation request attempt."""
 
     def __post_init__(self) -> None:
-        for flag, value, low in (
-                ("--top-k", self.top_k, 1), ("--examples", self.examples, 1),
-                ("--corpus-tokens", self.corpus_tokens, 1), ("--context-len", self.context_len, 2),
-                ("--skip-first", self.skip_first, 0), ("--context-before", self.context_before, 0),
-                ("--context-after", self.context_after, 0), ("--batch-size", self.batch_size, 0),
-                ("--lens-tokens", self.lens_tokens, 1), ("--map-pairs", self.map_pairs, 0),
-                ("--exact-pairs", self.exact_pairs, 0),
-                ("--exact-batch-size", self.exact_batch_size, 1), ("--rescore", self.rescore, 0),
-                ("--interpret-timeout", self.interpret_timeout, 1e-9)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low:
-                raise LatentAuditError(f"{flag} must be at least {low:g}, got {value!r}.")
+        for name, low in (("top_k", 1), ("examples", 1), ("corpus_tokens", 1),
+                          ("context_len", 2), ("skip_first", 0), ("context_before", 0),
+                          ("context_after", 0), ("batch_size", 0), ("lens_tokens", 1),
+                          ("map_pairs", 0), ("exact_pairs", 0), ("exact_batch_size", 1),
+                          ("rescore", 0), ("interpret_timeout", 1e-9)):
+            at_least(name, getattr(self, name), low)
         if self.skip_first >= self.context_len - 1:
             raise LatentAuditError(f"--skip-first {self.skip_first} must leave at least two "
                                    f"positions of --context-len {self.context_len}.")

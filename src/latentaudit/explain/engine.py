@@ -10,50 +10,28 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 
 from latentaudit.attribution.plan import HOOK, POINTS
 from latentaudit.errors import LatentAuditError
+from latentaudit.executor import as_executor
 from latentaudit.explain import examples as ex
 from latentaudit.explain.config import ExplainConfig
-from latentaudit.explain.exact import ExactChange, ExactCheck, exact_changes, exact_check
-from latentaudit.explain.maps import CompletionMap, completion_maps, sample_pairs
+from latentaudit.explain.exact import exact_changes, exact_check
+from latentaudit.explain.inputs import Inputs, LayerExact, Maps
+from latentaudit.explain.maps import completion_maps, sample_pairs
 from latentaudit.explain.output import ExplainResult, assemble, write_explain
 from latentaudit.explain.run import RunFolder, choose_latents, read_run
 from latentaudit.models import load as model_load
+from latentaudit.models.forward import pad_id
 from latentaudit.models.hooks import layer_device, layer_module
 from latentaudit.models.load import LoadedModel
 from latentaudit.saes.sae import SAE
 from latentaudit.saes.stream import place
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Inputs:
-    """Everything explain needs that does not depend on the model."""
-
-    run: RunFolder
-    chosen: dict[int, list[int]]
-    """{layer: latents explained}, in ranking order (or as given)."""
-    scored: dict[int, list[int]]
-    """{layer: latents whose exact effect is measured}: the explained ones and the top
-    ``rescore`` of the ranking."""
-    saes: dict[int, SAE]
-    data: list | None
-    """The run's completions (None when neither maps nor the exact check need them)."""
-    pairs: list[tuple[int, int]]
-    """The sampled pairs, in sampled order (maps use them all, the exact check the first
-    ``exact_pairs``)."""
-    keys: dict[int, str]
-    """{layer: cache key of the examples pass}."""
-    model_name: str
-    given: bool
-    """Whether the latents were given (else the top of the ranking)."""
 
 
 def check_inputs(run: str | os.PathLike, latents: Sequence[int] | None, layer: int | None,
@@ -111,35 +89,9 @@ def _load_sae(run: RunFolder, layer: int, given, points: tuple[str, ...] = POINT
 def _load_data(run: RunFolder, data, cfg: ExplainConfig):
     if not cfg.maps and not cfg.exact_pairs:
         return None, []
-    from latentaudit.data.behaviour import dataset_hash, load_pairs
-
-    if data is not None and not Path(data).is_file():
-        raise LatentAuditError(f"--data {data}: no such file.")
-    path = data or _run_file(run)
-    if path is None:
-        raise LatentAuditError(f"{run.path / 'manifest.json'} names no dataset file (field "
-                               "'dataset'): pass --data, or --no-maps --exact-pairs 0.")
-    if not Path(path).is_file():
-        raise LatentAuditError(f"the run's dataset {path} (field 'dataset.path' of "
-                               f"{run.path / 'manifest.json'}) does not exist: pass --data.")
-    want = (run.manifest.get("dataset") or {}).get("sha256")
-    if want and dataset_hash(path) != want:
-        log.warning("%s is not the file the run attributed (sha256 differs): the maps and the "
-                    "exact check describe this file", path)
-    rows, pairing = load_pairs(path, run.option.get("pairing", "all"))
+    rows, pairing, _ = run.pairs(data, "pass --data, or --no-maps --exact-pairs 0.",
+                                 "the maps and the exact check")
     return rows, sample_pairs(pairing.pairs, 0, cfg.seed)
-
-
-def _run_file(run: RunFolder) -> str | None:
-    """The run's dataset path; a relative one is tried from the working directory, then from the
-    run folder's parent (where `attribute` usually ran) and the run folder."""
-    path = run.dataset_path
-    if path is None or Path(path).is_absolute() or Path(path).is_file():
-        return path
-    for base in (run.path.parent, run.path):
-        if (base / path).is_file():
-            return str(base / path)
-    return path
 
 
 def explain_latents(run: str | os.PathLike, latents: Sequence[int] | None = None,
@@ -156,8 +108,8 @@ def explain_latents(run: str | os.PathLike, latents: Sequence[int] | None = None
     loaded on ``device`` in ``dtype`` after every other input checked out. sae / data replace the
     run's SAE (one layer) and dataset when they have moved. cache_dir: where the per-SAE example
     cache lives (default ``$LATENTAUDIT_CACHE``, else ``~/.cache/latentaudit``). engine: an
-    :class:`~latentaudit.distributed.EngineConfig`; with ``--engine ray`` the top-activating
-    scan of the corpus runs on Ray workers (:mod:`latentaudit.distributed.examples`).
+    :class:`~latentaudit.executor.Executor` (or its ``EngineConfig``); with ``--engine ray`` the
+    top-activating scan of the corpus runs on Ray workers.
     """
     cfg = cfg or ExplainConfig()
     if not isinstance(model, LoadedModel):
@@ -185,18 +137,13 @@ def explain_latents(run: str | os.PathLike, latents: Sequence[int] | None = None
 def _corpus_examples(model: LoadedModel, inputs, cfg: ExplainConfig, cache_dir, engine,
                      chunks: dict) -> dict[int, ex.CorpusExamples]:
     """The top-activating scan of each layer, here or on Ray workers."""
-    if engine is None or not engine.distributed or all(
+    executor = as_executor(engine)
+    if not executor.distributed or all(
             ex.is_cached(inputs.keys[L], cache_dir) for L in inputs.saes):
         return {L: ex.corpus_examples(model, s, L, cfg, inputs.keys[L], cache_dir,
                                       chunk=chunks[L])
                 for L, s in inputs.saes.items()}
-    from latentaudit.distributed.examples import corpus_examples_ray
-    from latentaudit.distributed.pool import WorkerPool
-
-    dtype = str(next(model.model.parameters()).dtype).replace("torch.", "")
-    with WorkerPool(engine, device=str(model.device), dtype=dtype) as pool:
-        return {L: corpus_examples_ray(pool, model, s, L, cfg, inputs.keys[L], cache_dir)
-                for L, s in inputs.saes.items()}
+    return executor.corpus_examples(model, inputs.saes, cfg, inputs.keys, cache_dir)
 
 
 def _interpreter(cfg: ExplainConfig, out: Path):
@@ -207,30 +154,6 @@ def _interpreter(cfg: ExplainConfig, out: Path):
     return Interpreter(cfg.interpret_model, base_url=cfg.interpret_base_url,
                        api_key_env=cfg.interpret_api_key_env, timeout=cfg.interpret_timeout,
                        cache=out / "interpret_cache.jsonl")
-
-
-class LayerExact(NamedTuple):
-    """The exact check of one layer."""
-
-    check: ExactCheck
-    change: ExactChange
-    completions: list[int]
-    """Dataset indices of the completions measured (rows of ``change``)."""
-    pairs: list[tuple[int, int]]
-    """The sampled pairs, as dataset indices."""
-
-
-@dataclass
-class Maps:
-    """Per-token maps of the sampled completions (steps of :mod:`.maps`)."""
-
-    rows: list[int]
-    """Dataset indices of the mapped completions, in map order."""
-    pairs: list[tuple[int, int]]
-    """The sampled pairs whose completions are mapped (dataset indices)."""
-    maps: list[CompletionMap]
-    columns: dict[int, list[int]]
-    """{layer: latents}, the order of each layer's δ columns."""
 
 
 def _maps_and_exact(model: LoadedModel, inputs: Inputs, cfg: ExplainConfig
@@ -247,11 +170,11 @@ def _maps_and_exact(model: LoadedModel, inputs: Inputs, cfg: ExplainConfig
     max_len = getattr(model.model.config, "max_position_embeddings", None)
     seqs = encode_completions(model.tokenizer, [inputs.data[i] for i in rows], max_len)
     run = inputs.run
-    a_bars = {L: run.tensor("a_bar", L).to(model.device) for L in inputs.scored}
+    a_bars = {L: run.vector("a_bar", L, "pt").to(model.device) for L in inputs.scored}
     dirs = {L: s.decoder_directions(rows=inputs.scored[L]).to(layer_device(model.model, L))
             for L, s in inputs.saes.items()}
     positions = run.option.get("positions", "all")
-    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+    pad = pad_id(model.tokenizer)
     points = {L: s.info.hook for L, s in inputs.saes.items()}
     maps = completion_maps(model, seqs, dirs, a_bars, positions, cfg.batch_size, pad, points)
     at = {i: r for r, i in enumerate(rows)}

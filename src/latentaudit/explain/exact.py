@@ -18,7 +18,6 @@ For completion C and latent i at layer L (METHOD.md, "A caution we measured"):
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -28,6 +27,7 @@ from torch import Tensor
 
 from latentaudit._progress import progress
 from latentaudit.attribution.math import completion_losses
+from latentaudit.models.forward import keep_logits
 from latentaudit.models.hooks import capture_layer_inputs, capture_resid, layer_list, resid_hooks
 from latentaudit.models.upper import replay_matches, upper_logits
 
@@ -93,14 +93,13 @@ def exact_changes(model, layer: int, seqs: Sequence[tuple[list[int], list[int]]]
     route = route if point == "resid_post" else "full-forward"
     dev = next(model.parameters()).device
     upper = list(range(layer + 1, len(layer_list(model))))
-    keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
     clean = torch.zeros(len(seqs), dtype=torch.float64)
     change = torch.zeros(len(seqs), len(directions), dtype=torch.float64)
     for c, (p, q) in enumerate(progress(seqs, desc=f"exact ablation L{layer}", unit="completion")):
         ids = torch.tensor([p + q], device=dev)  # (1, T)
         k = len(q)
         targets = ids[:, -k:]  # (1, k)
-        kwargs = {"logits_to_keep": k + 1} if keep_arg else {}
+        kwargs = keep_logits(model, k + 1)
         with capture_resid(model, [layer], point=point) as store, \
                 capture_layer_inputs(model, upper) as calls:
             last = model(input_ids=ids, use_cache=False, **kwargs).logits[:, -(k + 1):]
@@ -118,16 +117,16 @@ def exact_changes(model, layer: int, seqs: Sequence[tuple[list[int], list[int]]]
             if route == "upper-layers":
                 out = upper_logits(model, layer, h, calls, k + 1)[:, :-1]  # (n, k, V)
             else:
-                out = _full_forward_logits(model, layer, ids, h, k, keep_arg, point)
+                out = _full_forward_logits(model, layer, ids, h, k, point)
             lost = completion_losses(out, targets.expand(len(h), -1), ones.expand(len(h), -1))
             change[c, s:s + len(h)] = lost.double().cpu() - clean[c]
     return ExactChange(clean, change, route or ROUTES[0])
 
 
 def _full_forward_logits(model, layer: int, ids: Tensor, hidden: Tensor, k: int,
-                         keep_arg: bool, point: str = "resid_post") -> Tensor:
+                         point: str = "resid_post") -> Tensor:
     """Logits at the completion's predicting positions with ``point`` of layer L replaced."""
-    kwargs = {"logits_to_keep": k + 1} if keep_arg else {}
+    kwargs = keep_logits(model, k + 1)
     with resid_hooks(model, {layer: lambda _: hidden}, point):
         out = model(input_ids=ids.expand(len(hidden), -1), use_cache=False, **kwargs).logits
     return out[:, -(k + 1):-1]

@@ -55,6 +55,7 @@ from latentaudit.explain.topk import (
     merge_topk,
     update_density,
 )
+from latentaudit.models.forward import pad_id
 from latentaudit.models.hooks import layer_device, run_until
 from latentaudit.saes.harvest import pad_batch, token_sequences
 from latentaudit.saes.sae import SAE
@@ -144,8 +145,20 @@ def cache_path(key: str, cache_dir: str | os.PathLike | None) -> Path:
     return root / "explain" / f"examples-{key}.safetensors"
 
 
-def read_cache(path: Path, key: str) -> tuple[TopK, Density, int, int, bool] | None:
-    """(top, density, tokens, sequences done, complete) from a cache file with this key."""
+class CachedPass(NamedTuple):
+    """What the example cache holds for one key."""
+
+    top: TopK
+    density: Density
+    tokens: int
+    done: int
+    """Corpus sequences scanned."""
+    complete: bool
+    """The pass reached the end of the corpus."""
+
+
+def read_cache(path: Path, key: str) -> CachedPass | None:
+    """The pass cached in ``path`` under this key (None when there is none)."""
     if not path.exists():
         return None
     from safetensors import safe_open
@@ -156,12 +169,13 @@ def read_cache(path: Path, key: str) -> tuple[TopK, Density, int, int, bool] | N
             return None
         t = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
     top = TopK(*(t[name] for name in TopK._fields))
-    return (top, Density(t["fired"], t["histogram"]), int(meta["tokens"]),
-            int(meta["sequences_done"]), meta.get("complete") == "true")
+    return CachedPass(top, Density(t["fired"], t["histogram"]), int(meta["tokens"]),
+                      int(meta["sequences_done"]), meta.get("complete") == "true")
 
 
-def _save(path: Path, key: str, top: TopK, density: Density, tokens: int, done: int,
-          complete: bool) -> None:
+def save_cache(path: Path, key: str, top: TopK, density: Density, tokens: int, done: int,
+               complete: bool) -> None:
+    """Write a pass's state to the cache (atomically)."""
     tensors = {**top._asdict(), "fired": density.fired, "histogram": density.histogram}
     save_safetensors(path, tensors, metadata={
         "key": key, "tokens": str(tokens), "sequences_done": str(done),
@@ -171,7 +185,7 @@ def _save(path: Path, key: str, top: TopK, density: Density, tokens: int, done: 
 def is_cached(key: str, cache_dir: str | os.PathLike | None) -> bool:
     """Whether a finished pass with this key is cached (so no corpus is needed)."""
     got = read_cache(cache_path(key, cache_dir), key)
-    return got is not None and got[4]
+    return got is not None and got.complete
 
 
 def corpus_examples(loaded, sae: SAE, layer: int, cfg: ExplainConfig, key: str,
@@ -184,18 +198,18 @@ def corpus_examples(loaded, sae: SAE, layer: int, cfg: ExplainConfig, key: str,
     """
     path = cache_path(key, cache_dir)
     got = read_cache(path, key)
-    if got is not None and got[4]:
+    if got is not None and got.complete:
         log.info("top-activating examples of layer %d read from the cache %s", layer, path)
-        return CorpusExamples(got[0], got[1], got[2], got[3], key, path)
+        return CorpusExamples(got.top, got.density, got.tokens, got.done, key, path)
     dev = layer_device(loaded.model, layer)
     if got is None:
         top = empty_topk(sae.d_sae, cfg.examples, cfg.context_before, cfg.context_after, dev)
         density, tokens, done = empty_density(sae.d_sae, dev), 0, 0
     else:
-        top = TopK(*(t.to(dev) for t in got[0]))
-        density, tokens, done = Density(*(t.to(dev) for t in got[1])), got[2], got[3]
+        top = TopK(*(t.to(dev) for t in got.top))
+        density, tokens, done = Density(*(t.to(dev) for t in got.density)), got.tokens, got.done
         log.info("resuming the corpus pass of layer %d after %d sequences", layer, done)
-    pad = getattr(loaded.tokenizer, "pad_token_id", None) or 0
+    pad = pad_id(loaded.tokenizer)
     seqs = itertools.islice(corpus_sequences(cfg, loaded.tokenizer), done, None)
     total = n_sequences(cfg)
     last = monotonic()
@@ -207,7 +221,7 @@ def corpus_examples(loaded, sae: SAE, layer: int, cfg: ExplainConfig, key: str,
 
     def scan(rows: list[int]) -> None:
         ids, mask = (t.to(loaded.device) for t in pad_batch([batch[r] for r in rows], pad))
-        new_top, new_density, n = _merge_batch(loaded.model, sae, layer, ids, mask,
+        new_top, new_density, n = merge_batch(loaded.model, sae, layer, ids, mask,
                                                done + rows[0], state[0], state[1], cfg, chunk)
         state[:] = [new_top, new_density, state[2] + n]  # only once the slice succeeded
 
@@ -218,19 +232,19 @@ def corpus_examples(loaded, sae: SAE, layer: int, cfg: ExplainConfig, key: str,
             done += len(batch)
             bar.update(len(batch))
             if checkpoint_seconds and monotonic() - last >= checkpoint_seconds:
-                _save(path, key, top, density, tokens, done, complete=False)
+                save_cache(path, key, top, density, tokens, done, complete=False)
                 last = monotonic()
         if done < total:
             log.info("the reference text ran out after %d of the %d sequences asked for",
                      done, total)
         end_at_count(bar)
-    _save(path, key, top, density, tokens, done, complete=True)
+    save_cache(path, key, top, density, tokens, done, complete=True)
     cpu = TopK(*(t.cpu() for t in top))
     return CorpusExamples(cpu, Density(*(t.cpu() for t in density)), tokens, done, key, path)
 
 
 @torch.no_grad()
-def _merge_batch(model, sae: SAE, layer: int, ids, mask, first: int, top: TopK,
+def merge_batch(model, sae: SAE, layer: int, ids, mask, first: int, top: TopK,
                  density: Density, cfg: ExplainConfig, chunk: int | None = None
                  ) -> tuple[TopK, Density, int]:
     """Step 2 for one batch, in row blocks and latent chunks that keep the latent tensor near

@@ -13,19 +13,19 @@ from torch import Tensor
 from latentaudit._io import save_safetensors, write_json, write_jsonl
 from latentaudit.data.corpus import content_warning
 from latentaudit.explain.config import ExplainConfig
-from latentaudit.explain.lens import (
+from latentaudit.explain.inputs import Inputs, LayerExact, Maps
+from latentaudit.explain.maps import map_summary, pair_weights, stack_maps
+from latentaudit.explain.topk import HIST_EDGES
+from latentaudit.models.lens import (
     logit_lens,
     promoted_suppressed,
     through_norm,
     token_strings,
     unembedding,
 )
-from latentaudit.explain.maps import map_summary, pair_weights, stack_maps
-from latentaudit.explain.topk import HIST_EDGES
 from latentaudit.saes.releases import neuronpedia_url
 
 if TYPE_CHECKING:
-    from latentaudit.explain.engine import Inputs, LayerExact, Maps
     from latentaudit.explain.examples import CorpusExamples
 
 SCHEMA_VERSION = 1
@@ -129,7 +129,7 @@ def layer_rows(model, inputs: Inputs, cfg: ExplainConfig, layer: int, corpus: Co
     lenses = lens_rows(model, inputs.saes[layer].decoder_directions()[latents], cfg)
     np_id = inputs.saes[layer].info.extra.get("neuronpedia_id")
     attribution = run.delta_attribution(layer)
-    activation = run.tensor("delta_activation", layer)
+    activation = run.delta_activation(layer)
     rows = []
     for i, lens in zip(latents, lenses, strict=True):
         c = scored.index(i)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from latentaudit.errors import LatentAuditError
 from latentaudit.judges.base import (
     Judge,
     JudgeCache,
@@ -23,49 +22,26 @@ from latentaudit.judges.base import (
     grade_all,
 )
 from latentaudit.judges.rubrics import Answer, Decision, Rubric, list_rubrics, load_rubric
+from latentaudit.judges.spec import BACKENDS, JudgeSpec, backend_options
 
-BACKENDS = ("rules", "openai", "local", "human", "probe")
-
-__all__ = ["Answer", "Decision", "Judge", "JudgeCache", "JudgeItem", "JudgeRun", "Rubric",
-           "Verdict", "cache_key", "grade_all", "list_rubrics", "load_rubric", "make_judge",
-           "resolve_spec"]
+__all__ = ["BACKENDS", "Answer", "Decision", "Judge", "JudgeCache", "JudgeItem", "JudgeRun",
+           "JudgeSpec", "Rubric", "Verdict", "backend_options", "cache_key", "grade_all",
+           "list_rubrics", "load_rubric", "make_judge", "resolve_spec"]
 
 
 def resolve_spec(spec: str, rubric: Rubric) -> str:
     """``auto`` becomes ``probe`` when a probe ships for the rubric, else ``rules``."""
-    if spec != "auto":
-        return spec
-    from latentaudit.judges.probe import shipped_probes
-
-    return "probe" if rubric.name in shipped_probes() else "rules"
+    return str(JudgeSpec.parse(spec, rubric))
 
 
-def make_judge(spec: str, rubric: Rubric, **options: Any) -> Judge:
-    """Build the judge a ``--judge`` spec names; ``options`` go to the backend's constructor."""
-    kind, _, arg = resolve_spec(spec, rubric).partition(":")
-    if kind == "rules":
-        from latentaudit.judges.rules import RuleJudge
-
-        return RuleJudge(rubric, arg or None)
-    if kind == "probe":
-        from latentaudit.judges.probe import ProbeJudge
-
-        return ProbeJudge(arg or rubric.name, rubric, **options)
-    if kind in ("openai", "local", "human") and not arg:
-        raise LatentAuditError(f"--judge {spec}: write {kind}:"
-                               f"{'LABELS_FILE' if kind == 'human' else 'MODEL'}.")
-    if kind == "openai":
-        from latentaudit.judges.openai import OpenAIJudge
-
-        return OpenAIJudge(arg, rubric, **options)
-    if kind == "local":
-        from latentaudit.judges.local import LocalJudge
-
-        return LocalJudge(arg, rubric, **options)
-    if kind == "human":
-        from latentaudit.judges.human import HumanJudge
-
-        return HumanJudge(arg, rubric)
-    raise LatentAuditError(f"--judge {spec}: the backend must be one of "
-                           f"{', '.join(BACKENDS)} (e.g. rules, openai:gpt-4o, local:MODEL, "
-                           "human:labels.csv, probe:probe.safetensors).")
+def make_judge(spec: str | JudgeSpec, rubric: Rubric, **options: Any) -> Judge:
+    """Build the judge a ``--judge`` spec names; ``options`` go to the backend's constructor
+    (:func:`~latentaudit.judges.spec.backend_options` builds them)."""
+    s = spec if isinstance(spec, JudgeSpec) else JudgeSpec.parse(spec, rubric)
+    s.check_arg()
+    cls = s.judge_class()
+    if s.backend == "rules":
+        return cls(rubric, s.arg)
+    if s.backend == "human":
+        return cls(s.arg, rubric)
+    return cls(s.arg or rubric.name, rubric, **options)  # probe: the rubric's shipped one

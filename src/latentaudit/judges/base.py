@@ -32,6 +32,7 @@ from typing import Any, Protocol, runtime_checkable
 from latentaudit._progress import progress
 from latentaudit.errors import LatentAuditError
 from latentaudit.judges.rubrics import Answer, Rubric
+from latentaudit.options import whole
 
 log = logging.getLogger(__name__)
 
@@ -231,8 +232,7 @@ def check_model_options(device: str | None, dtype: str, batch_size: int,
                         load: bool = True) -> None:
     """Refuse a bad ``--batch-size``, and (when a model is to be loaded) a bad ``--device`` or
     ``--dtype``, before anything is loaded."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise LatentAuditError(f"--batch-size must be a whole number ≥ 1, got {batch_size!r}.")
+    whole("batch_size", batch_size, 1)
     if load:
         from latentaudit.models.load import parse_dtype, resolve_device
 

@@ -37,11 +37,12 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from latentaudit._io import named_or_file
+from latentaudit._io import load_tagged_safetensors, named_or_file
 from latentaudit.data.tokens import as_ids, chat_messages, collate
 from latentaudit.errors import LatentAuditError
 from latentaudit.judges.base import JudgeItem, Verdict, check_model_options
 from latentaudit.judges.rubrics import Rubric
+from latentaudit.models.forward import pad_id
 from latentaudit.models.hooks import run_until
 from latentaudit.models.load import LoadedModel
 
@@ -137,21 +138,8 @@ def load_probe(name_or_path: str | Path) -> Probe:
             f"probe {name_or_path}: no such file, and no shipped probe has that name "
             f"(shipped: {', '.join(shipped_probes()) or 'none'}); train one with "
             "`latentaudit train-judge`.")
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get("latentaudit_probe")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    except Exception as err:  # safetensors raises several types for a damaged file
-        raise LatentAuditError(f"{path}: not a readable safetensors file ({err}).") from err
-    try:
-        meta = json.loads(raw or "")
-    except json.JSONDecodeError:
-        meta = None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise LatentAuditError(f"{path}: not a latentaudit probe (no 'latentaudit_probe' "
-                               "metadata); train one with `latentaudit train-judge`.")
+    meta, tensors = load_tagged_safetensors(path, "latentaudit_probe", FORMAT, "probe",
+                                            "train one with `latentaudit train-judge`")
     heads = {q: _head(path, q, spec, tensors) for q, spec in meta["questions"].items()}
     return Probe(model=meta["model"], rubric=meta["rubric"], heads=heads)
 
@@ -225,7 +213,7 @@ def read_features(lm: LoadedModel, prompts: Sequence[tuple[list[int], tuple[int,
 
     layers = sorted({r.layer for r in readings})
     device = next(lm.model.parameters()).device
-    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    pad = pad_id(lm.tokenizer)
     out = []
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i][0]))  # similar lengths
     with progress(total=len(prompts), desc=desc or "", unit="item",

@@ -42,6 +42,7 @@ from latentaudit.logistic import (  # noqa: F401 (re-exported: the fit lives the
     folds_by_group,
 )
 from latentaudit.models.load import LoadedModel
+from latentaudit.options import whole
 
 log = logging.getLogger(__name__)
 
@@ -101,11 +102,8 @@ def check_labels(rubric: Rubric, items: Sequence[JudgeItem],
                  labels: dict[str, Sequence[str | None]], folds: int = 10,
                  max_readings: int = 2) -> None:
     """Refuse settings and labels a probe cannot be trained from, before any model is read."""
-    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
-        raise LatentAuditError(f"--folds must be a whole number ≥ 2, got {folds!r}.")
-    if isinstance(max_readings, bool) or not isinstance(max_readings, int) or max_readings < 1:
-        raise LatentAuditError(f"--max-readings must be a whole number ≥ 1, got "
-                               f"{max_readings!r}.")
+    whole("folds", folds, 2)
+    whole("max_readings", max_readings, 1)
     questions = {q.name: q for q in rubric.questions}
     for name, values in labels.items():
         if name not in questions or questions[name].kind != "choice":

@@ -22,6 +22,7 @@ from typing import Any
 from latentaudit._io import read_jsonl, write_jsonl
 from latentaudit.data.tokens import is_chat_messages
 from latentaudit.errors import LatentAuditError
+from latentaudit.executor import as_executor
 from latentaudit.judges.base import Judge, JudgeCache, JudgeItem, JudgeRun, grade_all
 from latentaudit.judges.rubrics import Rubric, shipped_dir
 
@@ -111,17 +112,16 @@ def judge_file(completions: str | Path, rubric: Rubric, judge: Judge | str, out:
     ``judge`` is a judge or a ``--judge`` spec built with ``options`` by
     :func:`~latentaudit.judges.make_judge` once the completions have been checked, so a bad
     file is reported before any judge model loads. ``engine``: an
-    :class:`~latentaudit.distributed.EngineConfig`; with ``--engine ray`` a spec's judge is
-    built and run on Ray workers (:mod:`latentaudit.distributed.judge`).
+    :class:`~latentaudit.executor.Executor` (or its ``EngineConfig``); with ``--engine ray`` a
+    spec's judge is built and run on Ray workers.
     """
     out = Path(out)
     rows = read_completions(completions)
     items = items_from_rows(rows, rubric, completions)
     cache = JudgeCache(cache_path or out.parent / "judge_cache.jsonl")
-    if isinstance(judge, str) and engine is not None and engine.distributed:
-        from latentaudit.distributed.judge import grade_all_ray
-
-        run, judge = grade_all_ray(judge, rubric, options, items, cache, engine)
+    executor = as_executor(engine)
+    if isinstance(judge, str) and executor.distributed:
+        run, judge = executor.grade(judge, rubric, options, items, cache)
     else:
         if isinstance(judge, str):
             from latentaudit.judges import make_judge

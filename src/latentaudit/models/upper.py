@@ -16,6 +16,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
@@ -23,6 +25,12 @@ from torch import Tensor, nn
 from latentaudit.errors import LatentAuditError
 from latentaudit.models.hooks import layer_list
 
+log = logging.getLogger(__name__)
+
+REPLAY_ERRORS = (RuntimeError, TypeError, ValueError, AttributeError, IndexError, KeyError)
+"""What calling decoder layers directly raises in an architecture whose layers do not replay
+(arguments it does not take, caches or rotary tables sized for another batch); anything else
+is a bug and propagates."""
 FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm")
 """Attribute names of the final norm on the module that holds the decoder-layer list."""
 
@@ -73,7 +81,8 @@ def replay_matches(model: nn.Module, layer: int, clean_hidden: Float[Tensor, "1 
         with torch.no_grad():
             got = upper_logits(model, layer, clean_hidden.expand(2, -1, -1), calls,
                                clean_logits.shape[1])
-    except Exception:  # an architecture whose layers do not replay: use full forwards
+    except REPLAY_ERRORS as err:  # the layers do not replay here: use full forwards
+        log.info("replaying the layers above %d failed (%s: %s)", layer, type(err).__name__, err)
         return False
     if tuple(got.shape) != (2, *clean_logits.shape[1:]):
         return False

@@ -1,7 +1,8 @@
 """How well latents detect the behaviour on held-out completions, against baselines.
 
 1. Latent sets: the top K of an attribution run by Δ-attribution and by Δ-activation, latents
-   given by id, and ``random_draws`` sets of K latents drawn uniformly (seeded).
+   given by id, and ``random_draws`` sets of K latents drawn uniformly (seeded) from the latents
+   no other set of size K holds (:func:`latentaudit.attribution.select.random_latents`).
 2. Every completion of the evaluation file (prompts not used for attribution) is read once:
    each latent's mean and max activation over its tokens and the mean residual
    (:mod:`~latentaudit.monitor.read`; cached on disk).
@@ -26,6 +27,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from latentaudit.attribution.select import random_latents
 from latentaudit.errors import LatentAuditError
 from latentaudit.monitor.combine import nested_scores, transfer_scores
 from latentaudit.monitor.metrics import (
@@ -36,6 +38,7 @@ from latentaudit.monitor.metrics import (
     roc_curve,
 )
 from latentaudit.monitor.read import Labelled, Reductions
+from latentaudit.options import whole
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +76,9 @@ class EvalConfig:
             raise LatentAuditError(f"--recall must be in (0, 1], got {self.recall}.")
         if not 0 < self.level < 1:
             raise LatentAuditError(f"--level must be in (0, 1), got {self.level}.")
-        for flag, value, low in (("--folds", self.folds, 2), ("--bootstrap", self.bootstrap, 1),
-                                 ("--random-draws", self.random_draws, 0),
-                                 ("--batch-size", self.batch_size, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise LatentAuditError(f"{flag} must be a whole number ≥ {low}, got {value!r}.")
+        for name, low in (("folds", 2), ("bootstrap", 1), ("random_draws", 0),
+                          ("batch_size", 1)):
+            whole(name, getattr(self, name), low)
 
 
 class LatentSet(NamedTuple):
@@ -95,8 +96,9 @@ def latent_sets(cfg: EvalConfig, d_sae: int, run=None, given: list[int] | None =
             sets.append(LatentSet("Δ-attribution", k, run.top(k, "attribution")))
             if run.delta_activation is not None:
                 sets.append(LatentSet("Δ-activation", k, run.top(k, "activation")))
+        chosen = {i for s in sets if s.k == k for i in s.latents} | set(given or ())
         gen = torch.Generator().manual_seed(cfg.seed + k)
-        sets += [LatentSet("random", k, torch.randperm(d_sae, generator=gen)[:k].tolist())
+        sets += [LatentSet("random", k, random_latents(d_sae, k, chosen, gen))
                  for _ in range(cfg.random_draws)]
     if given:
         sets.append(LatentSet("given", len(given), list(given)))

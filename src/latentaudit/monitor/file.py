@@ -29,6 +29,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from latentaudit._io import load_tagged_safetensors
 from latentaudit.errors import LatentAuditError
 
 FORMAT = "latentaudit-monitor"
@@ -105,21 +106,9 @@ def load_monitor(path: str | Path, flag: str = "--monitor") -> Monitor:
     if not path.is_file():
         raise LatentAuditError(f"{flag} {path}: no such file; make one with "
                                "`latentaudit monitor fit`.")
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get(META_KEY)
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    except Exception as err:  # safetensors raises several types for a damaged file
-        raise LatentAuditError(f"{flag} {path}: not a readable safetensors file ({err}).") from err
-    try:
-        meta = json.loads(raw or "")
-    except json.JSONDecodeError:
-        meta = None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise LatentAuditError(f"{flag} {path}: not a latentaudit monitor (no '{META_KEY}' "
-                               "metadata); make one with `latentaudit monitor fit`.")
+    meta, tensors = load_tagged_safetensors(path, META_KEY, FORMAT, "monitor",
+                                            "make one with `latentaudit monitor fit`",
+                                            f"{flag} ")
     if meta.get("schema_version") != SCHEMA_VERSION:
         raise LatentAuditError(f"{path}: field 'schema_version' is {meta.get('schema_version')!r}"
                                f"; this latentaudit reads version {SCHEMA_VERSION}: refit it.")

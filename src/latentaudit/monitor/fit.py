@@ -30,6 +30,7 @@ from latentaudit.monitor.combine import Choice, Linear, fit_chosen
 from latentaudit.monitor.file import REDUCES, Monitor, sae_digest
 from latentaudit.monitor.metrics import OperatingPoint, precision_at_recall
 from latentaudit.monitor.read import Reductions
+from latentaudit.options import whole
 
 
 class Fit(NamedTuple):
@@ -68,8 +69,7 @@ def choose_latents(run, top_k: int | None, by: str, latents: Sequence[int] | Non
         return list(latents), {"given": list(latents)}
     if run is None or top_k is None:
         raise LatentAuditError("pass --latents, or --run with --top-k.")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise LatentAuditError(f"--top-k must be a whole number ≥ 1, got {top_k!r}.")
+    whole("top_k", top_k, 1)
     if by not in ("attribution", "activation"):
         raise LatentAuditError(f"--by must be attribution or activation, got {by!r}.")
     return run.top(top_k, by), {"run": str(run.path), "by": f"Δ-{by}", "top_k": top_k}

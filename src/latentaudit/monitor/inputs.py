@@ -4,7 +4,6 @@ an attribution run's rankings and identity, and the SAE.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,23 +13,40 @@ from jaxtyping import Float
 from torch import Tensor
 
 from latentaudit.attribution.plan import HOOK
+from latentaudit.attribution.select import top_latents
 from latentaudit.errors import LatentAuditError
+from latentaudit.runfolder import RunFolder
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Run:
-    """What the monitor takes from an attribution run folder (``latentaudit attribute --out``)."""
+    """One layer of an attribution run folder (``latentaudit attribute --out``), as the monitor
+    reads it."""
 
-    path: Path
-    model: str
-    sae_path: str | None
+    folder: RunFolder
     layer: int
-    delta_attribution: Float[Tensor, " d_sae"]
-    delta_activation: Float[Tensor, " d_sae"] | None
-    dataset: Path | None
-    """The behaviour dataset it was attributed on, when that file is still there."""
+
+    @property
+    def path(self) -> Path:
+        return self.folder.path
+
+    @property
+    def model(self) -> str:
+        return self.folder.model_name
+
+    @property
+    def sae_path(self) -> str | None:
+        return self.folder.sae_path(self.layer)
+
+    @property
+    def delta_attribution(self) -> Float[Tensor, " d_sae"]:
+        return self.folder.delta_attribution(self.layer)
+
+    @property
+    def delta_activation(self) -> Float[Tensor, " d_sae"] | None:
+        return self.folder.delta_activation(self.layer)
 
     def top(self, k: int, by: str = "attribution") -> list[int]:
         """The k latents with the largest Δ-attribution (or Δ-activation), best first."""
@@ -38,64 +54,22 @@ class Run:
         if values is None:
             raise LatentAuditError(f"--run {self.path}: the run has no Δ-activation (it was "
                                    "made with --no-delta-activation); rerun it without.")
-        return values.topk(min(k, values.numel())).indices.tolist()
+        return top_latents(values, k)
 
     def prompts(self) -> set[str] | None:
         """prompt_ids of the attribution dataset (None when the file is gone)."""
-        if self.dataset is None:
-            return None
-        from latentaudit.data.behaviour import load_behaviour
-
-        return {c.prompt_id for c in load_behaviour(self.dataset)}
+        ids = self.folder.prompt_ids()
+        if ids is None and self.folder.dataset_path:
+            log.warning("the attribution dataset %s of %s is gone: cannot check that the "
+                        "monitor's completions come from other prompts",
+                        self.folder.dataset_path, self.path)
+        return ids
 
 
 def read_run(path: str | Path, layer: int | None = None) -> Run:
-    """Read ``manifest.json`` and ``attribution.safetensors`` of a run folder."""
-    from safetensors import safe_open
-
-    from latentaudit.attribution.output import MANIFEST_FILE, TENSORS_FILE, tensor_name
-
-    path = Path(path)
-    mpath, tpath = path / MANIFEST_FILE, path / TENSORS_FILE
-    if not mpath.is_file() or not tpath.is_file():
-        raise LatentAuditError(f"--run {path}: no {MANIFEST_FILE} and {TENSORS_FILE} there; "
-                               "pass the --out folder of `latentaudit attribute`.")
-    try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
-        layers = [int(x) for x in manifest["layers"]]
-        model = str(manifest["model"]["name"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-        raise LatentAuditError(f"{mpath}: not an attribution manifest ({err}).") from None
-    if layer is None and len(layers) != 1:
-        raise LatentAuditError(f"{mpath}: field 'layers' lists {layers}: pass --layer with the "
-                               "one to use.")
-    layer = layers[0] if layer is None else layer
-    if layer not in layers:
-        raise LatentAuditError(f"--layer {layer}: the run {path} attributed layers {layers}.")
-    several = len(layers) > 1
-    with safe_open(str(tpath), framework="pt") as f:
-        names = set(f.keys())
-        attr_name = tensor_name("delta_attribution", layer, several)
-        if attr_name not in names:
-            raise LatentAuditError(f"{tpath}: tensor '{attr_name}' is missing; rerun attribute.")
-        attr = f.get_tensor(attr_name).float()
-        act_name = tensor_name("delta_activation", layer, several)
-        act = f.get_tensor(act_name).float() if act_name in names else None
-    sae_path = ((manifest.get("saes") or {}).get(str(layer)) or {}).get("path")
-    return Run(path, model, sae_path, layer, attr, act, _dataset(path, manifest))
-
-
-def _dataset(run: Path, manifest: dict) -> Path | None:
-    """The run's dataset file: as recorded, or relative to the run's parent folder."""
-    recorded = (manifest.get("dataset") or {}).get("path")
-    if not recorded:
-        return None
-    for candidate in (Path(recorded), run.parent / recorded):
-        if candidate.is_file():
-            return candidate
-    log.warning("the attribution dataset %s of %s is gone: cannot check that the monitor's "
-                "completions come from other prompts", recorded, run)
-    return None
+    """Read the run folder at ``path`` and choose its layer (``layer``, or its only one)."""
+    folder = RunFolder.open(path, "--run", ranking=False)
+    return Run(folder, folder.one_layer(layer))
 
 
 def check_held_out(prompts: set[str] | None, used: list[str], flag: str, what: str) -> None:

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from latentaudit.data.behaviour import Completion, default_prompt_id
 from latentaudit.errors import LatentAuditError
+from latentaudit.models.forward import pad_id
 
 OUTCOMES = ("positive", "negative", "excluded")
 
@@ -147,7 +148,7 @@ def read_reductions(lm, sae, layer: int, seqs: list[tuple[list[int], list[int]]]
     from latentaudit.models.hooks import run_until
 
     device = lm.device
-    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    pad = pad_id(lm.tokenizer)
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]) + len(seqs[i][1]))
     parts: list[Reductions] = []
     with progress(total=len(seqs), desc=desc or "", unit="completion",

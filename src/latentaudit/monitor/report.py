@@ -7,7 +7,6 @@ over draws (not a bootstrap interval), and the median single-latent AUC over eve
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import statistics
@@ -176,6 +175,3 @@ def roc_figure(out: Path, results: dict[str, Any]) -> list[Path]:
         paths.append(path)
     return paths
 
-
-def load_results(path: str | Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text(encoding="utf-8"))

@@ -27,6 +27,7 @@ import torch
 from latentaudit._io import complete_lines
 from latentaudit.errors import LatentAuditError
 from latentaudit.monitor.file import Monitor
+from latentaudit.options import whole
 
 log = logging.getLogger(__name__)
 
@@ -140,9 +141,8 @@ def run_score(monitor, completions, out, *, model: str | None = None, sae: str |
     from latentaudit.monitor.inputs import load_monitor_sae
     from latentaudit.monitor.read import encode, max_len, read_reductions, to_completion
 
-    for flag, value in (("--chunk", chunk), ("--batch-size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise LatentAuditError(f"{flag} must be a whole number ≥ 1, got {value!r}.")
+    whole("chunk", chunk, 1)
+    whole("batch_size", batch_size, 1)
     path, out, where = Path(completions), Path(out), f"the monitor {monitor}"
     mon = load_monitor(monitor)
     check_identity(mon, where, model=model, layer=layer)

@@ -135,12 +135,10 @@ def _rubric(name: str):
 
 def check_judge(spec: str, rubric, opts) -> None:
     """A judge spec the stage can build: its backend, files and keys (no model is loaded)."""
-    from latentaudit.judges import BACKENDS, make_judge, resolve_spec
+    from latentaudit.judges import JudgeSpec, make_judge
 
-    kind, _, arg = resolve_spec(spec, rubric).partition(":")
-    if kind not in BACKENDS:
-        raise LatentAuditError(f"judge '{spec}': the backend must be one of "
-                               f"{', '.join(BACKENDS)} (e.g. rules, probe, human:labels.csv).")
+    parsed = JudgeSpec.parse(spec, rubric, flag="judge")
+    kind, arg = parsed.backend, parsed.arg
     if kind in ("rules", "human"):
         make_judge(spec, rubric)  # reads and checks the rules or label file
     elif kind == "probe":

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from latentaudit.errors import LatentAuditError
+from latentaudit.options import OptionError
 from latentaudit.pipeline.options import (
     CircuitOptions,
     JudgeOptions,
@@ -180,6 +181,9 @@ def _build(cls: type, values: dict[str, Any], section: str, loc: Located,
     mine = {k: v for k, v in values.items() if k in names}
     try:
         return cls(**mine)
+    except OptionError as err:  # names its field: reported at that key
+        problems.append(f"{loc.where((section, err.field))}: {err.named(err.field).rstrip('.')}")
+        return None
     except LatentAuditError as err:
         message = str(err)
         for key in sorted(mine, key=len, reverse=True):
@@ -213,10 +217,11 @@ def _path(value: str, base: Path) -> str:
 
 def _resolve_spec(spec: str | None, base: Path) -> str | None:
     """A judge spec with its file resolved (rules:FILE, human:FILE, probe:FILE)."""
+    from latentaudit.judges.spec import JudgeSpec
+
     if spec is None or ":" not in spec:
         return spec
-    kind, _, arg = spec.partition(":")
-    return f"{kind}:{_resolve(arg, base)}" if kind in ("rules", "human", "probe") else spec
+    return str(JudgeSpec.parse(spec, flag="judge").with_file(lambda f: _resolve(f, base)))
 
 
 # ---- the whole file ----------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from latentaudit.pipeline.driver import PipelineResult, run_pipeline
-from latentaudit.pipeline.stages import CHECKPOINT
+from latentaudit.runfolder import CHECKPOINT
 
 DEMO_DIR = Path(__file__).parent / "demo"
 DEMO_CONFIG = DEMO_DIR / "demo.toml"

@@ -12,7 +12,7 @@ File (schema_version 1): ``schema_version``, ``config`` (the config file), ``run
 ``inputs``, ``outputs``, ``summary``, ``started``, ``finished``, ``seconds``, ``reason``}}.
 Status: ``done``; ``partial`` (started, not finished: a rerun resumes it); ``given`` (its output
 is a file the config names); ``unused`` (before the entry point); ``skipped`` (left out by the
-config, or the report where ``latentaudit.write_report`` is not available).
+config, or the report when its extra (jinja2, matplotlib) is not installed).
 """
 
 from __future__ import annotations

@@ -1,19 +1,7 @@
 """The stages of a run: what each reads, what its fingerprint covers, what it writes.
 
-Files in the run folder (each written by its stage's own module, atomically):
-
-- sample: ``completions.jsonl`` + ``completions.manifest.json``
-- judge: ``judged.jsonl``, ``judge_cache.jsonl`` (verdicts, keyed by judge and content)
-- pair: ``dataset.jsonl``
-- attribute: ``attribution.safetensors``, ``ranking.jsonl``, ``manifest.json``, and
-  ``attribute.checkpoint.safetensors`` (kept: it is keyed by the inputs, so a change of an option
-  that does not change the sums, such as ``top_k``, finishes from it at once)
-- explain: ``explain/`` (and ``explain-corpus.jsonl`` when ``corpus = "dataset"``)
-- circuit: ``circuit/circuit.json`` and ``circuit/circuit.safetensors`` (and per-hop checkpoints
-  while it runs, keyed by their inputs)
-- steer: ``steering.jsonl``, ``steering_summary.json``, ``steering_logodds.jsonl``, figures and
-  the work folder ``steer/``
-- report: whatever ``latentaudit.write_report`` writes (its path is recorded)
+The run folder's files (their names, who writes and who reads each) are defined once in
+:mod:`latentaudit.runfolder`; each is written by its stage's own module, atomically.
 
 A stage started again after a change of its fingerprint first removes its ``clean`` files;
 caches keyed by content stay (the judge cache, explain's example cache, the attribution
@@ -31,20 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from latentaudit import runfolder as rf
 from latentaudit.pipeline.checks import steer_prompts
 from latentaudit.pipeline.config import RunConfig
 from latentaudit.pipeline.records import digest, effective
 
 ORDER = ("sample", "judge", "pair", "attribute", "explain", "circuit", "steer", "report")
-STEER_FILES = ("steering.jsonl", "steering_summary.json", "steering_logodds.jsonl",
-               "steering_away.png", "steering_away.svg", "steering_toward.png",
-               "steering_toward.svg", "steer/judged.jsonl")
-EXPLAIN_FILES = ("explain/latents.jsonl", "explain/manifest.json", "explain/exact.json",
-                 "explain/token_maps.safetensors", "explain/completions.jsonl",
-                 "explain-corpus.jsonl")
-ATTRIBUTE_FILES = ("attribution.safetensors", "ranking.jsonl", "manifest.json")
-CIRCUIT_FILES = ("circuit/circuit.json", "circuit/circuit.safetensors")
-CHECKPOINT = "attribute.checkpoint.safetensors"
 
 
 @dataclass(frozen=True)
@@ -65,15 +45,15 @@ class Stage:
 # ---- where the run's files are -----------------------------------------------------------------
 
 def completions_path(cfg: RunConfig) -> Path:
-    return cfg.entry_file if cfg.entry == "completions" else cfg.out / "completions.jsonl"
+    return cfg.entry_file if cfg.entry == "completions" else cfg.out / rf.COMPLETIONS
 
 
 def judged_path(cfg: RunConfig) -> Path:
-    return cfg.entry_file if cfg.entry == "judged" else cfg.out / "judged.jsonl"
+    return cfg.entry_file if cfg.entry == "judged" else cfg.out / rf.JUDGED
 
 
 def dataset_path(cfg: RunConfig) -> Path:
-    return cfg.entry_file if cfg.entry == "dataset" else cfg.out / "dataset.jsonl"
+    return cfg.entry_file if cfg.entry == "dataset" else cfg.out / rf.DATASET
 
 
 def given_stage(cfg: RunConfig) -> str | None:
@@ -105,15 +85,14 @@ def rubric_digest(name: str) -> str:
 
 def judge_spec(spec: str, cfg: RunConfig) -> dict[str, Any]:
     """A judge as it enters a fingerprint: the resolved spec, its file and model options."""
-    from latentaudit.judges import load_rubric, resolve_spec
+    from latentaudit.judges import JudgeSpec, load_rubric
 
-    resolved = resolve_spec(spec, load_rubric(cfg.settings.rubric))
-    kind, _, arg = resolved.partition(":")
-    file = digest(arg) if arg else None  # a file enters by its content, a model by its name
-    out: dict[str, Any] = {"spec": f"{kind}:<file>" if file else resolved, "file": file}
-    if kind in ("probe", "local"):
+    s = JudgeSpec.parse(spec, load_rubric(cfg.settings.rubric))
+    file = digest(s.arg) if s.arg else None  # a file enters by its content, a model by its name
+    out: dict[str, Any] = {"spec": f"{s.backend}:<file>" if file else str(s), "file": file}
+    if s.backend in ("probe", "local"):
         out.update(dtype=cfg.settings.dtype, judge_model=cfg.judge.judge_model)
-    if kind == "openai":
+    if s.backend == "openai":
         out.update(base_url=cfg.judge.judge_base_url, logprobs=not cfg.judge.no_logprobs)
     return out
 
@@ -189,22 +168,21 @@ def _report(cfg: RunConfig, sae: str):
 
 
 def _steer_outputs(cfg: RunConfig) -> list[str]:
-    return ["steering_logodds.jsonl" if cfg.steer.logodds_only else "steering_summary.json"]
+    return [rf.STEERING_LOGODDS if cfg.steer.logodds_only else rf.STEERING_SUMMARY]
 
 
 STAGES = {
-    "sample": Stage("sample", (), _sample, lambda cfg: ["completions.jsonl"]),
-    "judge": Stage("judge", ("sample",), _judge, lambda cfg: ["judged.jsonl"], ("judged.jsonl",)),
-    "pair": Stage("pair", ("judge",), _pair, lambda cfg: ["dataset.jsonl"], ("dataset.jsonl",)),
-    "attribute": Stage("attribute", ("pair",), _attribute, lambda cfg: list(ATTRIBUTE_FILES),
-                       ATTRIBUTE_FILES),
-    "explain": Stage("explain", ("attribute",), _explain,
-                     lambda cfg: ["explain/latents.jsonl", "explain/manifest.json"],
-                     EXPLAIN_FILES),
+    "sample": Stage("sample", (), _sample, lambda cfg: [rf.COMPLETIONS]),
+    "judge": Stage("judge", ("sample",), _judge, lambda cfg: [rf.JUDGED], (rf.JUDGED,)),
+    "pair": Stage("pair", ("judge",), _pair, lambda cfg: [rf.DATASET], (rf.DATASET,)),
+    "attribute": Stage("attribute", ("pair",), _attribute, lambda cfg: list(rf.ATTRIBUTE_FILES),
+                       rf.ATTRIBUTE_FILES),
+    "explain": Stage("explain", ("attribute",), _explain, lambda cfg: list(rf.EXPLAIN_DONE),
+                     rf.EXPLAIN_FILES),
     "circuit": Stage("circuit", ("attribute", "explain"), _circuit,
-                     lambda cfg: list(CIRCUIT_FILES), CIRCUIT_FILES),
-    "steer": Stage("steer", ("attribute",), _steer, _steer_outputs, STEER_FILES),
+                     lambda cfg: list(rf.CIRCUIT_FILES), rf.CIRCUIT_FILES),
+    "steer": Stage("steer", ("attribute",), _steer, _steer_outputs, rf.STEER_FILES),
     "report": Stage("report", ("sample", "judge", "pair", "attribute", "explain", "circuit",
                                "steer"),
-                    _report, lambda cfg: [], ("report.html",)),
+                    _report, lambda cfg: [], (rf.REPORT,)),
 }

@@ -17,10 +17,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from latentaudit import runfolder as rf
 from latentaudit.errors import LatentAuditError
 from latentaudit.pipeline.checks import steer_prompts
 from latentaudit.pipeline.config import RunConfig
-from latentaudit.pipeline.stages import CHECKPOINT, completions_path, dataset_path, judged_path
+from latentaudit.pipeline.stages import completions_path, dataset_path, judged_path
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ def sample(ctx: Context) -> dict[str, Any]:
     from latentaudit.models.embedded import canonical
     from latentaudit.sample import manifest_path, plan_sampling, run_sampling
 
-    s, out = ctx.cfg.settings, ctx.run / "completions.jsonl"
+    s, out = ctx.cfg.settings, ctx.run / rf.COMPLETIONS
     plan = ctx.plan_or_restart(
         lambda: plan_sampling(s.prompts, ctx.cfg.sample, out, model=canonical(s.model),
                               dtype=_dtype_name(s.dtype)), [out, manifest_path(out)])
@@ -107,26 +108,19 @@ def sample(ctx: Context) -> dict[str, Any]:
 
 def _judge_options(spec: str, ctx: Context) -> dict[str, Any]:
     """Constructor options of the judge ``spec`` (a probe of the run's model shares it)."""
-    from latentaudit.judges import load_rubric, resolve_spec
+    from latentaudit.judges import JudgeSpec, backend_options, load_rubric
     from latentaudit.models.embedded import canonical
 
     o, s = ctx.cfg.judge, ctx.cfg.settings
-    kind, _, arg = resolve_spec(spec, load_rubric(s.rubric)).partition(":")
-    if kind == "openai":
-        return dict(base_url=o.judge_base_url, api_key_env=o.judge_api_key_env,
-                    workers=o.judge_workers, timeout=o.judge_timeout, retries=o.judge_retries,
-                    logprobs=not o.no_logprobs)
-    if kind == "local":
-        return dict(device=s.device, dtype=s.dtype, batch_size=o.batch_size or 16)
-    if kind == "probe":
+    parsed = JudgeSpec.parse(spec, load_rubric(s.rubric))
+    options = backend_options(parsed, o, s.device, s.dtype)
+    if parsed.backend == "probe":
         from latentaudit.judges.probe import load_probe
 
-        reads = o.judge_model or load_probe(arg or s.rubric).model
+        reads = o.judge_model or load_probe(parsed.arg or s.rubric).model
         if canonical(reads) == canonical(s.model):
-            return dict(model=ctx.model(), batch_size=o.batch_size or 8)
-        return dict(model=o.judge_model, device=s.device, dtype=s.dtype,
-                    batch_size=o.batch_size or 8)
-    return {}
+            return dict(model=ctx.model(), batch_size=options["batch_size"])
+    return options
 
 
 def judge(ctx: Context) -> dict[str, Any]:
@@ -137,7 +131,7 @@ def judge(ctx: Context) -> dict[str, Any]:
     items_from_rows(read_completions(path), rubric, path)  # before a judge model loads
     spec = resolve_spec(ctx.cfg.judge.judge, rubric)
     judge = make_judge(spec, rubric, **_judge_options(spec, ctx))
-    done = judge_file(path, rubric, judge, ctx.run / "judged.jsonl", ctx.run / "judge_cache.jsonl")
+    done = judge_file(path, rubric, judge, ctx.run / rf.JUDGED, ctx.run / rf.JUDGE_CACHE)
     failures = done.run.failures
     if failures and not ctx.cfg.judge.allow_failures:
         raise LatentAuditError(
@@ -151,7 +145,7 @@ def judge(ctx: Context) -> dict[str, Any]:
 def pair(ctx: Context) -> dict[str, Any]:
     from latentaudit.pair import pair_file
 
-    result = pair_file(judged_path(ctx.cfg), ctx.run / "dataset.jsonl", ctx.cfg.settings.rubric,
+    result = pair_file(judged_path(ctx.cfg), ctx.run / rf.DATASET, ctx.cfg.settings.rubric,
                        ctx.cfg.pair.pairing)
     total: Counter = Counter()
     for c in result.counts.values():
@@ -175,7 +169,7 @@ def attribute(ctx: Context) -> dict[str, Any]:
 
     s, cfg = ctx.cfg.settings, ctx.cfg.attribute
     inputs = check_inputs([ctx.sae], str(dataset_path(ctx.cfg)), s.layer, cfg)
-    result = engine.attribute_checked(ctx.model(), inputs, cfg, ctx.run / CHECKPOINT)
+    result = engine.attribute_checked(ctx.model(), inputs, cfg, ctx.run / rf.CHECKPOINT)
     write_run(ctx.run, result)
     layer = next(iter(result.layers))
     return {"layer": layer, "completions": result.n_completions, "pairs": result.n_pairs,
@@ -203,7 +197,7 @@ def explain(ctx: Context) -> dict[str, Any]:
     cfg, dataset = ctx.cfg.explain, dataset_path(ctx.cfg)
     if cfg.corpus == "dataset":
         cfg = replace(cfg, corpus=str(_corpus_from_dataset(dataset,
-                                                           ctx.run / "explain-corpus.jsonl")))
+                                                           ctx.run / rf.EXPLAIN_CORPUS)))
     s, cache = ctx.cfg.settings, ctx.cfg.explain_cache_dir
     if ctx.model.loaded is None:  # check before the model loads
         engine.check_inputs(ctx.run, None, None, cfg, s.model, s.dtype, None, dataset, cache)
@@ -234,12 +228,12 @@ def circuit(ctx: Context) -> dict[str, Any]:
 
 
 def steer(ctx: Context) -> dict[str, Any]:
-    from latentaudit.judges import load_rubric, resolve_spec
+    from latentaudit.judges import JudgeSpec, load_rubric
     from latentaudit.steer import plan_steering, run_steering
 
     opts, s = ctx.cfg.steer_options, ctx.cfg.settings
     spec = opts.judge or ctx.cfg.judge.judge
-    kind = resolve_spec(spec, load_rubric(s.rubric)).partition(":")[0]
+    kind = JudgeSpec.parse(spec, load_rubric(s.rubric)).backend
     work = ctx.run / "steer"
     plan = ctx.plan_or_restart(lambda: plan_steering(
         ctx.cfg.steer, run=ctx.run, latents=list(opts.latents) or None,
@@ -247,7 +241,7 @@ def steer(ctx: Context) -> dict[str, Any]:
         coherence_judge=None if opts.coherence_judge == "none" else opts.coherence_judge,
         data=dataset_path(ctx.cfg), toward_model=opts.toward_model, base_model=opts.base_model,
         judge_options=_judge_options(spec, ctx) if kind in ("openai", "local") else {}),
-        [work / "manifest.json", work / "completions.jsonl", work / "resid_norm.json"])
+        [work / rf.MANIFEST, work / rf.COMPLETIONS, work / "resid_norm.json"])
     result = run_steering(plan, ctx.model(), device=s.device, dtype=s.dtype)
     return {"prompts": len(plan.prompts), "held_out_from": plan.excluded_prompts,
             "sets": result.sets, "rows": len(result.rows),
@@ -257,13 +251,8 @@ def steer(ctx: Context) -> dict[str, Any]:
 
 
 def report(ctx: Context) -> dict[str, Any]:
-    import latentaudit
+    from latentaudit.report import write_report
 
-    try:
-        write_report = latentaudit.write_report
-    except AttributeError:
-        raise StageSkipped("this version of latentaudit has no HTML report "
-                           "(latentaudit.write_report)") from None
     try:
         from latentaudit.report import require_packages
 

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from latentaudit.data.corpus import OUTSIDE_BOOKS, load_corpus
 from latentaudit.errors import LatentAuditError
+from latentaudit.models.forward import pad_id
 from latentaudit.models.load import LoadedModel
 from latentaudit.saes.harvest import token_sequences
 from latentaudit.saes.metrics import Evaluation, evaluate_saes
@@ -110,7 +111,7 @@ def evaluate_on_texts(loaded: LoadedModel, saes: dict[str, SAE], layer: int,
                       texts: Sequence[str | os.PathLike], cfg: EvalConfig,
                       mean_activation: Float[Tensor, " d_model"]) -> list[TextEvaluation]:
     """Every SAE (all at ``layer``) on every text (steps 2-3); ā for the mean ablation."""
-    pad = getattr(loaded.tokenizer, "pad_token_id", None) or 0
+    pad = pad_id(loaded.tokenizer)
     out = []
     for text in texts:
         seqs = text_sequences(text, loaded.tokenizer, cfg)

@@ -42,6 +42,7 @@ from torch import Tensor
 from latentaudit._io import save_safetensors, sha256_file, write_json
 from latentaudit._progress import progress
 from latentaudit.errors import LatentAuditError
+from latentaudit.models.forward import pad_id
 from latentaudit.models.hooks import run_until
 from latentaudit.models.load import LoadedModel, parse_dtype
 
@@ -143,7 +144,7 @@ def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int = 0
 def layer_rows(loaded: LoadedModel, seqs: Sequence[Sequence[int]], layer: int,
                skip_first: int) -> Float[Tensor, "rows d_model"]:
     """resid_post of ``layer`` at real positions >= ``skip_first``, flattened in order."""
-    pad = getattr(loaded.tokenizer, "pad_token_id", None) or 0
+    pad = pad_id(loaded.tokenizer)
     ids, mask = pad_batch(seqs, pad)
     dev = loaded.device
     hidden = run_until(loaded.model, [layer], input_ids=ids.to(dev),

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from latentaudit.data.corpus import load_corpus
 from latentaudit.errors import LatentAuditError
+from latentaudit.models.forward import pad_id
 from latentaudit.models.load import load_model, resolve_device
 from latentaudit.saes.harvest import HarvestConfig, harvest, token_sequences
 from latentaudit.saes.metrics import Evaluation, evaluate_sae
@@ -109,7 +110,7 @@ def train_sae(model: str, out: str | os.PathLike, harvest_cfg: HarvestConfig,
     info = SAEInfo(activation="topk", k=train_cfg.k, subtract_b_dec=True, model=model,
                    layer=layer, hook="resid_post", extra={"training": training})
     sae = trainer.export(info, mean)
-    pad = getattr(loaded.tokenizer, "pad_token_id", None) or 0
+    pad = pad_id(loaded.tokenizer)
     ev = evaluate_sae(loaded.model, sae, eval_seqs, layer, mean,
                       skip_first=harvest_cfg.skip_first, pad_id=pad)
     training["metrics"] = {"eval_text": eval_text, "eval_tokens": ev.tokens, "fvu": ev.fvu,

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from latentaudit.errors import LatentAuditError
+from latentaudit.options import whole
+from latentaudit.runfolder import ConditionKey
 
 METHODS = ("attribution", "activation", "random", "model-diff", "given")
 DIRECTIONS = ("away", "toward")
@@ -79,13 +81,9 @@ class SteerConfig:
     def __post_init__(self) -> None:
         self.methods, self.directions = tuple(self.methods), tuple(self.directions)
         self.strengths = tuple(float(s) for s in self.strengths)
-        for flag, value, low in (("--top-k", self.top_k, 1), ("--n", self.n, 1),
-                                 ("--max-new-tokens", self.max_new_tokens, 1),
-                                 ("--batch-size", self.batch_size, 0),
-                                 ("--search-n", self.search_n, 1), ("--n-boot", self.n_boot, 100),
-                                 ("--logodds-top", self.logodds_top, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise LatentAuditError(f"{flag} must be a whole number ≥ {low}, got {value!r}.")
+        for name, low in (("top_k", 1), ("n", 1), ("max_new_tokens", 1), ("batch_size", 0),
+                          ("search_n", 1), ("n_boot", 100), ("logodds_top", 0)):
+            whole(name, getattr(self, name), low)
         for flag, value in (("--max-prompts", self.max_prompts),
                             ("--logodds-prompts", self.logodds_prompts)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
@@ -140,14 +138,18 @@ class Condition:
         return f"{head}{self.method}/{lat}/{self.direction}/{self.strength:g}{tail}"
 
     @property
-    def key(self) -> str:
+    def condition_key(self) -> ConditionKey:
         """What is generated: the same latents, direction, strength and model under two
         selection methods share their completions."""
         if self.method == "base":
-            return self.base_id
-        tail = "" if self.model == "main" else f"@{self.model}"
-        return f"{'+'.join(map(str, self.latents))}/{self.direction}/{self.strength:g}{tail}"
+            return ConditionKey(model=self.model)
+        return ConditionKey(tuple(self.latents), self.direction, self.strength, self.model)
+
+    @property
+    def key(self) -> str:
+        """:attr:`condition_key` as written in the sweep's files."""
+        return str(self.condition_key)
 
     @property
     def base_id(self) -> str:
-        return "base" if self.model == "main" else f"base@{self.model}"
+        return str(self.condition_key.base)

@@ -20,6 +20,7 @@ from latentaudit._io import save_safetensors
 from latentaudit._progress import progress
 from latentaudit.data.tokens import left_pad
 from latentaudit.errors import LatentAuditError
+from latentaudit.models.forward import pad_id
 from latentaudit.models.hooks import run_until
 
 
@@ -27,7 +28,7 @@ from latentaudit.models.hooks import run_until
 def mean_completion_activation(loaded, sae, layer: int, seqs: list[tuple[list[int], list[int]]],
                                batch_size: int) -> Float[Tensor, " d_sae"]:
     """Mean SAE activation over the completion tokens of ``seqs`` (prompt ids, completion ids)."""
-    pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+    pad = pad_id(loaded.tokenizer)
     total, count = torch.zeros(sae.d_sae, dtype=torch.float64), 0
     with progress(total=len(seqs), desc=f"activations ({loaded.name})", unit="completion") as bar:
         for start in range(0, len(seqs), batch_size):
@@ -57,9 +58,9 @@ def model_diff(plan, loaded, sae, *, device: str = "auto",
     from latentaudit.data.behaviour import dataset_hash, load_behaviour
     from latentaudit.models.load import load_model
 
-    if plan.run is None or plan.run.dataset is None:
+    if plan.dataset is None:
         raise LatentAuditError("--methods model-diff reads the run's dataset: pass --from RUN_DIR.")
-    data = plan.run.dataset
+    data = plan.dataset
     key = json.dumps({"base_model": plan.base_model, "model": plan.model,
                       "dataset_sha256": dataset_hash(data), "layer": plan.layer,
                       "sae": plan.sae_path})

@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+
+from latentaudit.runfolder import SteeringRow
 
 log = logging.getLogger(__name__)
 METHOD_ORDER = ("attribution", "activation", "model-diff", "given", "random")
@@ -20,7 +21,7 @@ LABELS = {"attribution": "Δ-attribution", "activation": "Δ-activation",
           "model-diff": "model diff", "given": "given", "random": "random"}
 
 
-def plot_sweep(rows: Sequence[dict[str, Any]], out: Path) -> list[Path]:
+def plot_sweep(rows: Sequence[SteeringRow], out: Path) -> list[Path]:
     """Write the figures of a sweep's table into ``out``; returns the files written."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -30,19 +31,19 @@ def plot_sweep(rows: Sequence[dict[str, Any]], out: Path) -> list[Path]:
                     "\"latentaudit[report]\")")
         return []
     written = []
-    single = [r for r in rows if len(r["latents"]) == 1 and r["diff"] is not None]
+    single = [r for r in rows if len(r.latents) == 1 and r.diff is not None]
     for direction in ("away", "toward"):
-        mine = [r for r in single if r["direction"] == direction]
+        mine = [r for r in single if r.direction == direction]
         if not mine:
             continue
-        panels = sorted({(r["model"], None if r["searched"] else r["strength"]) for r in mine},
+        panels = sorted({(r.model, None if r.searched else r.strength) for r in mine},
                         key=lambda x: (x[0], x[1] or 0))
         fig = Figure(figsize=(3.2 * len(panels) + 0.8, 3.6))
         FigureCanvasAgg(fig)
         axes = fig.subplots(1, len(panels), squeeze=False)[0]
         for ax, (model, strength) in zip(axes, panels, strict=True):
-            _panel(ax, [r for r in mine if r["model"] == model
-                        and (None if r["searched"] else r["strength"]) == strength])
+            _panel(ax, [r for r in mine if r.model == model
+                        and (None if r.searched else r.strength) == strength])
             title = "searched strength" if strength is None else f"strength {strength:g}"
             ax.set_title(title + ("" if model == "main" else f" ({model} model)"), fontsize=9)
         axes[0].set_ylabel("change in behaviour rate (paired)")
@@ -55,14 +56,14 @@ def plot_sweep(rows: Sequence[dict[str, Any]], out: Path) -> list[Path]:
     return written
 
 
-def _panel(ax, rows: Sequence[dict[str, Any]]) -> None:
-    methods = [m for m in METHOD_ORDER if any(r["method"] == m for r in rows)]
-    band = next((r["null_band"] for r in rows if r["null_band"]), None)
+def _panel(ax, rows: Sequence[SteeringRow]) -> None:
+    methods = [m for m in METHOD_ORDER if any(r.method == m for r in rows)]
+    band = next((r.null_band for r in rows if r.null_band), None)
     if band:
         ax.axhspan(band[0], band[1], color="0.85", zorder=0, label="random range")
     ax.axhline(0, color="0.5", lw=0.8, zorder=1)
     for x, m in enumerate(methods):
-        ys = [r["diff"] for r in rows if r["method"] == m]
+        ys = [r.diff for r in rows if r.method == m]
         jitter = [(i % 7 - 3) * 0.04 for i in range(len(ys))]
         ax.scatter([x + j for j in jitter], ys, s=14, alpha=0.8, zorder=3)
         ax.hlines(sum(ys) / len(ys), x - 0.3, x + 0.3, color="black", lw=2, zorder=4)

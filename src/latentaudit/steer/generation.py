@@ -151,19 +151,20 @@ def _judge(ctx: Context, spec: str):
     """Build a judge once; a probe for the model under study shares the loaded model."""
     if spec in ctx.judges:
         return ctx.judges[spec]
-    from latentaudit.judges import make_judge, resolve_spec
+    from latentaudit.judges import JudgeSpec, make_judge
     from latentaudit.models.embedded import canonical
 
     plan, loaded = ctx.plan, ctx.models["main"]
-    kind, _, arg = resolve_spec(spec, plan.rubric).partition(":")
+    parsed = JudgeSpec.parse(spec, plan.rubric)
     options = dict(plan.judge_options)
-    if kind == "probe":
+    if parsed.backend == "probe":
         from latentaudit.judges.probe import load_probe
 
-        probe = load_probe(arg or plan.rubric.name)
+        probe = load_probe(parsed.arg or plan.rubric.name)
         if canonical(probe.model) == canonical(loaded.name):
-            options = {"model": loaded, "batch_size": options.get("batch_size", 8)}
-    elif kind in ("rules", "human"):
+            options = {"model": loaded,
+                       "batch_size": options.get("batch_size") or parsed.info.batch_size}
+    elif parsed.info.batch_size is None and parsed.backend != "openai":
         options = {}
-    ctx.judges[spec] = make_judge(spec, plan.rubric, **options)
+    ctx.judges[spec] = make_judge(parsed, plan.rubric, **options)
     return ctx.judges[spec]

@@ -18,6 +18,7 @@ from typing import Any
 
 from latentaudit.judges.base import Judge, JudgeCache, JudgeItem, grade_all
 from latentaudit.judges.rubrics import Rubric
+from latentaudit.runfolder import SteeringRow
 from latentaudit.steer import stats
 from latentaudit.steer.config import Condition, SteerConfig
 
@@ -51,7 +52,7 @@ def grade_rows(rows: Sequence[dict[str, Any]], items: Sequence[JudgeItem], rubri
 
 def condition_table(conditions: Sequence[Condition], graded: dict[tuple[str, str, int], dict],
                     units: Sequence[tuple[str, int]], cfg: SteerConfig,
-                    logodds: dict[str, dict] | None = None) -> list[dict[str, Any]]:
+                    logodds: dict[str, dict] | None = None) -> list[SteeringRow]:
     """One row per steered condition (see the module docstring), the null band filled in."""
     rows = []
     for c in conditions:
@@ -70,58 +71,56 @@ def condition_table(conditions: Sequence[Condition], graded: dict[tuple[str, str
         inc = stats.rate([None if m["incoherent"] is None else int(m["incoherent"])
                           for m, _, _ in have], clusters, **boot)
         lo = (logodds or {}).get(c.key) or {}
-        rows.append({
-            "method": c.method, "latents": list(c.latents), "direction": c.direction,
-            "strength": c.strength, "alpha": c.alpha, "model": c.model,
-            "searched": bool(c.extra.get("searched")), "n": len(have),
-            "n_decided": r.n, "rate": r.value, "rate_ci": [r.lo, r.hi],
-            "base_rate": r0.value, "base_rate_ci": [r0.lo, r0.hi],
-            "diff": d.value, "diff_ci": [d.lo, d.hi], "n_paired": d.n,
-            "incoherence": inc.value, "incoherence_ci": [inc.lo, inc.hi],
-            "logodds_change": lo.get("change"), "logodds_change_ci": lo.get("ci"),
-            "null_band": None, "beyond_null": False})
+        rows.append(SteeringRow(
+            method=c.method, latents=list(c.latents), direction=c.direction,
+            strength=c.strength, alpha=c.alpha, model=c.model,
+            searched=bool(c.extra.get("searched")), n=len(have), n_decided=r.n, rate=r.value,
+            rate_ci=[r.lo, r.hi], base_rate=r0.value, base_rate_ci=[r0.lo, r0.hi],
+            diff=d.value, diff_ci=[d.lo, d.hi], n_paired=d.n, incoherence=inc.value,
+            incoherence_ci=[inc.lo, inc.hi], logodds_change=lo.get("change"),
+            logodds_change_ci=lo.get("ci")))
     _mark_null_band(rows)
     return rows
 
 
-def _group(row: dict[str, Any]) -> tuple:
+def _group(row: SteeringRow) -> tuple:
     """Rows compared with one null band: searched strengths differ per latent, so a search
     groups all its strengths."""
-    strength = None if row["searched"] else row["strength"]
-    return (row["direction"], strength, row["model"], row["searched"])
+    strength = None if row.searched else row.strength
+    return (row.direction, strength, row.model, row.searched)
 
 
-def _mark_null_band(rows: list[dict[str, Any]]) -> None:
+def _mark_null_band(rows: list[SteeringRow]) -> None:
     bands: dict[tuple, tuple[float, float] | None] = {}
     for g in {_group(r) for r in rows}:
-        bands[g] = stats.null_band([r["diff"] for r in rows if _group(r) == g
-                                    and r["method"] == "random" and len(r["latents"]) == 1])
+        bands[g] = stats.null_band([r.diff for r in rows if _group(r) == g
+                                    and r.method == "random" and len(r.latents) == 1])
     for r in rows:
         band = bands[_group(r)]
-        r["null_band"] = list(band) if band else None
-        r["beyond_null"] = stats.beyond_band(r["diff"], band, r["direction"])
+        r.null_band = list(band) if band else None
+        r.beyond_null = stats.beyond_band(r.diff, band, r.direction)
 
 
-def summarise(rows: Sequence[dict[str, Any]], n_boot: int = 2000, seed: int = 0,
+def summarise(rows: Sequence[SteeringRow], n_boot: int = 2000, seed: int = 0,
               level: float = 0.95) -> list[dict[str, Any]]:
     """Per method, direction, strength and model: mean effect (bootstrap over the latents) and
     latents beyond the null band."""
-    groups: dict[tuple, list[dict]] = {}
+    groups: dict[tuple, list[SteeringRow]] = {}
     for r in rows:
-        if len(r["latents"]) == 1:
-            groups.setdefault((r["method"], *_group(r)), []).append(r)
+        if len(r.latents) == 1:
+            groups.setdefault((r.method, *_group(r)), []).append(r)
     out = []
     for (method, direction, strength, model, searched), rs in groups.items():
-        diffs = [r["diff"] for r in rs if r["diff"] is not None]
-        lo = [r["logodds_change"] for r in rs if r["logodds_change"] is not None]
-        inc = [r["incoherence"] for r in rs if r["incoherence"] is not None]
+        diffs = [r.diff for r in rs if r.diff is not None]
+        lo = [r.logodds_change for r in rs if r.logodds_change is not None]
+        inc = [r.incoherence for r in rs if r.incoherence is not None]
         md = stats.mean_estimate(diffs, n_boot, seed, level)
         ml = stats.mean_estimate(lo, n_boot, seed, level)
         out.append({"method": method, "direction": direction, "strength": strength,
                     "model": model, "searched": searched, "latents": len(rs),
                     "mean_diff": md.value, "mean_diff_ci": [md.lo, md.hi],
-                    "beyond_null": sum(r["beyond_null"] for r in rs),
-                    "null_band": rs[0]["null_band"],
+                    "beyond_null": sum(r.beyond_null for r in rs),
+                    "null_band": rs[0].null_band,
                     "mean_logodds_change": ml.value, "mean_logodds_change_ci": [ml.lo, ml.hi],
                     "mean_incoherence": sum(inc) / len(inc) if inc else None})
     return out

@@ -32,6 +32,7 @@ from latentaudit._progress import progress
 from latentaudit.data.tokens import left_pad
 from latentaudit.errors import LatentAuditError
 from latentaudit.generate import last_logits_only
+from latentaudit.models.forward import pad_id
 from latentaudit.models.hooks import (
     RowSteering,
     capture_layer_inputs,
@@ -86,7 +87,7 @@ def log_odds(logits: Float[Tensor, "batch vocab"], positive: Sequence[int],
 def next_token_logits(loaded: LoadedModel, prompts: Sequence[Sequence[int]],
                       steering: RowSteering | None = None) -> Float[Tensor, "batch vocab"]:
     """Logits of the token after each prompt (left-padded batch, optional per-row steering)."""
-    pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+    pad = pad_id(loaded.tokenizer)
     batch = left_pad([list(p) for p in prompts], pad)
     dev = loaded.device
     with steer_resid(loaded.model, steering):

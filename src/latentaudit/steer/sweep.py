@@ -32,18 +32,21 @@ from typing import Any
 
 import torch
 
+from latentaudit import runfolder as rf
 from latentaudit._io import write_json, write_jsonl
 from latentaudit.attribution.plan import HOOK
 from latentaudit.errors import LatentAuditError
+from latentaudit.executor import as_executor
 from latentaudit.judges.rubrics import Rubric, load_rubric
+from latentaudit.runfolder import RunFolder, dataset_prompt_ids
 from latentaudit.steer.config import Condition, SteerConfig
-from latentaudit.steer.latents import RunInfo, latent_sets, read_run, used_prompt_ids
+from latentaudit.steer.latents import latent_sets, read_run
 from latentaudit.suites import SuitePrompt
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-WORK = "steer"
+WORK = rf.STEER_DIR
 MATCHED = ("schema_version", "model", "toward_model", "sae", "layer", "scale",
            "temperature", "top_p", "max_new_tokens", "seed", "system")
 
@@ -61,12 +64,14 @@ class SteerPlan:
     rubric: Rubric
     judge: str
     coherence_judge: str | None
-    run: RunInfo | None = None
+    run: RunFolder | None = None
     given: list[int] | None = None
     toward_model: str | None = None
     base_model: str | None = None
     excluded_prompts: int = 0
     judge_options: dict[str, Any] = field(default_factory=dict)
+    dataset: Path | None = None
+    """The behaviour dataset the run attributed on (its prompts are held out)."""
 
     @property
     def work(self) -> Path:
@@ -86,7 +91,7 @@ class SteerPlan:
                 "scale": c.scale,
                 "temperature": c.temperature, "top_p": c.top_p,
                 "max_new_tokens": c.max_new_tokens, "seed": c.seed, "system": c.system,
-                "run": str(self.run.folder) if self.run else None, "config": asdict(c),
+                "run": str(self.run.path) if self.run else None, "config": asdict(c),
                 "rubric": self.rubric.name, "judge": self.judge,
                 "coherence_judge": self.coherence_judge}
 
@@ -100,14 +105,14 @@ def plan_steering(cfg: SteerConfig, *, run: str | os.PathLike | None = None,
                   toward_model: str | None = None, base_model: str | None = None,
                   judge_options: dict[str, Any] | None = None) -> SteerPlan:
     """Check every input of a sweep (step 1 of the module docstring)."""
-    from latentaudit.judges import BACKENDS, resolve_spec
+    from latentaudit.judges import JudgeSpec
     from latentaudit.saes.shipped import resolve_sae_path
     from latentaudit.sample import read_prompts
 
     info = read_run(run) if run is not None else None
     if info is None and not latents:
         raise LatentAuditError("give --from RUN_DIR (an attribution run) or --latents IDS.")
-    model = model or (info.model if info else None)
+    model = model or (info.model_name if info else None)
     if model is None:
         raise LatentAuditError("--model is needed when there is no --from run.")
     if "model-diff" in cfg.methods and base_model is None:
@@ -115,26 +120,26 @@ def plan_steering(cfg: SteerConfig, *, run: str | os.PathLike | None = None,
                                "change whose latents you diff).")
     rub = load_rubric(rubric)
     for spec in (judge, coherence_judge):
-        if spec is not None and resolve_spec(spec, rub).partition(":")[0] not in BACKENDS:
-            raise LatentAuditError(f"--judge {spec}: the backend must be one of "
-                                   f"{', '.join(BACKENDS)}.")
-    sae_path = resolve_sae_path(sae, model) if sae else (info.sae_path if info else None)
+        if spec is not None:
+            JudgeSpec.parse(spec, rub)
+    sae_path = resolve_sae_path(sae, model) if sae else (
+        info.sae_path(info.layers[0]) if info else None)
     if sae_path is None:
         raise LatentAuditError("--sae is needed when there is no --from run.")
-    layer = layer if layer is not None else (info.layer if info else None)
+    layer = layer if layer is not None else (info.layers[0] if info else None)
     if layer is None:
         layer = _sae_layer(sae_path)
     source = prompts if prompts is not None else rub.name
     all_prompts = read_prompts(source)
     used: set[str] = set()
-    dataset = Path(data) if data else (info.dataset if info else None)
+    dataset = Path(data) if data else (info.dataset_file() if info else None)
     if info is not None:
         if dataset is None or not dataset.is_file():
             raise LatentAuditError(
-                f"{info.folder}/manifest.json: field 'dataset.path' names "
-                f"{dataset or 'no file'}, which is not here; pass --data with the dataset the "
-                "run was made from, so its prompts are left out of steering.")
-        used = used_prompt_ids(dataset)
+                f"{info.path}/manifest.json: field 'dataset.path' names "
+                f"{dataset or info.dataset_path or 'no file'}, which is not here; pass --data "
+                "with the dataset the run was made from, so its prompts are left out of steering.")
+        used = dataset_prompt_ids(dataset)
     held = [p for p in all_prompts if p.prompt_id not in used]
     n_used = len(all_prompts) - len(held)
     if cfg.max_prompts:
@@ -142,13 +147,13 @@ def plan_steering(cfg: SteerConfig, *, run: str | os.PathLike | None = None,
     if not held:
         raise LatentAuditError(f"--prompts {source}: every prompt was used for attribution; "
                                "give prompts the run did not see.")
-    out = Path(out) if out is not None else (info.folder if info else None)
+    out = Path(out) if out is not None else (info.path if info else None)
     if out is None:
         raise LatentAuditError("--out is needed when there is no --from run.")
     plan = SteerPlan(cfg=cfg, out=out, model=model, sae_path=str(sae_path), layer=int(layer),
                      prompts=held, rubric=rub, judge=judge, coherence_judge=coherence_judge,
                      run=info, given=latents, toward_model=toward_model, base_model=base_model,
-                     excluded_prompts=n_used,
+                     excluded_prompts=n_used, dataset=dataset if info is not None else None,
                      judge_options=judge_options or {})
     _check_previous(plan)
     return plan
@@ -164,7 +169,7 @@ def _sae_layer(path: str) -> int:
 
 
 def _check_previous(plan: SteerPlan) -> None:
-    mpath = plan.work / "manifest.json"
+    mpath = plan.work / rf.MANIFEST
     if not mpath.is_file():
         return
     try:
@@ -194,7 +199,8 @@ class SteerResult:
     """What a sweep wrote (the same content as its files)."""
 
     rows: list[dict[str, Any]]
-    """``steering.jsonl``: one row per condition."""
+    """``steering.jsonl``: one row per condition (the fields of
+    :class:`~latentaudit.runfolder.SteeringRow`)."""
     summary: list[dict[str, Any]]
     """``steering_summary.json``: per method, direction and strength."""
     logodds: list[dict[str, Any]]
@@ -209,14 +215,14 @@ def run_steering(plan: SteerPlan, model=None, *, device: str = "auto", dtype: st
                  engine=None) -> SteerResult:
     """Run a planned sweep (steps 2–7 of the module docstring); ``model`` may be loaded already.
 
-    engine: an :class:`~latentaudit.distributed.EngineConfig`; with ``--engine ray`` the steered
-    completions (step 6, and the search's trials) are generated on Ray workers.
+    engine: an :class:`~latentaudit.executor.Executor` (or its ``EngineConfig``); with
+    ``--engine ray`` the steered completions (step 6, and the search's trials) are generated on
+    Ray workers.
     """
-    if engine is None or not engine.distributed:
+    executor = as_executor(engine)
+    if not executor.distributed:
         return _run_steering(plan, model, device=device, dtype=dtype)
-    from latentaudit.distributed.steer import RemoteRows
-
-    with RemoteRows(engine, device=device, dtype=dtype) as remote:
+    with executor.steered_rows(device, dtype) as remote:
         return _run_steering(plan, model, device=device, dtype=dtype, remote=remote)
 
 
@@ -238,7 +244,7 @@ def _run_steering(plan: SteerPlan, model=None, *, device: str = "auto", dtype: s
         sae.check_fits(m.d_model, plan.layer, m.name)
     dirs = sae.decoder_directions()  # (d_sae, d_model) unit rows
     plan.work.mkdir(parents=True, exist_ok=True)
-    write_json(plan.work / "manifest.json", plan.settings())
+    write_json(plan.work / rf.MANIFEST, plan.settings())
     scfg = _sample_config(cfg)
     enc = {k: _encode_all(m, plan, scfg) for k, m in models.items()}
     rbar = _resid_norm(plan, loaded, enc["main"]) if cfg.scale == "relative" else None
@@ -251,13 +257,13 @@ def _run_steering(plan: SteerPlan, model=None, *, device: str = "auto", dtype: s
                        diff)
     units = [(p.prompt_id, i) for p in plan.prompts for i in range(cfg.n)]
     ctx = Context(plan=plan, models=models, enc=enc, dirs=dirs, rbar=rbar, scfg=scfg,
-                         path=plan.work / "completions.jsonl", remote=remote)
+                         path=plan.work / rf.COMPLETIONS, remote=remote)
     conds = make_conditions(sets, cfg, rbar, "toward" in models)
     if cfg.search:
         conds = search.search_strengths(ctx, conds, units)
     lo_rows = []
     if cfg.logodds and plan.rubric.first_token:
-        path = plan.out / "steering_logodds.jsonl"
+        path = plan.out / rf.STEERING_LOGODDS
         lo_rows = logodds.check(ctx, conds, _ranking_latents(plan), _read_jsonl(path))
         write_jsonl(path, lo_rows)
     if cfg.logodds_only:
@@ -271,16 +277,17 @@ def _run_steering(plan: SteerPlan, model=None, *, device: str = "auto", dtype: s
     keys, wanted = {c.key for c in conds}, set(units)
     graded = grade(ctx, [row for k, row in rows.items()
                          if k[0] in keys and (k[1], k[2]) in wanted])
-    write_jsonl(plan.work / "judged.jsonl", graded.values())
+    write_jsonl(plan.work / rf.JUDGED, graded.values())
     table = condition_table(conds, graded, units, cfg, {r["key"]: r for r in lo_rows})
     summary = summarise(table, cfg.n_boot, cfg.seed, cfg.level)
-    write_jsonl(plan.out / "steering.jsonl", table)
-    write_json(plan.out / "steering_summary.json",
+    table_rows = [r.to_dict() for r in table]
+    write_jsonl(plan.out / rf.STEERING, table_rows)
+    write_json(plan.out / rf.STEERING_SUMMARY,
                {"schema_version": SCHEMA_VERSION, "resid_norm": rbar, "sets": sets,
                 "prompts": len(plan.prompts), "units": len(units), "summary": summary})
     figs = figures.plot_sweep(table, plan.out)
-    return SteerResult(rows=table, summary=summary, logodds=lo_rows, sets=sets, resid_norm=rbar,
-                       out=plan.out, figures=figs)
+    return SteerResult(rows=table_rows, summary=summary, logodds=lo_rows, sets=sets,
+                       resid_norm=rbar, out=plan.out, figures=figs)
 
 
 def make_conditions(sets: dict[str, list[int]], cfg: SteerConfig, rbar: float | None,

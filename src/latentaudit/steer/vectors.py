@@ -18,6 +18,7 @@ from torch import Tensor
 
 from latentaudit._progress import progress
 from latentaudit.data.tokens import left_pad
+from latentaudit.models.forward import pad_id
 from latentaudit.models.hooks import run_until
 from latentaudit.models.load import LoadedModel
 from latentaudit.steer.config import Condition
@@ -45,7 +46,7 @@ def norm_sums(hidden: Float[Tensor, "batch pos d_model"], mask: Tensor) -> tuple
 def mean_resid_norm(loaded: LoadedModel, layer: int, sequences: Sequence[Sequence[int]],
                     batch_size: int = 8) -> float:
     """r̄: the mean ‖resid_post‖ at ``layer`` over ``sequences`` (first positions left out)."""
-    pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+    pad = pad_id(loaded.tokenizer)
     total, count = 0.0, 0
     with progress(total=len(sequences), desc="residual norm", unit="seq") as bar:
         for start in range(0, len(sequences), batch_size):

@@ -18,10 +18,9 @@ import numpy as np
 
 from latentaudit.errors import LatentAuditError
 from latentaudit.report import figures
-from latentaudit.report.read import read_json, read_jsonl, read_tensors
+from latentaudit.runfolder import RANKING, RunFolder
 
 FIX = "pass the --out folder of a finished `latentaudit attribute` run."
-FILES = ("manifest.json", "ranking.jsonl", "attribution.safetensors")
 COLUMNS = [
     {"key": "rank", "label": "rank", "title": "rank by Δ-attribution", "kind": "int",
      "first": "asc"},
@@ -43,20 +42,13 @@ COLUMNS = [
 
 def load(run: Path) -> dict[str, Any]:
     """The section's dict (step 1 and 2 of the module docstring)."""
-    if not run.is_dir():
-        raise LatentAuditError(f"{run}: no such run folder; {FIX}")
-    for name in FILES:
-        if not (run / name).is_file():
-            raise LatentAuditError(f"{run} has no {name}; {FIX}")
-    manifest = read_json(run / "manifest.json", FIX)
-    for field in ("model", "saes", "layers"):
-        if not isinstance(manifest, dict) or field not in manifest:
-            raise LatentAuditError(f"{run / 'manifest.json'}: field '{field}' is missing; {FIX}")
-    layers = [int(L) for L in manifest["layers"]]
-    ranking = read_jsonl(run / "ranking.jsonl", FIX, need=("layer", "latent", "rank"))
-    ranking.sort(key=lambda r: (layers.index(r["layer"]) if r["layer"] in layers else 0,
-                                r["rank"]))
-    vectors = _vectors(run, layers)
+    folder = RunFolder.open(run, "--run")
+    manifest, layers = folder.manifest, folder.layers
+    ranking = sorted(folder.ranking, key=lambda r: (
+        layers.index(r["layer"]) if r["layer"] in layers else 0, r["rank"]))
+    vectors = {L: {"delta_attribution": folder.delta_attribution(L, "np").astype(np.float64),
+                   "delta_activation": _wide(folder.delta_activation(L, "np"))}
+               for L in layers}
     _check_ranking(run, ranking, vectors)
     data = {"path": str(run), "manifest": manifest, "layers": layers, "ranking": ranking,
             "vectors": vectors, "model": (manifest.get("model") or {}).get("name", "?"),
@@ -72,29 +64,15 @@ def load(run: Path) -> dict[str, Any]:
     return data
 
 
-def _vectors(run: Path, layers: list[int]) -> dict[int, dict[str, np.ndarray | None]]:
-    wanted = tuple(f"{name}_layer{L}" if len(layers) > 1 else name
-                   for name in ("delta_attribution", "delta_activation") for L in layers)
-    tensors = read_tensors(run / "attribution.safetensors", FIX, wanted)
-    out = {}
-    for L in layers:
-        def get(name: str, L=L):
-            return tensors.get(f"{name}_layer{L}" if len(layers) > 1 else name)
-
-        if get("delta_attribution") is None:
-            raise LatentAuditError(f"{run / 'attribution.safetensors'} has no delta_attribution "
-                                   f"for layer {L}; rerun `latentaudit attribute`.")
-        act = get("delta_activation")
-        out[L] = {"delta_attribution": get("delta_attribution").astype(np.float64),
-                  "delta_activation": None if act is None else act.astype(np.float64)}
-    return out
+def _wide(x: np.ndarray | None) -> np.ndarray | None:
+    return None if x is None else x.astype(np.float64)
 
 
 def _check_ranking(run: Path, ranking: list[dict], vectors: dict) -> None:
     for n, r in enumerate(ranking, start=1):
         if r["layer"] not in vectors or not 0 <= r["latent"] < len(
                 vectors[r["layer"]]["delta_attribution"]):
-            raise LatentAuditError(f"{run / 'ranking.jsonl'}: row {n} names layer {r['layer']} "
+            raise LatentAuditError(f"{run / RANKING}: row {n} names layer {r['layer']} "
                                    f"latent {r['latent']}, which the run's manifest and "
                                    f"attribution.safetensors do not have; {FIX}")
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from latentaudit.report import figures
 from latentaudit.report.read import iter_jsonl, read_json_if, read_jsonl_if
+from latentaudit.runfolder import ConditionKey
 
 FIX = "rerun `latentaudit steer` (or pass --steering with its --out folder)."
 EXAMPLES_SHOWN = 3
@@ -85,13 +86,8 @@ def settings(work: dict[str, Any], summary: dict[str, Any]) -> list[tuple[str, s
     return [(k, str(v)) for k, v in rows if v is not None]
 
 
-def key_of(latents: list[int], direction: str, strength: float, model: str) -> str:
-    """The condition key of :class:`latentaudit.steer.config.Condition` (what was generated)."""
-    tail = "" if model == "main" else f"@{model}"
-    return f"{'+'.join(map(str, latents))}/{direction}/{strength:g}{tail}"
-
-
-def per_latent(data: dict[str, Any], layer: int, graded: dict[str, list[dict]]) -> None:
+def per_latent(data: dict[str, Any], layer: int,
+               graded: dict[ConditionKey, list[dict]]) -> None:
     """Step 2: rows, cells and examples of every latent steered alone."""
     sets = {}
     for method, ids in data["sets"].items():
@@ -107,7 +103,7 @@ def per_latent(data: dict[str, Any], layer: int, graded: dict[str, list[dict]]) 
             "rows": mine,
             "logodds": [r for r in data["logodds"] if r["latents"] == [i]],
             "examples": [{"direction": d, "strength": s, "model": m,
-                          "items": graded.get(key_of([i], d, s, m), [])[:EXAMPLES_SHOWN]}
+                          "items": graded.get(ConditionKey((i,), d, s, m), [])[:EXAMPLES_SHOWN]}
                          for d, s, m in sorted(conds, key=str)]}
         data["cells"][(layer, i)] = {"away": headline(mine, "away"),
                                      "toward": headline(mine, "toward"),
@@ -124,35 +120,40 @@ def headline(rows: list[dict[str, Any]], direction: str) -> dict[str, Any] | Non
     return {"value": best["diff"], "beyond": bool(best.get("beyond_null"))}
 
 
-def examples(folder: Path) -> dict[str, list[dict[str, Any]]]:
-    """{condition key: example pairs, most telling first} from the work files (step 2)."""
+def examples(folder: Path) -> dict[ConditionKey, list[dict[str, Any]]]:
+    """{condition key: example pairs, most telling first} of the conditions that steer one
+    latent, from the work files (step 2)."""
     comp, judged = folder / "steer" / "completions.jsonl", folder / "steer" / "judged.jsonl"
     if not comp.is_file():
         return {}
     grades = {}
     if judged.is_file():
         for _, g in iter_jsonl(judged, FIX):
-            grades[(g.get("key"), g.get("prompt_id"), g.get("sample_index"))] = g
+            grades[(_key(g), g.get("prompt_id"), g.get("sample_index"))] = g
     texts: dict[tuple, str] = {}
     for _, row in iter_jsonl(comp, FIX):
-        if "+" not in str(row.get("key")):
-            texts[(row.get("key"), row.get("prompt_id"), row.get("sample_index"))] = \
+        key = _key(row)
+        if key is not None and len(key.latents) <= 1:
+            texts[(key, row.get("prompt_id"), row.get("sample_index"))] = \
                 str(row.get("completion", ""))
-    out: dict[str, list[dict]] = {}
+    out: dict[ConditionKey, list[dict]] = {}
     for (key, pid, s), text in texts.items():
-        if key is None or str(key).startswith("base"):
+        if key.is_base:
             continue
-        base_key = "base" if "@" not in key else "base@" + key.split("@", 1)[1]
-        g, g0 = grades.get((key, pid, s), {}), grades.get((base_key, pid, s), {})
+        g, g0 = grades.get((key, pid, s), {}), grades.get((key.base, pid, s), {})
         out.setdefault(key, []).append({
             "prompt_id": pid, "sample_index": s, "text": _clip(text),
             "outcome": g.get("outcome"), "why": g.get("why"), "incoherent": g.get("incoherent"),
-            "base_text": _clip(texts.get((base_key, pid, s), "")),
+            "base_text": _clip(texts.get((key.base, pid, s), "")),
             "base_outcome": g0.get("outcome")})
     for key, items in out.items():
-        direction = key.split("/")[1] if key.count("/") >= 2 else ""
-        items.sort(key=lambda e: (_telling(e, direction), str(e["prompt_id"]), e["sample_index"]))
+        items.sort(key=lambda e, d=key.direction: (_telling(e, d), str(e["prompt_id"]),
+                                                    e["sample_index"]))
     return out
+
+
+def _key(row: dict[str, Any]) -> ConditionKey | None:
+    return None if row.get("key") is None else ConditionKey.parse(row["key"])
 
 
 def _telling(e: dict[str, Any], direction: str) -> int:

@@ -1,0 +1,29 @@
+"""What a model's forward takes and a tokenizer pads with, decided in one place.
+
+1. :func:`keep_logits`: the keyword that limits a forward's logits to the last positions
+   (``logits_to_keep`` in current Hugging Face models, ``num_logits_to_keep`` in older ones;
+   none in models without it, which then return every position's logits), read from its
+   ``forward`` signature.
+2. :func:`pad_id`: the tokenizer's pad id, or 0 when it has none (padded positions are masked,
+   so the id only has to be a valid one).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+KEEP_NAMES = ("logits_to_keep", "num_logits_to_keep")
+
+
+def keep_logits(model, n: int) -> dict[str, int]:
+    """Keyword arguments asking ``model`` for the logits of the last ``n`` positions only
+    ({} when it cannot: it then returns them all)."""
+    params = inspect.signature(model.forward).parameters
+    name = next((k for k in KEEP_NAMES if k in params), None)
+    return {name: n} if name else {}
+
+
+def pad_id(tokenizer) -> int:
+    """The pad id of ``tokenizer`` (0 when it has none)."""
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return 0 if pad is None else int(pad)
