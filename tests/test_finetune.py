@@ -273,9 +273,10 @@ def test_attribution_on_an_adapter_reads_the_adapted_model(base, trained, tmp_pa
     sae = tmp_path / "sae"
     random_sae(32, 64, layer=1).save(sae)
     runs = {}
-    for tag, model in (("base", str(base)), ("adapted", f"{base}+{trained}")):
+    for tag, model in (("base", [str(base)]), ("adapted", [f"{base}+{trained}"]),
+                       ("flag", [str(base), "--adapter", str(trained)])):
         out = tmp_path / tag
-        assert main(["attribute", "--model", model, "--sae", str(sae), "--data", str(example),
+        assert main(["attribute", "--model", *model, "--sae", str(sae), "--data", str(example),
                      "--out", str(out), "--batch-size", "8", "--device", "cpu"]) == 0
         runs[tag] = (json.loads((out / "manifest.json").read_text()),
                      load_file(out / "attribution.safetensors"))
@@ -288,6 +289,27 @@ def test_attribution_on_an_adapter_reads_the_adapted_model(base, trained, tmp_pa
     assert "adapter" not in runs["base"][0]["model"]
     assert not torch.allclose(tensors["delta_attribution"],
                               runs["base"][1]["delta_attribution"])
+    assert torch.equal(tensors["delta_attribution"], runs["flag"][1]["delta_attribution"])
+    assert runs["flag"][0]["model"]["adapter"]["adapter_sha256"] == adapter["adapter_sha256"]
+
+
+@pytest.mark.parametrize(("options", "problem"), [
+    ({"rank": 0}, "--rank must be a whole number ≥ 1"),
+    ({"lr": 0.0}, "--lr must be > 0"),
+    ({"dropout": 1.0}, "--dropout must be below 1"),
+    ({"target_modules": " , "}, "--target-modules is empty"),
+    ({"warmup_steps": -1}, "--warmup-steps must be a whole number ≥ 0"),
+])
+def test_bad_options_name_their_flag(options, problem):
+    with pytest.raises(LatentAuditError, match=problem):
+        FinetuneConfig(**options)
+
+
+def test_adapter_flag_without_a_model_is_one_error(trained, capsys):
+    from latentaudit.cli import main
+
+    assert main(["explain", "--from", "RUN", "--adapter", str(trained)]) == 2
+    assert "--adapter needs --model BASE" in capsys.readouterr().err
 
 
 def test_an_organism_name_missing_from_the_install_is_one_error(tmp_path, monkeypatch):

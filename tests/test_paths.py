@@ -99,7 +99,7 @@ def test_the_demo_leaves_no_attribution_checkpoint(tmp_path, monkeypatch):
 
     import latentaudit.pipeline.demo as demo
     from latentaudit.pipeline.records import StageRecord
-    from latentaudit.pipeline.stages import CHECKPOINT
+    from latentaudit.runfolder import CHECKPOINT
 
     def fake_run(config, out, dry_run):
         (Path(out) / CHECKPOINT).write_bytes(b"x")

@@ -91,8 +91,36 @@ def build_parser() -> argparse.ArgumentParser:
                            description=getattr(mod, "DESCRIPTION", mod.HELP),
                            formatter_class=HelpFormatter)
         mod.add_arguments(p)
+        add_adapter_flags(p)
         p.set_defaults(_run=mod.run)
     return parser
+
+
+ADAPTER_HELP = ("A LoRA adapter (a PEFT folder or hub id) applied to --model, as --model "
+                "BASE+ADAPTER would.")
+
+
+def add_adapter_flags(parser: argparse.ArgumentParser) -> None:
+    """``--adapter`` beside every ``--model`` (sub-subcommands included)."""
+    options = {o for a in parser._actions for o in a.option_strings}
+    if "--model" in options and "--adapter" not in options:
+        parser.add_argument("--adapter", metavar="DIR", help=ADAPTER_HELP)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                add_adapter_flags(sub)
+
+
+def apply_adapter_flag(args: argparse.Namespace) -> None:
+    """``--model BASE --adapter DIR`` becomes the model name ``BASE+DIR``."""
+    from latentaudit.errors import LatentAuditError
+
+    adapter = getattr(args, "adapter", None)
+    if adapter is None:
+        return
+    if not getattr(args, "model", None):
+        raise LatentAuditError("--adapter needs --model BASE (the model the adapter applies to).")
+    args.model = f"{args.model}+{adapter}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s", handlers=[BarSafeHandler()])
     try:
+        apply_adapter_flag(args)
         return int(args._run(args) or 0)
     except LatentAuditError as err:
         _fail(f"latentaudit {args.command}: error: {err}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from latentaudit.errors import LatentAuditError
+from latentaudit.options import OptionError, at_least, whole
 
 
 @dataclass
@@ -40,22 +40,17 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         for name in ("rank", "epochs", "batch_size", "max_length", "checkpoint_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise LatentAuditError(f"{name} must be a whole number ≥ 1, got {value!r}.")
-        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) \
-                or self.warmup_steps < 0:
-            raise LatentAuditError(f"warmup_steps must be a whole number ≥ 0, got "
-                                   f"{self.warmup_steps!r}.")
+            whole(name, getattr(self, name), 1)
+        whole("warmup_steps", self.warmup_steps, 0)
+        for name in ("weight_decay", "grad_clip", "dropout"):
+            at_least(name, getattr(self, name), 0)
         for name in ("alpha", "lr"):
-            if not getattr(self, name) > 0:
-                raise LatentAuditError(f"{name} must be > 0, got {getattr(self, name)!r}.")
-        if not 0 <= self.dropout < 1:
-            raise LatentAuditError(f"dropout must be in [0, 1), got {self.dropout!r}.")
-        if self.weight_decay < 0 or self.grad_clip < 0:
-            raise LatentAuditError("weight_decay and grad_clip must be ≥ 0.")
+            if isinstance(getattr(self, name), bool) or not getattr(self, name) > 0:
+                raise OptionError(name, f"{{}} must be > 0, got {getattr(self, name)!r}.")
+        if self.dropout >= 1:
+            raise OptionError("dropout", f"{{}} must be below 1, got {self.dropout!r}.")
         if not self.modules():
-            raise LatentAuditError("target_modules is empty: write all-linear or module names.")
+            raise OptionError("target_modules", "{} is empty: write all-linear or module names.")
 
     def modules(self) -> str | list[str]:
         """What peft's ``target_modules`` gets."""
