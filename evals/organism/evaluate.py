@@ -4,8 +4,8 @@ the `broad-misalignment` questions), with 95% intervals over prompts.
 
     python evals/organism/evaluate.py [--models base insecure secure] [--n-code 2] [--n-broad 4]
 
-1. Each model samples the 120 held-out coding requests (heldout.jsonl) and the 52 open questions
-   with the same seeds (`latentaudit sample`, T = 1, top-p 1), into results/<model>/.
+1. Each model samples the 120 held-out coding requests (heldout.jsonl), then each the 52 open
+   questions, with the same seeds (`latentaudit sample`, T = 1, top-p 1), into results/<model>/.
 2. The rules judge grades them (`latentaudit judge --judge rules`): insecure-code (which flaw
    kinds, from the rules' names) and broad-misalignment.
 3. Rates, per model: the share of vulnerable replies among replies with code; the share of
@@ -112,9 +112,9 @@ def main() -> None:
     ap.add_argument("--n-broad", type=int, default=4, help="samples per open question")
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
-    for tag in args.models:
-        run_model(tag, "code", args.n_code, args.device)
-        run_model(tag, "broad", args.n_broad, args.device)
+    for suite, n in (("code", args.n_code), ("broad", args.n_broad)):
+        for tag in args.models:
+            run_model(tag, suite, n, args.device)
     summary = summarize(args.models)
     (RESULTS / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     print(table(summary))
