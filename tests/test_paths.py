@@ -12,9 +12,8 @@ from latentaudit.errors import LatentAuditError
 from latentaudit.pipeline.config import read_config
 
 
-def test_the_shown_demo_config_runs_from_any_folder(tmp_path, capsys, monkeypatch):
-    from latentaudit.pipeline.demo import DEMO_DIR
-
+def _shown_config_elsewhere(tmp_path, capsys, monkeypatch) -> tuple[Path, Path]:
+    """Save `demo --show-config` as mine/my.toml, then work from a sibling folder."""
     saved, elsewhere = tmp_path / "mine", tmp_path / "elsewhere"
     saved.mkdir()
     elsewhere.mkdir()
@@ -22,6 +21,13 @@ def test_the_shown_demo_config_runs_from_any_folder(tmp_path, capsys, monkeypatc
     assert main(["demo", "--show-config"]) == 0
     (saved / "my.toml").write_text(capsys.readouterr().out, encoding="utf-8")
     monkeypatch.chdir(elsewhere)
+    return saved, elsewhere
+
+
+def test_the_shown_demo_config_runs_from_any_folder(tmp_path, capsys, monkeypatch):
+    from latentaudit.pipeline.demo import DEMO_DIR
+
+    saved, _ = _shown_config_elsewhere(tmp_path, capsys, monkeypatch)
     cfg = read_config(Path("..") / "mine" / "my.toml")
     assert cfg.out == saved / "runs" / "demo"  # out is set, relative to the copy's folder
     assert cfg.entry == "completions" and cfg.entry_file == DEMO_DIR / "completions.jsonl"
@@ -35,13 +41,7 @@ def test_the_shown_demo_config_dry_runs_from_another_folder(tmp_path, capsys, mo
     if not (embedded.is_installed("qwen2.5-0.5b-instruct")
             or embedded.is_cached("qwen2.5-0.5b-instruct")):
         pytest.skip("qwen2.5-0.5b-instruct is not installed (the dry run checks it is)")
-    saved, elsewhere = tmp_path / "mine", tmp_path / "elsewhere"
-    saved.mkdir()
-    elsewhere.mkdir()
-    monkeypatch.chdir(saved)
-    assert main(["demo", "--show-config"]) == 0
-    (saved / "my.toml").write_text(capsys.readouterr().out, encoding="utf-8")
-    monkeypatch.chdir(elsewhere)
+    saved, elsewhere = _shown_config_elsewhere(tmp_path, capsys, monkeypatch)
     assert main(["run", str(saved / "my.toml"), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert f"sample     given   completions = {DEMO_DIR / 'completions.jsonl'}" in out

@@ -17,11 +17,10 @@ Tokenization (:func:`tokenize_chat`), for any chat template:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from latentaudit._io import json_problem
+from latentaudit._io import read_jsonl
 from latentaudit.errors import LatentAuditError
 
 ROLES = ("system", "user", "assistant")
@@ -59,24 +58,19 @@ def check_row(row: object, where: str) -> list[dict[str, str]]:
 
 
 def read_chat(path: str | Path) -> list[list[dict[str, str]]]:
-    """Every conversation of a chat JSONL file, checked (errors name file:line:field)."""
+    """Every conversation of a chat JSONL file, checked; every problem of the file is reported
+    at once, each naming file:line and the field."""
     path = Path(path)
     if not path.is_file():
         raise LatentAuditError(f"--data {path}: no such file.")
-    out = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise LatentAuditError(f"{path}:{n}: not valid JSON ({json_problem(err)}).") \
-                    from None
-            out.append(check_row(row, f"{path}:{n}"))
-    if not out:
-        raise LatentAuditError(f"--data {path}: no conversations in the file.")
-    return out
+
+    def parse(obj: object, where: str) -> tuple[list[dict[str, str]] | None, list[str]]:
+        try:
+            return check_row(obj, where), []
+        except LatentAuditError as err:
+            return None, [str(err)]
+
+    return [messages for _, messages in read_jsonl(path, parse, what="conversations")]
 
 
 def assistant_spans(tokenizer, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
