@@ -133,6 +133,19 @@ def json_problem(err: json.JSONDecodeError) -> str:
     return f"{err.msg} at {line}column {err.colno}"
 
 
+def iter_json_lines(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
+    """(1-based line, decoded JSON or the :class:`json.JSONDecodeError`) of each non-blank line,
+    streamed: the caller decides whether a bad line is an error or a row to skip."""
+    with open(path, encoding="utf-8") as f:
+        for n, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            try:
+                yield n, json.loads(text)
+            except json.JSONDecodeError as err:
+                yield n, err
+
+
 def read_jsonl(path: str | os.PathLike, parse: Callable[[Any, str], tuple[Any, list[str]]],
                what: str = "rows", unique: tuple[str, Callable[[Any], Any]] | None = None
                ) -> list[tuple[int, Any]]:

@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from latentaudit._io import complete_lines
+from latentaudit._io import complete_lines, iter_json_lines
 from latentaudit.errors import LatentAuditError
 from latentaudit.monitor.file import Monitor
 from latentaudit.options import whole
@@ -34,14 +34,7 @@ log = logging.getLogger(__name__)
 
 def iter_rows(path: Path) -> Iterator[tuple[int, Any]]:
     """(1-based line, decoded JSON or the JSONDecodeError) of each non-blank line."""
-    with open(path, encoding="utf-8") as f:
-        for n, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            try:
-                yield n, json.loads(text)
-            except json.JSONDecodeError as err:
-                yield n, err
+    return iter_json_lines(path)
 
 
 def check_file(path: Path) -> list[int]:

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from latentaudit._io import json_problem
+from latentaudit._io import iter_json_lines, json_problem
 from latentaudit.errors import LatentAuditError
 
 
@@ -31,15 +31,10 @@ def read_json_if(path: Path, fix: str) -> Any | None:
 
 def iter_jsonl(path: Path, fix: str):
     """Yield (line number, object) of each non-blank line of ``path``."""
-    with open(path, encoding="utf-8") as f:
-        for n, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            try:
-                yield n, json.loads(text)
-            except json.JSONDecodeError as err:
-                raise LatentAuditError(f"{path}:{n}: not valid JSON ({json_problem(err)}); "
-                                       f"{fix}") from None
+    for n, obj in iter_json_lines(path):
+        if isinstance(obj, json.JSONDecodeError):
+            raise LatentAuditError(f"{path}:{n}: not valid JSON ({json_problem(obj)}); {fix}")
+        yield n, obj
 
 
 def read_jsonl(path: Path, fix: str, need: tuple[str, ...] = ()) -> list[dict[str, Any]]:
