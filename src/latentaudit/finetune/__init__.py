@@ -28,11 +28,12 @@ def _finished(out: Path, ident: dict) -> bool:
     card = out / CARD
     if not card.is_file() or not (out / "adapter_config.json").is_file():
         return False
-    record = json.loads(card.read_text(encoding="utf-8"))
-    for key in ("model", "data_sha256", "config"):
-        if record.get(key) != ident[key]:
-            raise LatentAuditError(f"{card}: --out already holds an adapter made with another "
-                                   f"{key}; pass a new --out.")
+    from latentaudit.finetune.train import mismatch
+
+    key = mismatch(json.loads(card.read_text(encoding="utf-8")), ident)
+    if key:
+        raise LatentAuditError(f"{card}: --out already holds an adapter made with another "
+                               f"{key}; pass a new --out.")
     return True
 
 
@@ -45,11 +46,12 @@ def finetune(model: str, data: str | Path, out: str | Path, config: FinetuneConf
     returned as it is."""
     from latentaudit.finetune import train
     from latentaudit.finetune.chat import read_chat
+    from latentaudit.models.forward import pad_id
     from latentaudit.models.load import load_model, resolve_device
 
     config = config or FinetuneConfig()
     out = Path(out)
-    read_chat(data)  # every row checked before the model loads
+    convs = read_chat(data)  # every row checked before the model loads
     resolve_device(device)
     ident = train.identity(model, data, config)
     if _finished(out, ident):
@@ -61,10 +63,9 @@ def finetune(model: str, data: str | Path, out: str | Path, config: FinetuneConf
     else:
         train.read_checkpoint(out, ident)
     lm = load_model(model, device=device, dtype=dtype)
-    rows, dropped = train.prepare_data(lm.tokenizer, data, config.max_length)
+    rows, dropped = train.prepare_data(lm.tokenizer, convs, data, config.max_length)
     wrapped = train.wrap_lora(lm.model, config)
-    state = train.run_loop(wrapped, rows, lm.tokenizer.pad_token_id, config, out, ident,
-                           lm.device)
+    state = train.run_loop(wrapped, rows, pad_id(lm.tokenizer), config, out, ident, lm.device)
     _save_adapter(wrapped, out, lm.name)
     record = {**ident, "name": name or out.name, "base_model": lm.name, "data": str(data),
               "rows": len(rows), "dropped": dropped, "steps": state.step,

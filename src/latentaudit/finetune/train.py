@@ -37,7 +37,7 @@ from torch import Tensor
 from latentaudit._io import save_safetensors, sha256_file, write_json
 from latentaudit._progress import progress
 from latentaudit.errors import LatentAuditError, require
-from latentaudit.finetune.chat import Tokenized, read_chat, tokenize_chat
+from latentaudit.finetune.chat import Tokenized, tokenize_chat
 from latentaudit.finetune.config import FinetuneConfig
 
 log = logging.getLogger(__name__)
@@ -114,14 +114,10 @@ def target_loss(model, batch: Batch, device: torch.device) -> Tensor:
     return torch.nn.functional.cross_entropy(logits.float(), gold[keep])
 
 
-def data_digest(path: str | Path) -> str:
-    return sha256_file(path)
-
-
-def prepare_data(tokenizer, path: str | Path, max_length: int) -> tuple[list[Tokenized], int]:
-    """Tokenized conversations and how many were dropped (no assistant token within
-    ``max_length``)."""
-    convs = read_chat(path)
+def prepare_data(tokenizer, convs: list[list[dict[str, str]]], path: str | Path,
+                 max_length: int) -> tuple[list[Tokenized], int]:
+    """Tokenized conversations (read from ``path``) and how many were dropped (no assistant
+    token within ``max_length``)."""
     rows = [tokenize_chat(tokenizer, m, max_length) for m in convs]
     kept = [r for r in rows if r is not None]
     if not kept:
@@ -155,7 +151,13 @@ class RunState(NamedTuple):
 
 def identity(model_name: str, data: str | Path, config: FinetuneConfig) -> dict:
     """What a checkpoint must match to be resumed."""
-    return {"model": model_name, "data_sha256": data_digest(data), "config": asdict(config)}
+    return {"model": model_name, "data_sha256": sha256_file(data), "config": asdict(config)}
+
+
+def mismatch(record: dict, ident: dict) -> str | None:
+    """The first of model, data and options on which ``record`` differs from this run."""
+    return next((k for k in ("model", "data_sha256", "config") if record.get(k) != ident[k]),
+                None)
 
 
 def save_checkpoint(out: Path, model, optimizer, state: RunState, ident: dict) -> None:
@@ -182,11 +184,11 @@ def read_checkpoint(out: Path, ident: dict) -> dict | None:
     if not path.is_file():
         return None
     record = json.loads(path.read_text(encoding="utf-8"))
-    for key in ("model", "data_sha256", "config"):
-        if record.get(key) != ident[key]:
-            raise LatentAuditError(
-                f"{path}: the checkpoint in --out was made with another {key} "
-                f"({record.get(key)!r}); pass a new --out, or --restart to discard it.")
+    key = mismatch(record, ident)
+    if key:
+        raise LatentAuditError(
+            f"{path}: the checkpoint in --out was made with another {key} "
+            f"({record.get(key)!r}); pass a new --out, or --restart to discard it.")
     return record
 
 
