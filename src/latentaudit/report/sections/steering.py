@@ -1,8 +1,8 @@
 """The steering section: the sweep's figures and tables, and each steered latent's evidence.
 
 1. Read ``steering.jsonl`` and ``steering_logodds.jsonl`` (the section exists when either does),
-   ``steering_summary.json``, the figures ``steering_away.png`` / ``steering_toward.png``
-   (inlined as they are) and the work files ``steer/manifest.json``.
+   ``steering_summary.json``, the figures ``steering_away.png`` / ``steering_toward.png`` and
+   their ``_sorted`` twins (inlined as they are) and the work files ``steer/manifest.json``.
 2. Per latent steered alone: its rows of the table and of the log-odds check, the table cells
    (the paired change in the behaviour rate away and toward, at the searched strength or else
    the largest one, on the model under study), and a few example completions per condition
@@ -61,8 +61,9 @@ def load(folder: Path, run_layers: list[int] | None = None,
     layer = work.get("layer")
     if layer is None and run_layers and len(run_layers) == 1:
         layer = run_layers[0]
-    figs = [{"direction": d, "uri": figures.file_uri(folder / f"steering_{d}.png")}
-            for d in ("away", "toward")]
+    figs = [{"direction": d.replace("_", ", "), "uri": figures.file_uri(
+        folder / f"steering_{d}.png")} for d in ("away", "away_sorted", "toward",
+                                                   "toward_sorted")]
     data = {"path": str(folder), "layer": layer, "settings": settings(work, summary),
             "summary": summary.get("summary") or [], "sets": summary.get("sets") or {},
             "rows": rows, "logodds": logodds,
