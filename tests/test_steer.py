@@ -436,6 +436,18 @@ def test_sweep_with_a_model_diff_and_a_toward_model(run_dir, tmp_path):
     diff = load_file(run_dir / "steer" / "model_diff.safetensors")
     top = diff["model_diff"].argsort(descending=True)[:2].tolist()
     assert sorted({r["latents"][0] for r in rows if r["method"] == "model-diff"}) == sorted(top)
+    # the unsteered toward rows are the other model's own samples (same seeds as `sample`)
+    sampled = tmp_path / "other.jsonl"
+    assert main(["sample", "--model", str(other), "--prompts", str(run_dir.parent /
+                 "prompts.jsonl"), "--n", "2", "--max-new-tokens", "6", "--top-p", "0.9",
+                 "--seed", "0", "--device", "cpu", "--out", str(sampled)]) == 0
+    want = {(r["prompt_id"], r["sample_index"]): r["completion"] for r in lines(sampled)}
+    toward = {(g["prompt_id"], g["sample_index"]): g["completion"] for g in gen
+              if g["key"] == "base@toward"}
+    main_rows = {(g["prompt_id"], g["sample_index"]): g["completion"] for g in gen
+                 if g["key"] == "base"}
+    assert toward and all(want[k] == v for k, v in toward.items())
+    assert any(main_rows[k] != v for k, v in toward.items())
 
 
 def test_logodds_only_samples_nothing(run_dir, capsys):
