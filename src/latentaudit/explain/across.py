@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 from latentaudit.errors import LatentAuditError
 from latentaudit.explain.overlap import topk_overlap
@@ -34,6 +35,39 @@ def base_model(run: RunFolder) -> str:
     return canonical(adapter.get("base") or run.model_name)
 
 
+def same_sae(a: str | None, b: str | None) -> bool:
+    """Whether two runs' recorded SAE paths name one SAE: the same path; the same file where
+    both exist here (same bytes: runs made in another checkout); or, where they do not, the same
+    shipped SAE (the path below ``saes/shipped/``)."""
+    if a == b:
+        return True
+    if a is None or b is None:
+        return False
+    pa, pb = Path(a), Path(b)
+    if pa.exists() and pb.exists():
+        return pa.is_file() and pb.is_file() and _digest(pa) == _digest(pb)
+    marker = ("saes", "shipped")
+
+    def shipped(p: Path) -> tuple[str, ...] | None:
+        parts = p.parts
+        for i in range(len(parts) - 1):
+            if parts[i:i + 2] == marker:
+                return parts[i + 2:]
+        return None
+
+    return shipped(pa) is not None and shipped(pa) == shipped(pb)
+
+
+def _digest(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def check_same_model(runs: Sequence[RunFolder], flag: str = "--across") -> None:
     """Step 1: one model, and the same SAE path at every layer the runs share (errors name
     ``flag``, the option that gave the runs)."""
@@ -44,7 +78,7 @@ def check_same_model(runs: Sequence[RunFolder], flag: str = "--across") -> None:
                 f"{flag}: {run.path} ran on model '{run.model_name}' but {first.path} on "
                 f"'{first.model_name}': compare runs of one model (or of its fine-tunes).")
         for L in set(run.layers) & set(first.layers):
-            if run.sae_path(L) != first.sae_path(L):
+            if not same_sae(run.sae_path(L), first.sae_path(L)):
                 raise LatentAuditError(
                     f"{flag}: layer {L} of {run.path} used the SAE {run.sae_path(L)} but "
                     f"{first.path} used {first.sae_path(L)}: compare runs of one SAE.")
