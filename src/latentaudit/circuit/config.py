@@ -9,8 +9,7 @@ from typing import Any
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from latentaudit.errors import LatentAuditError
-from latentaudit.options import at_least
+from latentaudit.options import OptionError, at_least, one_of
 
 MEASURES = ("loss", "pre-activation")
 ROUTES = ("auto", "stacked", "one-at-a-time")
@@ -71,12 +70,9 @@ class CircuitConfig:
             at_least(name, getattr(self, name), low)
         if isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float)) \
                 or not 0 < self.fraction <= 1:
-            raise LatentAuditError(f"--fraction must be in (0, 1], got {self.fraction!r}.")
-        for flag, value, allowed in (("--measure", self.measure, MEASURES),
-                                     ("--route", self.route, ROUTES),
-                                     ("--abar", self.abar, ABAR_SOURCES)):
-            if value not in allowed:
-                raise LatentAuditError(f"{flag} '{value}' is not one of {', '.join(allowed)}.")
+            raise OptionError("fraction", f"{{}} must be in (0, 1], got {self.fraction!r}.")
+        for name, allowed in (("measure", MEASURES), ("route", ROUTES), ("abar", ABAR_SOURCES)):
+            one_of(name, getattr(self, name), allowed)
 
 
 @dataclass

@@ -6,6 +6,7 @@ import argparse
 from dataclasses import MISSING, fields
 
 from latentaudit.cli import DEVICE_HELP, field_docs
+from latentaudit.options import flag
 
 NAME = "finetune"
 HELP = "Fine-tune a model with LoRA on chat JSONL (loss on the assistant's tokens); resumable."
@@ -29,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     for f in fields(FinetuneConfig):
         kind = {"int": int, "float": float}.get(str(f.type), str)
         default = f.default if f.default is not MISSING else None
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=default,
+        p.add_argument(flag(f.name), type=kind, default=default,
                        help=doc.get(f.name, ""))
     p.add_argument("--restart", action="store_true",
                    help="Discard a checkpoint in OUT and start again.")

@@ -38,7 +38,7 @@ from latentaudit.monitor.metrics import (
     roc_curve,
 )
 from latentaudit.monitor.read import Labelled, Reductions
-from latentaudit.options import whole
+from latentaudit.options import OptionError, whole
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +71,11 @@ class EvalConfig:
         self.top_k = tuple(self.top_k)
         if not self.top_k or any(isinstance(k, bool) or not isinstance(k, int) or k < 1
                                  for k in self.top_k):
-            raise LatentAuditError(f"--top-k must be whole numbers ≥ 1, got {list(self.top_k)}.")
+            raise OptionError("top_k", f"{{}} must be whole numbers ≥ 1, got {list(self.top_k)}.")
         if not 0 < self.recall <= 1:
-            raise LatentAuditError(f"--recall must be in (0, 1], got {self.recall}.")
+            raise OptionError("recall", f"{{}} must be in (0, 1], got {self.recall}.")
         if not 0 < self.level < 1:
-            raise LatentAuditError(f"--level must be in (0, 1), got {self.level}.")
+            raise OptionError("level", f"{{}} must be in (0, 1), got {self.level}.")
         for name, low in (("folds", 2), ("bootstrap", 1), ("random_draws", 0),
                           ("batch_size", 1)):
             whole(name, getattr(self, name), low)
