@@ -11,6 +11,7 @@ dataclass takes the naming as a parameter (``name=flag`` by default). Standard l
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -65,3 +66,11 @@ def one_of(field: str, value: Any, allowed: Sequence[str]) -> None:
     """``value`` is one of ``allowed``."""
     if value not in allowed:
         raise OptionError(field, f"{{}} '{value}' is not one of {', '.join(allowed)}.")
+
+
+def check_choices(config: Any) -> None:
+    """Each field of dataclass ``config`` declared ``field(..., metadata={"choices": C})`` (a
+    module constant, which the command line reads too) holds one of ``C``."""
+    for f in dataclasses.fields(config):
+        if "choices" in f.metadata:
+            one_of(f.name, getattr(config, f.name), f.metadata["choices"])

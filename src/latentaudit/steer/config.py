@@ -26,7 +26,7 @@ class SteerConfig:
     strengths: tuple[float, ...] = (0.5,)
     """Steering strengths |α|, a fraction of the mean residual norm at the layer (relative
     scale) or raw (absolute scale). With --search: the ladder searched per latent."""
-    scale: str = "relative"
+    scale: str = field(default="relative", metadata={"choices": SCALES})
     """relative: α is a multiple of the mean residual norm at the layer; absolute: raw α."""
     search: bool = False
     """Per latent and direction, take the largest strength of the ladder whose incoherence
