@@ -154,11 +154,11 @@ def _add(p: argparse.ArgumentParser, f: Field, how: Flag) -> None:
     kind = f.annotation.removesuffix(" | None")
     if kind not in TYPES:
         raise ValueError(f"field {f.name}: no flag for the annotation {f.annotation!r}")
-    extra: dict[str, Any] = {"type": how.type or TYPES[kind]}
-    if how.nargs is not None:
-        extra.update(nargs=how.nargs, action="extend", default=list(f.default))
-    else:
-        extra["default"] = f.default
+    extra: dict[str, Any] = {"type": how.type or TYPES[kind], "default": f.default}
+    if how.nargs is not None:  # one value per word: the parser of the tuple's items
+        item = kind.removeprefix("tuple[").removesuffix(", ...]")
+        extra.update(nargs=how.nargs, action="extend", default=list(f.default),
+                     type=how.type or TYPES[item])
     if f.choices is not None:
         extra["choices"] = list(f.choices)
     if how.metavar is not None:
@@ -170,22 +170,29 @@ def _add(p: argparse.ArgumentParser, f: Field, how: Flag) -> None:
 
 # -- reading the dataclass from its source ---------------------------------------------------
 
+def class_fields(source: str, cls: str) -> tuple[ast.Module, list[tuple[ast.AnnAssign, str]]]:
+    """The parsed ``source`` (a path inside the package) and each annotated field of its class
+    ``cls`` with its docstring (one line; empty when it has none)."""
+    tree = ast.parse(PACKAGE.joinpath(source).read_text(encoding="utf-8"))
+    body = next(n.body for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls)
+    out = []
+    for node, nxt in zip(body, [*body[1:], None], strict=True):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            doc = nxt.value.value if isinstance(nxt, ast.Expr) and isinstance(
+                nxt.value, ast.Constant) and isinstance(nxt.value.value, str) else ""
+            out.append((node, " ".join(doc.split())))
+    return tree, out
+
+
 @cache
 def config_fields(source: str, cls: str) -> dict[str, Field]:
     """The fields of dataclass ``cls`` in ``source`` (a path inside the package), in order."""
-    tree = ast.parse(PACKAGE.joinpath(source).read_text(encoding="utf-8"))
-    body = next(n.body for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls)
+    tree, fields = class_fields(source, cls)
     out = {}
-    for i, node in enumerate(body):
-        if not isinstance(node, ast.AnnAssign) or not isinstance(node.target, ast.Name):
-            continue
-        nxt = body[i + 1] if i + 1 < len(body) else None
-        doc = nxt.value.value if isinstance(nxt, ast.Expr) and isinstance(
-            nxt.value, ast.Constant) and isinstance(nxt.value.value, str) else ""
+    for node, doc in fields:
         default, choices = _default(node.value, tree, source)
-        name = node.target.id
-        out[name] = Field(name, ast.unparse(node.annotation), default, " ".join(doc.split()),
-                          choices)
+        out[node.target.id] = Field(node.target.id, ast.unparse(node.annotation), default, doc,
+                                    choices)
     return out
 
 
