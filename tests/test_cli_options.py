@@ -8,7 +8,17 @@ import importlib
 
 import pytest
 
-from latentaudit.cli import _engine, attribute, build_parser, circuit, explain, sample, steer
+from latentaudit.cli import (
+    _engine,
+    attribute,
+    build_parser,
+    circuit,
+    explain,
+    finetune,
+    monitor,
+    sample,
+    steer,
+)
 from latentaudit.cli._options import Config, config_fields
 
 COMMANDS = {  # command line without options, its Config
@@ -19,24 +29,28 @@ COMMANDS = {  # command line without options, its Config
     "steer": (["steer"], steer.CONFIG),
     "sample": (["sample", "--model", "m", "--prompts", "p", "--out", "o"], sample.CONFIG),
     "engine": (["sample", "--model", "m", "--prompts", "p", "--out", "o"], _engine.CONFIG),
+    "monitor": (["monitor", "evaluate", "--completions", "c", "--out", "o"], monitor.EVALUATE),
+    "finetune": (["finetune", "--model", "m", "--data", "d", "--out", "o"], finetune.CONFIG),
 }
 
-SPECIAL = {  # field: (words after the flag, the field's value), where a rule below cannot guess
+SPECIAL = {  # [class.]field: (words after the flag, its value), where the rules cannot guess
     "methods": (["random,attribution"], ("random", "attribution")),
     "directions": (["toward"], ("toward",)),
     "strengths": (["1,2.5"], (1.0, 2.5)),
     "stop": (["a\\n", "b\\tc"], ("a\n", "b\tc")),
     "engine": (["ray"], "ray"),
+    "EvalConfig.top_k": (["5", "7"], (5, 7)),
     "ray_address": (["host:1", "--engine", "ray"], "host:1"),
 }
 ALSO = {"ray_address": {"engine": "ray"}}
 """Fields another field's words set too."""
 
 
-def other_value(f: dataclasses.Field) -> tuple[list[str], object]:
+def other_value(cls: type, f: dataclasses.Field) -> tuple[list[str], object]:
     """Words after the flag and the value they stand for: never the field's default."""
-    if f.name in SPECIAL:
-        return SPECIAL[f.name]
+    for name in (f"{cls.__name__}.{f.name}", f.name):
+        if name in SPECIAL:
+            return SPECIAL[name]
     kind, default = f.type.removesuffix(" | None"), f.default
     if "choices" in f.metadata:
         value = next(c for c in f.metadata["choices"] if c != default)
@@ -68,7 +82,7 @@ def test_every_generated_flag_reaches_its_field(command):
     cls = real_class(config)
     assert config.build(parser.parse_args(base)) == cls()
     for f in dataclasses.fields(cls):
-        words, value = ([], not f.default) if f.type == "bool" else other_value(f)
+        words, value = ([], not f.default) if f.type == "bool" else other_value(cls, f)
         assert value != f.default
         got = config.build(parser.parse_args([*base, *flag_words(f), *words]))
         assert getattr(got, f.name) == value, f.name

@@ -57,7 +57,9 @@ class Flag:
     """Appended to the field's docstring."""
     metavar: str | None = None
     nargs: str | None = None
-    """With ``nargs`` the flag collects a list (``action="extend"``)."""
+    """With ``nargs`` the flag takes a list, one item a word."""
+    extend: bool = False
+    """The flag may repeat, each time adding to the list (``action="extend"``)."""
     convert: Callable[[Any], Any] | None = None
     """Turns the parsed value into the field's value."""
 
@@ -157,8 +159,9 @@ def _add(p: argparse.ArgumentParser, f: Field, how: Flag) -> None:
     extra: dict[str, Any] = {"type": how.type or TYPES[kind], "default": f.default}
     if how.nargs is not None:  # one value per word: the parser of the tuple's items
         item = kind.removeprefix("tuple[").removesuffix(", ...]")
-        extra.update(nargs=how.nargs, action="extend", default=list(f.default),
-                     type=how.type or TYPES[item])
+        extra.update(nargs=how.nargs, default=list(f.default), type=how.type or TYPES[item])
+        if how.extend:
+            extra["action"] = "extend"
     if f.choices is not None:
         extra["choices"] = list(f.choices)
     if how.metavar is not None:

@@ -25,7 +25,8 @@ def unescape(text: str) -> str:
 
 
 CONFIG = Config("latentaudit.sample", "SampleConfig",
-                stop=Flag(nargs="+", metavar="STR", suffix=" Escapes \\n and \\t are understood.",
+                stop=Flag(nargs="+", extend=True, metavar="STR",
+                          suffix=" Escapes \\n and \\t are understood.",
                           convert=lambda stops: tuple(unescape(s) for s in stops)),
                 batch_size=Flag(type=batch_size_arg))
 """The SampleConfig flags (each written once, as its field; here only where a flag differs)."""
