@@ -3,6 +3,7 @@ dataclass as read from its source (for a fast ``--help``) is the dataclass Pytho
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import importlib
 
@@ -18,9 +19,12 @@ from latentaudit.cli import (
     monitor,
     sample,
     steer,
+    train_sae,
 )
 from latentaudit.cli._options import Config, config_fields
 
+TRAIN_SAE = ["train-sae", "--model", "m", "--out", "o", "--layer", "1", "--d-sae", "8", "--k",
+             "2", "--tokens", "10000"]
 COMMANDS = {  # command line without options, its Config
     "attribute": (["attribute", "--model", "m", "--sae", "s", "--data", "d", "--out", "o"],
                   attribute.CONFIG),
@@ -31,7 +35,17 @@ COMMANDS = {  # command line without options, its Config
     "engine": (["sample", "--model", "m", "--prompts", "p", "--out", "o"], _engine.CONFIG),
     "monitor": (["monitor", "evaluate", "--completions", "c", "--out", "o"], monitor.EVALUATE),
     "finetune": (["finetune", "--model", "m", "--data", "d", "--out", "o"], finetune.CONFIG),
+    "train-sae": (TRAIN_SAE, train_sae.TRAIN),
+    "harvest": (TRAIN_SAE, train_sae.HARVEST),
 }
+REQUIRED = {"train-sae": {"d_sae": 8, "k": 2, "tokens": 10000},
+            "harvest": {"layer": 1, "tokens": 10000}}
+"""The values of fields without a default that the command line sets."""
+HIDDEN = {"train-sae": {"warmup_frac", "decay_frac", "betas", "eps", "grad_clip", "init_rows",
+                        "normalize", "log_every"},
+          "harvest": {"shuffle"}}
+"""Fields a command has no flag for."""
+RENAMED = {"HarvestConfig.batch_size": "--harvest-batch"}
 
 SPECIAL = {  # [class.]field: (words after the flag, its value), where the rules cannot guess
     "methods": (["random,attribution"], ("random", "attribution")),
@@ -41,17 +55,20 @@ SPECIAL = {  # [class.]field: (words after the flag, its value), where the rules
     "engine": (["ray"], "ray"),
     "EvalConfig.top_k": (["5", "7"], (5, 7)),
     "ray_address": (["host:1", "--engine", "ray"], "host:1"),
+    "store_dtype": (["float32"], "float32"),
+    "lr": (["0.001"], 0.001),
 }
 ALSO = {"ray_address": {"engine": "ray"}}
 """Fields another field's words set too."""
 
 
-def other_value(cls: type, f: dataclasses.Field) -> tuple[list[str], object]:
-    """Words after the flag and the value they stand for: never the field's default."""
+def other_value(cls: type, f: dataclasses.Field, required: dict) -> tuple[list[str], object]:
+    """Words after the flag and the value they stand for: never the field's default (nor the
+    value ``required`` gives a field without one)."""
     for name in (f"{cls.__name__}.{f.name}", f.name):
         if name in SPECIAL:
             return SPECIAL[name]
-    kind, default = f.type.removesuffix(" | None"), f.default
+    kind, default = f.type.removesuffix(" | None"), required.get(f.name, f.default)
     if "choices" in f.metadata:
         value = next(c for c in f.metadata["choices"] if c != default)
         return [value], value
@@ -65,10 +82,22 @@ def other_value(cls: type, f: dataclasses.Field) -> tuple[list[str], object]:
     return [f"x-{f.name}"], f"x-{f.name}"
 
 
-def flag_words(f: dataclasses.Field) -> list[str]:
+def flag_words(cls: type, f: dataclasses.Field) -> list[str]:
+    if f"{cls.__name__}.{f.name}" in RENAMED:
+        return [RENAMED[f"{cls.__name__}.{f.name}"]]
     name = f.name.replace("_", "-")
     return [f"--no-{name}" if f.default is True else f"--{name}"] if f.type == "bool" else \
         [f"--{name}"]
+
+
+def command_parser(parser, words: list[str]):
+    """The (sub-)subcommand parser that ``words`` reach."""
+    for word in words:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs or word not in subs[0].choices:
+            break
+        parser = subs[0].choices[word]
+    return parser
 
 
 def real_class(config: Config):
@@ -80,13 +109,19 @@ def test_every_generated_flag_reaches_its_field(command):
     base, config = COMMANDS[command]
     parser = build_parser()
     cls = real_class(config)
-    assert config.build(parser.parse_args(base)) == cls()
+    required = REQUIRED.get(command, {})
+    assert config.build(parser.parse_args(base)) == cls(**required)
+    options = {o for a in command_parser(parser, base)._actions for o in a.option_strings}
+    hidden = {f.name for f in dataclasses.fields(cls) if flag_words(cls, f)[0] not in options}
+    assert hidden == HIDDEN.get(command, set())
     for f in dataclasses.fields(cls):
-        words, value = ([], not f.default) if f.type == "bool" else other_value(cls, f)
-        assert value != f.default
-        got = config.build(parser.parse_args([*base, *flag_words(f), *words]))
+        if f.name in hidden:
+            continue
+        words, value = ([], not f.default) if f.type == "bool" else other_value(cls, f, required)
+        assert value != f.default and value != required.get(f.name)
+        got = config.build(parser.parse_args([*base, *flag_words(cls, f), *words]))
         assert getattr(got, f.name) == value, f.name
-        assert got == cls(**{f.name: value, **ALSO.get(f.name, {})}), f.name
+        assert got == cls(**{**required, f.name: value, **ALSO.get(f.name, {})}), f.name
 
 
 @pytest.mark.parametrize("command", ["attribute", "explain", "steer", "sample"])
@@ -102,6 +137,9 @@ def test_the_fields_read_from_source_are_the_dataclass_fields(command):
     real = dataclasses.fields(real_class(config))
     assert list(read) == [f.name for f in real]
     for f in real:
-        assert (read[f.name].annotation, read[f.name].default) == (f.type, f.default), f.name
+        default = None if f.default is dataclasses.MISSING else f.default
+        assert (read[f.name].annotation, read[f.name].default) == (f.type, default), f.name
+        assert read[f.name].required == (f.default is dataclasses.MISSING
+                                         and f.default_factory is dataclasses.MISSING), f.name
         assert read[f.name].choices == (tuple(f.metadata["choices"]) if "choices" in f.metadata
                                         else None), f.name

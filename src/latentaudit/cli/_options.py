@@ -11,9 +11,10 @@ its flag.
 2. :meth:`Config.add` adds one flag per field (:func:`latentaudit.options.flag` names it):
    ``int``/``float`` fields parse as such, ``tuple[T, ...]`` fields as comma-separated lists, a
    ``bool`` field that defaults to False is a switch and one that defaults to True is a
-   ``--no-NAME`` switch. A command states only where its flag differs (:class:`Flag`).
+   ``--no-NAME`` switch; a field without a default is a required flag. A command states only
+   where its flag differs (:class:`Flag`), e.g. its name where two configs share a field.
 3. :meth:`Config.build` makes the dataclass from the parsed flags, inverting ``--no-NAME``
-   switches and applying each flag's conversion.
+   switches and applying each flag's conversion; values a command computes replace the flags'.
 
 A command declares ``CONFIG = Config("latentaudit.steer.config", "SteerConfig", batch_size=Flag(
 type=batch_size_arg))``, calls ``CONFIG.add(parser)`` and later ``CONFIG.build(args)``.
@@ -44,12 +45,16 @@ class Field:
     default: Any
     doc: str
     choices: tuple | None = None
+    required: bool = False
+    """The field has no default."""
 
 
 @dataclass(frozen=True)
 class Flag:
     """Where a field's flag differs from what its dataclass field says."""
 
+    name: str | None = None
+    """The flag's name without its dashes (``harvest-batch``) where it is not the field's."""
     type: Callable[[str], Any] | None = None
     help: str | None = None
     """Replaces the field's docstring."""
@@ -100,9 +105,15 @@ def negated(f: Field) -> bool:
     return f.annotation == "bool" and f.default is True
 
 
-def dest(f: Field) -> str:
+def flag_name(f: Field, how: Flag) -> str:
+    """The field's flag: ``--NAME``, or ``--no-NAME`` for a :func:`negated` field."""
+    name = "--" + how.name if how.name is not None else flag(f.name)
+    return "--no-" + name[2:] if negated(f) else name
+
+
+def dest(f: Field, how: Flag) -> str:
     """The attribute of the parsed arguments that holds the field's flag."""
-    return "no_" + f.name if negated(f) else f.name
+    return flag_name(f, how)[2:].replace("-", "_")
 
 
 class Config:
@@ -129,34 +140,41 @@ class Config:
         if unknown:
             raise ValueError(f"{self.name} has no field {', '.join(sorted(unknown))}")
         taken = {a.dest for a in p._actions}
-        chosen = names or [n for n, f in fields.items() if n not in skip and dest(f) not in taken]
+        chosen = names or [n for n, f in fields.items()
+                           if n not in skip and dest(f, self.flag(n)) not in taken]
         for name in chosen:
-            _add(p, fields[name], self.flags.get(name, Flag()))
+            _add(p, fields[name], self.flag(name))
 
-    def build(self, args: argparse.Namespace):
-        """The dataclass the parsed flags ask for; a field without a flag keeps its default."""
-        values = {}
+    def flag(self, name: str) -> Flag:
+        """How field ``name``'s flag differs from the field."""
+        return self.flags.get(name, Flag())
+
+    def build(self, args: argparse.Namespace, **values: Any):
+        """The dataclass the parsed flags ask for, with ``values`` (fields a command computes)
+        replacing theirs; a field without a flag keeps its default."""
         for name, f in self.fields.items():
-            if not hasattr(args, dest(f)):
+            how = self.flag(name)
+            if name in values or not hasattr(args, dest(f, how)):
                 continue
-            value = getattr(args, dest(f))
+            value = getattr(args, dest(f, how))
             if negated(f):
                 value = not value
-            convert = self.flags[name].convert if name in self.flags else None
-            values[name] = convert(value) if convert is not None else value
+            values[name] = how.convert(value) if how.convert is not None else value
         return getattr(importlib.import_module(self.module), self.name)(**values)
 
 
 def _add(p: argparse.ArgumentParser, f: Field, how: Flag) -> None:
     text = (how.help if how.help is not None else f.doc) + how.suffix
     if f.annotation == "bool":
-        name = "--no-" + flag(f.name)[2:] if negated(f) else flag(f.name)
-        p.add_argument(name, dest=dest(f), action="store_true", help=text)
+        p.add_argument(flag_name(f, how), dest=dest(f, how), action="store_true", help=text)
         return
     kind = f.annotation.removesuffix(" | None")
     if kind not in TYPES:
         raise ValueError(f"field {f.name}: no flag for the annotation {f.annotation!r}")
-    extra: dict[str, Any] = {"type": how.type or TYPES[kind], "default": f.default}
+    extra: dict[str, Any] = {"type": how.type or TYPES[kind], "default": f.default,
+                             "dest": dest(f, how)}
+    if f.required:
+        extra["required"] = True
     if how.nargs is not None:  # one value per word: the parser of the tuple's items
         item = kind.removeprefix("tuple[").removesuffix(", ...]")
         extra.update(nargs=how.nargs, default=list(f.default), type=how.type or TYPES[item])
@@ -168,7 +186,7 @@ def _add(p: argparse.ArgumentParser, f: Field, how: Flag) -> None:
         extra["metavar"] = how.metavar
     if extra["type"] is None:
         del extra["type"]
-    p.add_argument(flag(f.name), help=text, **extra)
+    p.add_argument(flag_name(f, how), help=text, **extra)
 
 
 # -- reading the dataclass from its source ---------------------------------------------------
@@ -195,7 +213,7 @@ def config_fields(source: str, cls: str) -> dict[str, Field]:
     for node, doc in fields:
         default, choices = _default(node.value, tree, source)
         out[node.target.id] = Field(node.target.id, ast.unparse(node.annotation), default, doc,
-                                    choices)
+                                    choices, required=node.value is None)
     return out
 
 

@@ -31,7 +31,7 @@ import itertools
 import json
 import logging
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -68,7 +68,7 @@ class HarvestConfig:
     """Number of activation rows (tokens) to harvest."""
     context_len: int = 128
     """Tokens per sequence, BOS included."""
-    packing: str = "pack"
+    packing: str = field(default="pack", metadata={"choices": PACKINGS})
     """pack: concatenate documents (EOS between) and cut; truncate: one sequence per document."""
     skip_first: int = 1
     """Drop the first positions of every sequence (BOS / attention-sink outliers)."""

@@ -75,13 +75,13 @@ class TrainConfig:
     """Adam epsilon."""
     grad_clip: float | None = None
     """Clip the gradient norm to this value (None: no clipping)."""
-    auxk_coef: float = 1 / 32
+    auxk_coef: float = 0.03125  # 1/32
     """Weight of the AuxK loss (0 disables it)."""
     k_aux: int | None = None
     """Dead latents used by AuxK; None: d_model // 2."""
     dead_tokens: int | None = None
     """A latent is dead after this many tokens without activating; None: min(10M, tokens/10)."""
-    b_dec_init: str = "mean"
+    b_dec_init: str = field(default="mean", metadata={"choices": B_DEC_INITS})
     """Initial b_dec: mean, geometric_median or zero."""
     init_rows: int = 16384
     """Rows used to initialise b_dec and the input scale."""
