@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from latentaudit.attribution.plan import saes_by_layer
+from latentaudit.attribution.config import AttributionConfig
+from latentaudit.attribution.plan import check_sae_options, saes_by_layer
 from latentaudit.circuit.inputs import upstream_saes
 from latentaudit.errors import LatentAuditError
 from latentaudit.explain.config import ExplainConfig
@@ -48,3 +49,28 @@ def test_the_layer_rule_names_the_callers_options():
         upstream_saes([a], None, 1, a, name=config_key)
     with pytest.raises(LatentAuditError, match="^upstream_sae is missing"):
         upstream_saes([], None, 1, a, name=config_key)
+
+
+def test_a_switched_off_field_is_its_no_flag_or_its_key_set_to_false():
+    with pytest.raises(OptionError) as err:
+        SteerConfig(logodds_only=True, logodds=False)
+    assert str(err.value) == "--logodds-only and --no-logodds contradict each other."
+    assert err.value.named(config_key) == "logodds_only and logodds = false contradict each other."
+
+
+def test_the_sae_checks_of_attribution_name_hook_and_abar():
+    sae, bare = random_sae(32, 8, layer=1), random_sae(32, 8, layer=1, mean=False)
+    with pytest.raises(OptionError) as err:
+        check_sae_options(sae, AttributionConfig(hook="mlp_out"))
+    assert err.value.field == "hook"
+    assert f"reads the hook point {sae.info.hook} but --hook mlp_out was given: pass --hook " \
+           f"{sae.info.hook} (or auto)" in str(err.value)
+    assert f"but hook mlp_out was given: pass hook {sae.info.hook} " in \
+           err.value.named(config_key)
+    with pytest.raises(OptionError) as err:
+        check_sae_options(bare, AttributionConfig(abar="sae"))
+    assert str(err.value).startswith("--abar sae was requested but ")
+    assert str(err.value).endswith("use --abar dataset or --abar zero.")
+    assert err.value.named(config_key).endswith("use abar dataset or abar zero.")
+    check_sae_options(bare, AttributionConfig(abar="dataset"))
+    check_sae_options(sae, AttributionConfig(hook=sae.info.hook, abar="sae"))

@@ -12,6 +12,7 @@ import pytest
 
 from latentaudit.cli import main
 from latentaudit.errors import LatentAuditError
+from latentaudit.options import OptionError
 from latentaudit.pipeline import plan_stages, read_config, run_pipeline, steps
 from latentaudit.pipeline.checks import check_inputs
 from latentaudit.pipeline.records import read_record
@@ -345,6 +346,9 @@ def test_a_run_from_a_dataset_and_redo(tiny_model_dir, sae_dir, tmp_path, calls)
     ('judge = "rules:rules.json"\n\n', 'judge = "human:nope.csv"\n\n', "judge.judge: "),
     ('prompts = "prompts.jsonl"', 'completions = "missing.jsonl"',
      "completions: .*missing.jsonl: no such file"),
+    ("top_k = 8\n", 'top_k = 8\nhook = "mlp_out"\n',
+     "attribute.hook: .*reads the hook point resid_post but hook mlp_out was given: pass hook "
+     "resid_post"),
 ])
 def test_a_bad_config_is_refused_before_any_model_loads(tiny_model_dir, sae_dir, tmp_path,
                                                         monkeypatch, capsys, old, new, message):
@@ -365,6 +369,22 @@ def test_a_bad_config_is_refused_before_any_model_loads(tiny_model_dir, sae_dir,
     assert re.search(f"run.toml:{line}: {message}", err), err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (config.parent / "run").exists()
+
+
+def test_an_option_error_inside_a_stage_names_the_options_key(tiny_model_dir, sae_dir,
+                                                              tmp_path, monkeypatch):
+    config = make_root(tmp_path / "p", tiny_model_dir, sae_dir)
+    (config.parent / "data.jsonl").write_text(
+        "".join(EXAMPLE.read_text().splitlines(keepends=True)[:12]))
+    edit(config, 'prompts = "prompts.jsonl"', 'dataset = "data.jsonl"')
+
+    def failing(ctx):
+        raise OptionError("top_k", "{} is too large for {batch_size}.")
+    monkeypatch.setitem(steps.STEPS, "attribute", failing)
+    with pytest.raises(LatentAuditError) as err:
+        run_pipeline(config)
+    line = config.read_text().splitlines().index("top_k = 8") + 1
+    assert str(err.value) == f"{config}:{line}: attribute.top_k: top_k is too large for batch_size."
 
 
 def test_yaml_errors_name_the_line(tmp_path):

@@ -2,7 +2,8 @@
 
 A config dataclass's ``__post_init__`` calls :func:`whole`, :func:`at_least` and :func:`one_of`
 with the field's name, or raises an :class:`OptionError` whose text has ``{}`` where its field
-is named (``{other_field}`` where another field is). Library code names fields, never flags:
+is named (``{other_field}`` where another field is, ``{not other_field}`` where a bool field set
+to false is: ``--no-other-field``). Library code names fields, never flags:
 the error reads with the command-line flags (:func:`flag`: ``top_k`` → ``--top-k``, the one
 place that turns a field into its flag) and keeps its text, so a run config reports it with its
 own keys (:meth:`OptionError.named` with :func:`config_key`). Code that checks an option outside a
@@ -22,7 +23,7 @@ Naming = Callable[[str], str]
 """How an error names a config field: :func:`flag` on the command line, :func:`config_key` in a run
 config."""
 
-_SLOT = re.compile(r"\{([a-z_]*)\}")
+_SLOT = re.compile(r"\{(not )?([a-z_]*)\}")
 
 
 def flag(field: str) -> str:
@@ -46,7 +47,16 @@ class OptionError(LatentAuditError):
 
     def named(self, name: Naming) -> str:
         """The message with each field called ``name(field)`` (e.g. :func:`config_key`)."""
-        return _SLOT.sub(lambda m: name(m.group(1) or self.field), self.text)
+        def one(m: re.Match) -> str:
+            field = m.group(2) or self.field
+            return switched_off(name, field) if m.group(1) else name(field)
+
+        return _SLOT.sub(one, self.text)
+
+
+def switched_off(name: Naming, field: str) -> str:
+    """Bool field ``field`` set to false: its ``--no-`` switch as a flag, else ``KEY = false``."""
+    return "--no-" + name(field)[2:] if name is flag else f"{name(field)} = false"
 
 
 def whole(field: str, value: Any, low: int | None = None) -> None:

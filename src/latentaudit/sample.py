@@ -254,8 +254,8 @@ def _check_manifest(old: dict, new: dict, path: Path) -> None:
                 f"{path}: the existing completions were sampled with {what}, this run differs "
                 f"({key}={new[key]!r}); rerun with the same parameters or choose another --out.")
     if new["n"] < old.get("n", 0):
-        raise LatentAuditError(f"{path}: the existing completions were sampled with --n "
-                               f"{old['n']}; --n may grow when resuming but not shrink.")
+        raise OptionError("n", f"{path}: the existing completions were sampled with {{}} "
+                               f"{old['n']}; {{}} may grow when resuming but not shrink.")
 
 
 def _load_done(out: Path) -> set[tuple[str, int]]:

@@ -23,9 +23,8 @@ from latentaudit.attribution.config import (
     RankedLatent,
 )
 from latentaudit.attribution.math import center, deltas_from_moments
-from latentaudit.attribution.plan import Inputs, Plan
+from latentaudit.attribution.plan import Inputs, Plan, no_mean_activation
 from latentaudit.batching import free_memory
-from latentaudit.errors import LatentAuditError
 from latentaudit.models.lens import logit_lens, token_strings, unembedding
 from latentaudit.models.load import LoadedModel
 from latentaudit.saes.releases import neuronpedia_url
@@ -94,9 +93,7 @@ def choose_abar(source: str, sae: SAE, acc: Accumulators) -> tuple[Tensor, str]:
         source = "sae" if sae.mean_activation is not None else "dataset"
     if source == "sae":
         if sae.mean_activation is None:
-            raise LatentAuditError(
-                f"--abar sae was requested but {sae.info.source_path or 'the SAE'} stores no mean "
-                "activation; use --abar dataset or --abar zero.")
+            raise no_mean_activation(sae)
         return sae.mean_activation.detach().double().to(acc.M_raw.device), "sae"
     if source == "dataset":
         return acc.a_sum / acc.counts[0].clamp_min(1), "dataset"

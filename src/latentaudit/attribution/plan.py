@@ -20,7 +20,7 @@ from latentaudit.data.behaviour import Completion, Pairing, dataset_hash, load_p
 from latentaudit.data.tokens import completion_ids, prompt_ids
 from latentaudit.errors import LatentAuditError
 from latentaudit.models.forward import pad_id
-from latentaudit.options import Naming, flag
+from latentaudit.options import Naming, OptionError, flag
 from latentaudit.saes.sae import CONFIG_FILE, SAE
 
 SAESource = SAE | str | os.PathLike
@@ -63,18 +63,25 @@ def check_inputs(saes: SAEs, data: Data, layers: int | Sequence[int] | None,
         saes = [saes]
     by_layer = saes_by_layer([_load(s) for s in saes], layers)
     for sae in by_layer.values():
-        if cfg.hook not in ("auto", sae.info.hook):
-            raise LatentAuditError(
-                f"{config_file(sae)} reads the hook point {sae.info.hook} but --hook {cfg.hook} "
-                f"was given: pass --hook {sae.info.hook} (or auto), or an SAE trained at "
-                f"{cfg.hook}.")
-    if cfg.abar == "sae":
-        for sae in by_layer.values():
-            if sae.mean_activation is None:
-                raise LatentAuditError(
-                    f"--abar sae was requested but {sae.info.source_path or 'the SAE'} stores "
-                    "no mean activation; use --abar dataset or --abar zero.")
+        check_sae_options(sae, cfg)
     return Inputs(completions, pairs, by_layer, dataset)
+
+
+def check_sae_options(sae: SAE, cfg: AttributionConfig) -> None:
+    """``cfg.hook`` is the SAE's hook point (or auto), and ``cfg.abar`` sae finds its mean
+    activation; an error names the field (an :class:`~latentaudit.options.OptionError`)."""
+    if cfg.hook not in ("auto", sae.info.hook):
+        raise OptionError("hook", f"{config_file(sae)} reads the hook point {sae.info.hook} but "
+                                  f"{{}} {cfg.hook} was given: pass {{}} {sae.info.hook} (or "
+                                  f"auto), or an SAE trained at {cfg.hook}.")
+    if cfg.abar == "sae" and sae.mean_activation is None:
+        raise no_mean_activation(sae)
+
+
+def no_mean_activation(sae: SAE) -> OptionError:
+    """The error of ``abar`` sae for an SAE that stores no mean activation."""
+    return OptionError("abar", f"{{}} sae was requested but {sae.info.source_path or 'the SAE'} "
+                               "stores no mean activation; use {} dataset or {} zero.")
 
 
 def _load(sae: SAESource) -> SAE:

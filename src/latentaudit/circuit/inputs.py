@@ -63,7 +63,7 @@ def check_inputs(run: str | os.PathLike, upstream: Upstream,
     from latentaudit.models.embedded import canonical
 
     folder = read_run(run)
-    chosen = choose_latents(folder, cfg.top_k, targets, layer, "--targets")
+    chosen = choose_latents(folder, cfg.top_k, targets, layer, "targets")
     if len(chosen) > 1:
         raise LatentAuditError(f"the run {folder.path} has layers "
                                f"{', '.join(map(str, chosen))}: pass --layer with the layer of "

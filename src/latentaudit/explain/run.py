@@ -9,6 +9,7 @@ import os
 from collections.abc import Sequence
 
 from latentaudit.errors import LatentAuditError
+from latentaudit.options import OptionError
 from latentaudit.runfolder import RANKING, RunFolder
 
 
@@ -30,12 +31,13 @@ def parse_latents(text: str, flag: str = "--latents") -> list[int]:
 
 
 def choose_latents(run: RunFolder, top_k: int, latents: Sequence[int] | None = None,
-                   layer: int | None = None, flag: str = "--latents") -> dict[int, list[int]]:
+                   layer: int | None = None, field: str = "latents") -> dict[int, list[int]]:
     """{layer: latent ids}: the given ones (at ``layer``, needed when the run has several), else
-    the top ``top_k`` of each layer's ranking; ``flag`` names the given ids in errors."""
+    the top ``top_k`` of each layer's ranking; an error names option ``field`` (the given ids)
+    or ``layer`` (an :class:`~latentaudit.options.OptionError`)."""
     if layer is not None and layer not in run.layers:
-        raise LatentAuditError(f"--layer {layer} is not a layer of the run {run.path} (layers: "
-                               f"{', '.join(map(str, run.layers))}).")
+        raise OptionError("layer", f"{{}} {layer} is not a layer of the run {run.path} (layers: "
+                                   f"{', '.join(map(str, run.layers))}).")
     if latents is None:
         chosen = {L: [r["latent"] for r in run.ranked(L)][:top_k]
                   for L in run.layers if layer in (None, L)}
@@ -44,13 +46,13 @@ def choose_latents(run: RunFolder, top_k: int, latents: Sequence[int] | None = N
         return chosen
     if layer is None:
         if len(run.layers) > 1:
-            raise LatentAuditError(f"the run {run.path} has layers "
-                                   f"{', '.join(map(str, run.layers))}: pass --layer with "
-                                   f"{flag}.")
+            layers = ", ".join(map(str, run.layers))
+            raise OptionError(field, f"the run {run.path} has layers {layers}: pass {{layer}} "
+                                     "with {}.")
         layer = run.layers[0]
     d_sae = run.d_sae(layer)
     bad = [i for i in latents if not 0 <= i < d_sae]
     if bad:
-        raise LatentAuditError(f"{flag} {', '.join(map(str, bad))}: out of range, the SAE of "
-                               f"layer {layer} has latents 0..{d_sae - 1}.")
+        raise OptionError(field, f"{{}} {', '.join(map(str, bad))}: out of range, the SAE of "
+                                 f"layer {layer} has latents 0..{d_sae - 1}.")
     return {layer: list(dict.fromkeys(latents))}

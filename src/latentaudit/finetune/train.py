@@ -39,6 +39,7 @@ from latentaudit._progress import progress
 from latentaudit.errors import LatentAuditError, require
 from latentaudit.finetune.chat import Tokenized, tokenize_chat
 from latentaudit.finetune.config import FinetuneConfig
+from latentaudit.options import OptionError
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +122,8 @@ def prepare_data(tokenizer, convs: list[list[dict[str, str]]], path: str | Path,
     rows = [tokenize_chat(tokenizer, m, max_length) for m in convs]
     kept = [r for r in rows if r is not None]
     if not kept:
-        raise LatentAuditError(f"--data {path}: no conversation keeps an assistant token within "
-                               f"--max-length {max_length}.")
+        raise OptionError("max_length", f"--data {path}: no conversation keeps an assistant "
+                                        f"token within {{}} {max_length}.")
     return kept, len(rows) - len(kept)
 
 
@@ -135,7 +136,7 @@ def wrap_lora(model, config: FinetuneConfig):
     try:
         wrapped = peft.get_peft_model(model, lora)
     except ValueError as err:
-        raise LatentAuditError(f"--target-modules {config.target_modules}: {err}") from None
+        raise OptionError("target_modules", f"{{}} {config.target_modules}: {err}") from None
     return wrapped
 
 

@@ -30,9 +30,8 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from latentaudit._progress import progress
-from latentaudit.errors import LatentAuditError
 from latentaudit.judges.rubrics import Answer, Rubric
-from latentaudit.options import whole
+from latentaudit.options import OptionError, whole
 
 log = logging.getLogger(__name__)
 
@@ -240,5 +239,5 @@ def check_model_options(device: str | None, dtype: str, batch_size: int,
         try:
             resolve_device(device)
         except RuntimeError:  # torch's own complaint about an unknown device string
-            raise LatentAuditError(f"--device {device!r} is not a device: use cpu, cuda, "
-                                   "cuda:N, auto or auto-map.") from None
+            raise OptionError("device", f"{{}} {device!r} is not a device: use cpu, cuda, "
+                                        "cuda:N, auto or auto-map.") from None

@@ -34,9 +34,10 @@ import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from latentaudit.errors import LatentAuditError, require
+from latentaudit.errors import require
 from latentaudit.judges.base import JudgeItem, Verdict
 from latentaudit.judges.rubrics import Answer, Question, Rubric
+from latentaudit.options import OptionError
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +57,11 @@ class OpenAIJudge:
                  api_key_env: str = "OPENAI_API_KEY", workers: int = 8, timeout: float = 60.0,
                  retries: int = 5, logprobs: bool = True, max_tokens: int = 8):
         if not base_url.startswith(("http://", "https://")):
-            raise LatentAuditError(f"--judge-base-url {base_url!r} must start with http:// or "
-                                   "https://.")
+            raise OptionError("judge_base_url", f"{{}} {base_url!r} must start with http:// or "
+                                                "https://.")
         if workers < 1 or retries < 0 or timeout <= 0:
-            raise LatentAuditError("--judge-workers must be ≥ 1, --judge-retries ≥ 0 and "
-                                   "--judge-timeout > 0.")
+            raise OptionError("judge_workers", "{} must be ≥ 1, {judge_retries} ≥ 0 and "
+                                               "{judge_timeout} > 0.")
         self._openai = require("openai", 'pip install "latentaudit[api]"', "The openai judge")
         self.model, self.rubric = model, rubric
         self.base_url = base_url.rstrip("/")

@@ -29,6 +29,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from latentaudit.errors import LatentAuditError
+from latentaudit.options import OptionError
 
 # model_type -> dotted path of the decoder-layer ModuleList, where the generic search is
 # ambiguous or fails (several lists of that length, or layers nested in a wrapper).
@@ -80,8 +81,8 @@ def layer_module(model: nn.Module, layer: int) -> nn.Module:
     """Decoder layer ``layer`` (0-indexed), with a clear error when out of range."""
     layers = layer_list(model)
     if not 0 <= layer < len(layers):
-        raise LatentAuditError(
-            f"--layer {layer} is out of range: the model has layers 0..{len(layers) - 1}.")
+        raise OptionError(
+            "layer", f"{{}} {layer} is out of range: the model has layers 0..{len(layers) - 1}.")
     return layers[layer]
 
 

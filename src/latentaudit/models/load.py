@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from latentaudit.errors import LatentAuditError
+from latentaudit.options import OptionError
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +68,8 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     try:
         return DTYPES[dtype.lower()]
     except (KeyError, AttributeError):
-        raise LatentAuditError(
-            f"--dtype '{dtype}' is not one of {', '.join(sorted(DTYPES))}.") from None
+        raise OptionError(
+            "dtype", f"{{}} '{dtype}' is not one of {', '.join(sorted(DTYPES))}.") from None
 
 
 DEVICES = "auto, cpu, cuda, cuda:N, mps or auto-map"
@@ -85,22 +86,21 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise LatentAuditError(
-            f"--device {device!r} is not a device: use {DEVICES}.") from None
+        raise OptionError("device", f"{{}} {device!r} is not a device: use {DEVICES}.") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise LatentAuditError(f"--device {device} was requested but CUDA is not available "
-                                   "on this machine: use --device cpu (or auto).")
+            raise OptionError("device", f"{{}} {device} was requested but CUDA is not available "
+                                        "on this machine: use {} cpu (or auto).")
         count = torch.cuda.device_count()
         if dev.index is not None and dev.index >= count:
-            raise LatentAuditError(f"--device {device}: this machine has {count} CUDA device(s), "
-                                   f"numbered 0 to {count - 1}.")
+            raise OptionError("device", f"{{}} {device}: this machine has {count} CUDA "
+                                        f"device(s), numbered 0 to {count - 1}.")
     elif dev.type == "mps":
         if not torch.backends.mps.is_available():
-            raise LatentAuditError(f"--device {device} was requested but MPS is not available "
-                                   "on this machine: use --device cpu (or auto).")
+            raise OptionError("device", f"{{}} {device} was requested but MPS is not available "
+                                        "on this machine: use {} cpu (or auto).")
     elif dev.type != "cpu":
-        raise LatentAuditError(f"--device {device!r} is not supported: use {DEVICES}.")
+        raise OptionError("device", f"{{}} {device!r} is not supported: use {DEVICES}.")
     return dev
 
 

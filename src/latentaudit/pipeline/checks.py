@@ -1,7 +1,8 @@
 """Every input of a run checked before any model loads, each problem named at its config key.
 
 1. Device and dtype; the model (an embedded one must be installed, a folder must exist); the
-   SAE (``default`` and shipped names resolved, the path must exist).
+   SAE (``default`` and shipped names resolved, the path must exist; its hook point and mean
+   activation fit [attribute] hook and abar).
 2. The rubric, and every judge spec the run will use (backend; rules and human-label files read
    and checked; a probe's file and rubric; an API judge's key variable set).
 3. The entry file, read and validated as its stage will read it: prompts, completions (with the
@@ -19,8 +20,8 @@ import os
 from pathlib import Path
 
 from latentaudit.errors import LatentAuditError
-from latentaudit.options import config_key
-from latentaudit.pipeline.config import RunConfig
+from latentaudit.options import OptionError, config_key
+from latentaudit.pipeline.config import RunConfig, _sections
 
 
 def check_inputs(cfg: RunConfig) -> str:
@@ -31,9 +32,12 @@ def check_inputs(cfg: RunConfig) -> str:
     def check(keys: tuple[str, ...], fn, *args):
         try:
             return fn(*args)
+        except OptionError as err:  # names its field: reported at that key
+            problems.append(f"{cfg.where(*option_key(keys, err))}: {err.named(config_key)}"
+                            .rstrip("."))
         except LatentAuditError as err:
             problems.append(f"{cfg.where(*keys)}: {err}".rstrip("."))
-            return None
+        return None
 
     from latentaudit.judges.base import check_model_options
 
@@ -58,6 +62,8 @@ def check_inputs(cfg: RunConfig) -> str:
         from latentaudit.saes.evaluate import text_documents
 
         check(("explain", "corpus"), text_documents, cfg.explain.corpus)
+    if sae is not None:
+        check(("attribute",), check_attribution, sae, cfg.attribute)
     later = [name for name in ("circuit", "steer") if getattr(cfg, name) is not None]
     if later and sae is not None:
         check(("sae",), check_resid_post, sae, later)
@@ -99,6 +105,19 @@ def sae_path(value: str, model: str) -> str:
         raise LatentAuditError(f"{path}: no such SAE file or folder; give its path, a shipped "
                                "SAE's name or default.")
     return path
+
+
+def option_key(keys: tuple[str, ...], err: OptionError) -> tuple[str, ...]:
+    """The key of the field an error of a check at ``keys`` names: in the same [section], or
+    at the top level."""
+    return (keys[0], err.field) if keys[0] in _sections() else (err.field,)
+
+
+def check_attribution(sae: str, cfg) -> None:
+    """The [attribute] hook and abar fit the SAE."""
+    from latentaudit.attribution.plan import _load, check_sae_options
+
+    check_sae_options(_load(sae), cfg)
 
 
 def check_resid_post(sae: str, stages: list[str]) -> None:

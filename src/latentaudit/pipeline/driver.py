@@ -25,8 +25,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from latentaudit.errors import LatentAuditError
+from latentaudit.options import OptionError, config_key
 from latentaudit.pipeline import steps
-from latentaudit.pipeline.checks import check_inputs
+from latentaudit.pipeline.checks import check_inputs, option_key
 from latentaudit.pipeline.config import RunConfig, read_config
 from latentaudit.pipeline.records import (
     Record,
@@ -172,8 +174,6 @@ def run_pipeline(config: RunConfig | str | Path, *, out: str | Path | None = Non
     cfg = config if isinstance(config, RunConfig) else read_config(config, out=out)
     bad = [r for r in redo if r not in ORDER]
     if bad:
-        from latentaudit.errors import LatentAuditError
-
         raise LatentAuditError(f"--redo {', '.join(bad)}: stages are {', '.join(ORDER)}.")
     sae = check_inputs(cfg)
     record = read_record(cfg.out)
@@ -229,6 +229,9 @@ def _execute(cfg: RunConfig, sae: str, plan: StagePlan, record: Record,
             rec.summary["model_load_seconds"] = round(models.seconds, 1)
         rec.status, rec.finished = "done", now()
         rec.outputs = STAGES[plan.name].outputs(cfg) or [rec.summary.get("path", "")]
+    except OptionError as err:  # a stage's check of an option: named by the option's key
+        raise LatentAuditError(f"{cfg.where(*option_key((plan.name,), err))}: "
+                               f"{err.named(config_key)}") from None
     except steps.StageSkipped as why:
         rec.status, rec.reason = "skipped", str(why)
         record.meta["notes"] = [*record.meta.get("notes", []), f"{plan.name}: {why}."]

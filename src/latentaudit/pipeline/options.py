@@ -6,8 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from latentaudit.errors import LatentAuditError
-from latentaudit.options import at_least
+from latentaudit.options import at_least, one_of
 
 
 @dataclass
@@ -84,8 +83,7 @@ class PairOptions:
     attribution pairs by [attribute] pairing."""
 
     def __post_init__(self) -> None:
-        if self.pairing not in ("all", "matched"):
-            raise LatentAuditError(f"--pairing '{self.pairing}' is not one of all, matched.")
+        one_of("pairing", self.pairing, ("all", "matched"))
 
 
 @dataclass

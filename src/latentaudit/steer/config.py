@@ -104,7 +104,7 @@ class SteerConfig:
         if not self.temperature >= 0 or not 0 < self.top_p <= 1:
             raise OptionError("temperature", "{} must be ≥ 0 and {top_p} in (0, 1].")
         if self.logodds_only and not self.logodds:
-            raise OptionError("logodds_only", "{} and --no-logodds contradict each other.")
+            raise OptionError("logodds_only", "{} and {not logodds} contradict each other.")
         if not 0.5 <= self.level < 1:
             raise OptionError("level", "{} must be in [0.5, 1).")
 

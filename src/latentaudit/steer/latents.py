@@ -18,6 +18,7 @@ from torch import Tensor
 
 from latentaudit.attribution.select import random_latents, top_latents
 from latentaudit.errors import LatentAuditError
+from latentaudit.options import OptionError
 from latentaudit.runfolder import RunFolder
 
 
@@ -46,13 +47,13 @@ def latent_sets(run: RunFolder | None, methods: tuple[str, ...], k: int, seed: i
             run = _need(run, method)
             act = run.delta_activation(run.layers[0])
             if act is None:
-                raise LatentAuditError(f"{run.path}: the run has no delta_activation (it was "
-                                       "made with --no-delta-activation); drop 'activation' from "
-                                       "--methods.")
+                raise OptionError("methods", f"{run.path}: the run has no delta_activation (it "
+                                             "was made with {not delta_activation}); drop "
+                                             "'activation' from {}.")
             sets[method] = top_latents(act, k)
         elif method == "model-diff":
             if model_diff is None:
-                raise LatentAuditError("--methods model-diff needs --base-model.")
+                raise OptionError("methods", "{} model-diff needs {base_model}.")
             sets[method] = top_latents(model_diff, k)
     if "random" in methods:
         chosen = {i for ids in sets.values() for i in ids}
@@ -62,5 +63,6 @@ def latent_sets(run: RunFolder | None, methods: tuple[str, ...], k: int, seed: i
 
 def _need(run: RunFolder | None, method: str) -> RunFolder:
     if run is None:
-        raise LatentAuditError(f"--methods {method} needs an attribution run: pass --from RUN_DIR.")
+        raise OptionError("methods", f"{{}} {method} needs an attribution run: pass --from "
+                                     "RUN_DIR.")
     return run

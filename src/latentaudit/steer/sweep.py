@@ -38,6 +38,7 @@ from latentaudit.attribution.plan import HOOK
 from latentaudit.errors import LatentAuditError
 from latentaudit.executor import as_executor
 from latentaudit.judges.rubrics import Rubric, load_rubric
+from latentaudit.options import OptionError
 from latentaudit.runfolder import RunFolder, dataset_prompt_ids
 from latentaudit.steer.config import Condition, SteerConfig
 from latentaudit.steer.latents import latent_sets, read_run
@@ -268,8 +269,8 @@ def _run_steering(plan: SteerPlan, model=None, *, device: str = "auto", dtype: s
         write_jsonl(path, lo_rows)
     if cfg.logodds_only:
         if not lo_rows:
-            raise LatentAuditError(f"--logodds-only: the rubric '{plan.rubric.name}' declares no "
-                                   "first_token signature.")
+            raise OptionError("logodds_only", f"{{}}: the rubric '{plan.rubric.name}' declares "
+                                              "no first_token signature.")
         return SteerResult(rows=[], summary=[], logodds=lo_rows, sets=sets, resid_norm=rbar,
                            out=plan.out, figures=[])
     generate_missing(ctx, conds, units)
