@@ -16,7 +16,9 @@ from latentaudit.cli import (
     circuit,
     explain,
     finetune,
+    judge,
     monitor,
+    pair,
     sample,
     steer,
     train_sae,
@@ -37,8 +39,12 @@ COMMANDS = {  # command line without options, its Config
     "finetune": (["finetune", "--model", "m", "--data", "d", "--out", "o"], finetune.CONFIG),
     "train-sae": (TRAIN_SAE, train_sae.TRAIN),
     "harvest": (TRAIN_SAE, train_sae.HARVEST),
+    "judge": (["judge"], judge.CONFIG),
+    "judge-api": (["judge"], judge.API),
+    "pair": (["pair", "--judged", "j", "--out", "o"], pair.CONFIG),
 }
-REQUIRED = {"train-sae": {"d_sae": 8, "k": 2, "tokens": 10000},
+REQUIRED = {"pair": {"judged": "j", "out": "o"},
+            "train-sae": {"d_sae": 8, "k": 2, "tokens": 10000},
             "harvest": {"layer": 1, "tokens": 10000}}
 """The values of fields without a default that the command line sets."""
 HIDDEN = {"train-sae": {"warmup_frac", "decay_frac", "betas", "eps", "grad_clip", "init_rows",

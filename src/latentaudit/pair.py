@@ -16,20 +16,47 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from latentaudit._io import read_jsonl, write_jsonl
-from latentaudit.data.behaviour import Pairing, default_prompt_id, make_pairs, parse_row
+from latentaudit.data.behaviour import (
+    PAIRINGS,
+    Pairing,
+    default_prompt_id,
+    make_pairs,
+    parse_row,
+)
 from latentaudit.errors import LatentAuditError
 from latentaudit.judges.base import Verdict
 from latentaudit.judges.rubrics import Rubric, load_rubric
 from latentaudit.judges.run import JUDGE_FIELDS
+from latentaudit.options import check_choices
 
 log = logging.getLogger(__name__)
 
 CORE = ("prompt", "completion", "prompt_id", "prompt_token_ids", "completion_token_ids")
+
+
+@dataclass
+class PairConfig:
+    """The options of ``latentaudit pair`` (field docstrings are its ``--help`` text)."""
+
+    judged: str
+    """Judged JSONL (from `latentaudit judge`)."""
+    out: str
+    """Output dataset JSONL."""
+    rubric: str | None = None
+    """Rubric whose threshold rule to apply (default: the one the completions were judged
+    with); e.g. an edited copy."""
+    pairing: str = field(default="all", metadata={"choices": PAIRINGS})
+    """Pairs within a prompt: every positive×negative, or one-to-one."""
+    show: int = 30
+    """Prompts listed in the count table."""
+
+    def __post_init__(self) -> None:
+        check_choices(self)
 
 
 @dataclass
