@@ -137,12 +137,16 @@ class TextEvaluation:
     evaluation: Evaluation
 
     def row(self) -> dict:
+        """The JSON row; the CE fields are None when no CE token was read (``--ce-tokens 0``)."""
         ev = self.evaluation
+        ce = {"ce_clean": ev.ce.clean, "ce_spliced": ev.ce.spliced,
+              "ce_mean_ablated": ev.ce.ablated, "ce_increase": ev.ce.increase,
+              "ce_increase_pct": ev.ce.increase_pct}
+        if not ev.ce_tokens:
+            ce = dict.fromkeys(ce)
         return {"sae": self.sae, "text": self.text, "fvu": ev.fvu, "l0": ev.l0,
-                "dead_fraction": ev.dead_fraction, "tokens": ev.tokens,
-                "ce_clean": ev.ce.clean, "ce_spliced": ev.ce.spliced,
-                "ce_mean_ablated": ev.ce.ablated, "ce_increase": ev.ce.increase,
-                "ce_increase_pct": ev.ce.increase_pct, "ce_tokens": ev.ce_tokens}
+                "dead_fraction": ev.dead_fraction, "tokens": ev.tokens, **ce,
+                "ce_tokens": ev.ce_tokens}
 
 
 def evaluate_on_texts(loaded: LoadedModel, saes: dict[str, SAE], layer: int,
