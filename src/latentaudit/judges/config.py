@@ -55,3 +55,9 @@ class ApiOptions:
     """Retries on 429 / 5xx / timeouts, with exponential backoff."""
     no_logprobs: bool = False
     """Do not ask the endpoint for logprobs (read the text answer only)."""
+
+    def __post_init__(self) -> None:
+        from latentaudit.options import at_least
+
+        for name, low in (("judge_workers", 1), ("judge_retries", 0), ("judge_timeout", 1e-9)):
+            at_least(name, getattr(self, name), low)

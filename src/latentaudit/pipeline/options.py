@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from latentaudit.judges.config import ApiOptions
 from latentaudit.options import at_least, one_of
 
 
@@ -41,8 +42,9 @@ class RunSettings:
 
 
 @dataclass
-class JudgeOptions:
-    """The [judge] section: the options of `latentaudit judge`."""
+class JudgeOptions(ApiOptions):
+    """The [judge] section: the options of `latentaudit judge` (an OpenAI-compatible judge's
+    endpoint and requests: :class:`~latentaudit.judges.config.ApiOptions`'s fields)."""
 
     judge: str = "auto"
     """rules[:FILE], probe[:FILE], local:MODEL, openai:MODEL, human:LABELS or auto (the rubric's
@@ -51,27 +53,14 @@ class JudgeOptions:
     """probe judge: the local model it reads (default: the one it was trained on)."""
     batch_size: int | None = None
     """local / probe judge: sequences per forward pass (default 16 / 8)."""
-    judge_base_url: str = "https://api.openai.com/v1"
-    """openai judge: base URL of the OpenAI-compatible endpoint."""
-    judge_api_key_env: str = "OPENAI_API_KEY"
-    """openai judge: the environment variable holding the API key (never written anywhere)."""
-    judge_workers: int = 8
-    """openai judge: concurrent requests."""
-    judge_timeout: float = 60.0
-    """openai judge: seconds per request."""
-    judge_retries: int = 5
-    """openai judge: retries on 429 / 5xx / timeouts."""
-    no_logprobs: bool = False
-    """openai judge: read the text answer only."""
     allow_failures: bool = False
     """Go on when some completions could not be graded (they are left out); by default the run
     stops so that a rerun can retry them."""
 
     def __post_init__(self) -> None:
-        for name, low in (("batch_size", 1), ("judge_workers", 1), ("judge_retries", 0),
-                          ("judge_timeout", 1e-9)):
-            if getattr(self, name) is not None:
-                at_least(name, getattr(self, name), low)
+        super().__post_init__()
+        if self.batch_size is not None:
+            at_least("batch_size", self.batch_size, 1)
 
 
 @dataclass
