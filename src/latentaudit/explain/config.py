@@ -47,6 +47,13 @@ class ExplainConfig:
     """Latents ablated together in one batched pass of the layers above L."""
     rescore: int = 0
     """Re-rank the top K latents of each layer by their exact mean-ablation effect (0: off)."""
+    effect_texts: int = 4
+    """Completions of the run's sampled pairs (prompt and reply) on which each explained latent's
+    output effect is read: the tokens whose log-probability rises and falls most when its
+    direction is added or it is mean-ablated, through the layers above (0: skip)."""
+    effect_strength: float = 0.2
+    """The added direction's length, in multiples of the mean residual norm at the layer (as
+    steering's strengths)."""
     seed: int = 0
     """Seed of the order in which pairs are sampled."""
     interpret_model: str | None = None
@@ -63,7 +70,8 @@ class ExplainConfig:
                           ("context_len", 2), ("skip_first", 0), ("context_before", 0),
                           ("context_after", 0), ("batch_size", 0), ("lens_tokens", 1),
                           ("map_pairs", 0), ("exact_pairs", 0), ("exact_batch_size", 1),
-                          ("rescore", 0), ("interpret_timeout", 1e-9)):
+                          ("rescore", 0), ("effect_texts", 0), ("effect_strength", 0.0),
+                          ("interpret_timeout", 1e-9)):
             at_least(name, getattr(self, name), low)
         if self.skip_first >= self.context_len - 1:
             raise LatentAuditError(f"--skip-first {self.skip_first} must leave at least two "
