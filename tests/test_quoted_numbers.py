@@ -80,11 +80,18 @@ def test_demo_sizes_as_the_config_sets_them():
         import tomli as tomllib
 
     cfg = tomllib.loads((PKG / "pipeline" / "demo" / "demo.toml").read_text(encoding="utf-8"))
-    m = says(README, r"explains the top (\d+) latents, traces the top (\d+) latents at layer "
+    m = says(README, r"explains the top (\d+) latents .*?\), traces the top (\d+) latents at layer "
                      r"(\d+) to the latents of the shipped layer-(\d+) SAE \(`([^`]+)`\) over "
                      r"the pairs of the first (\d+) prompts")
     assert int(m[1]) == cfg["explain"]["top_k"]
     assert int(m[2]) == cfg["circuit"]["top_k"]
+    exact = says(README, r"explains the top \d+ latents \(with their output effect on (\d+) "
+                         r"completions\) and measures the exact effect of the top (\d+) on (\d+) "
+                         r"pairs \(so that .*?rests on (\d+) latents and (\d+) pairs\)")
+    ex = cfg["explain"]
+    assert [int(g) for g in exact.groups()] == [ex["effect_texts"], ex["exact_top"],
+                                                ex["exact_pairs"], ex["exact_top"],
+                                                ex["exact_pairs"]]
     assert [m[5]] == cfg["circuit"]["upstream_sae"]
     assert int(m[6]) == cfg["circuit"]["max_prompts"]
     sae = json.loads((PKG / "saes" / "shipped" / m[5] / "cfg.json").read_text())
@@ -94,6 +101,20 @@ def test_demo_sizes_as_the_config_sets_them():
                      r"held-out prompts")
     assert int(m[1]) == cfg["steer"]["top_k"] and int(m[2]) == cfg["steer"]["max_prompts"]
     assert cfg["steer"]["directions"] == ["away"]
+
+
+def test_the_demo_measures_rho_on_enough_latents_and_pairs():
+    """The demo's ρ is not one the findings flag as resting on too little."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+    from latentaudit.report.findings import MIN_RHO_LATENTS, MIN_RHO_PAIRS
+
+    cfg = tomllib.loads((PKG / "pipeline" / "demo" / "demo.toml").read_text(encoding="utf-8"))
+    ex = cfg["explain"]
+    assert max(ex["top_k"], ex.get("exact_top", 0)) >= MIN_RHO_LATENTS == 20
+    assert ex["exact_pairs"] >= MIN_RHO_PAIRS == 5
 
 
 def test_demo_stage_times_add_up_to_its_wall_time():

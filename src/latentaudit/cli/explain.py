@@ -53,6 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exact-pairs", type=int, default=8, help=doc["exact_pairs"])
     p.add_argument("--exact-batch-size", type=int, default=32, help=doc["exact_batch_size"])
     p.add_argument("--rescore", type=int, default=0, metavar="K", help=doc["rescore"])
+    p.add_argument("--exact-top", type=int, default=0, metavar="K", help=doc["exact_top"])
     p.add_argument("--effect-texts", type=int, default=4, help=doc["effect_texts"])
     p.add_argument("--effect-strength", type=float, default=0.2, help=doc["effect_strength"])
     p.add_argument("--seed", type=int, default=0, help=doc["seed"])
@@ -88,7 +89,7 @@ def config_from_args(args: argparse.Namespace):
         context_after=args.context_after, batch_size=args.batch_size,
         lens_tokens=args.lens_tokens, through_final_norm=args.through_final_norm,
         maps=not args.no_maps, map_pairs=args.map_pairs, exact_pairs=args.exact_pairs,
-        exact_batch_size=args.exact_batch_size, rescore=args.rescore,
+        exact_batch_size=args.exact_batch_size, rescore=args.rescore, exact_top=args.exact_top,
         effect_texts=args.effect_texts, effect_strength=args.effect_strength, seed=args.seed,
         interpret_model=args.interpret_model, interpret_base_url=args.interpret_base_url,
         interpret_api_key_env=args.interpret_api_key_env,

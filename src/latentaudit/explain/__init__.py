@@ -17,7 +17,8 @@ Algorithm, for each layer L of the run (SAE decoder rows d_i, unit length; the r
 5. Exactness check (:mod:`.exact`): on the first ``exact_pairs`` sampled pairs, the exact loss
    change of mean-ablating each latent, a_t → a_t − ((a_t − ā)·d_i) d_i, by rerunning only the
    layers above L with the latents in the batch dimension; Spearman ρ of exact against
-   first-order Δ. ``rescore`` K re-ranks the top K by the exact Δ.
+   first-order Δ. ``rescore`` K re-ranks the top K by the exact Δ; ``exact_top`` K measures
+   the top K too (for ρ) without re-ranking them.
 6. Output effect (:mod:`.effect`): on the first ``effect_texts`` completions of the sampled
    pairs, the tokens whose log-probability rises and falls most, through the layers above L,
    when α d_i is added at every position (α = ``effect_strength`` × the mean residual norm) and

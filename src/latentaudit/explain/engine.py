@@ -41,8 +41,8 @@ def check_inputs(run: str | os.PathLike, latents: Sequence[int] | None, layer: i
     """Read the run and every input of the stage, with one clear error for any problem."""
     folder = read_run(run)
     chosen = choose_latents(folder, cfg.top_k, latents, layer)
-    scored = {L: list(dict.fromkeys(ids + ([r["latent"] for r in folder.ranked(L)][:cfg.rescore]
-                                           if cfg.exact_pairs else [])))
+    extra = max(cfg.rescore, cfg.exact_top) if cfg.exact_pairs else 0
+    scored = {L: list(dict.fromkeys(ids + [r["latent"] for r in folder.ranked(L)][:extra]))
               for L, ids in chosen.items()}
     if sae is not None and len(chosen) > 1:
         raise LatentAuditError(f"--sae replaces the SAE of one layer but the run {folder.path} "
