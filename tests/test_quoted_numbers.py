@@ -67,6 +67,10 @@ def test_demo_completions_as_quoted():
                      r"(\d+) for each of (\d+) `false-belief` prompts")
     assert (int(m[1]), int(m[3])) == (len(rows), len(per_prompt))
     assert set(per_prompt.values()) == {int(m[2])}
+    m2 = says(README, r"(\d+) repeat the text of another sample of their prompt, so the judge "
+                      r"grades (\d+) distinct replies")
+    distinct = {(r["prompt_id"], r["completion"]) for r in rows}
+    assert (int(m2[1]), int(m2[2])) == (len(rows) - len(distinct), len(distinct))
     note = says(PKG / "pipeline" / "demo" / "demo.toml", r"starts from (\d+) shipped on-policy "
                                                           r"completions of the model \((\d+) for "
                                                           r"each of (\d+) false-belief")
