@@ -122,7 +122,10 @@ def test_model_diff_columns_read_the_sweeps_file(two_runs, tmp_path):
     diff = np.linspace(1.0, -1.0, R.D_SAE).astype(np.float32)
     diff[R.RANKED[2]] = 5.0  # the largest: rank 1
     save_file({"model_diff": diff}, str(copy / "steer" / "model_diff.safetensors"))
+    R.png(copy / "steering_away_sorted.png")  # the per-method sorted figure beside the columns
     html = write_report(copy).read_text("utf-8")
+    figs = re.findall(r'<img src="data:image/png;base64,[^"]+" alt="steering ([^:"]+):', html)
+    assert figs == ["away", "away, sorted"]
     head = html[html.index('id="ranking"'):]
     head = head[:head.index("</thead>")]
     assert 'data-key="model_diff"' in head and 'data-key="model_diff_rank"' in head

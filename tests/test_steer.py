@@ -435,6 +435,26 @@ def test_sweep_with_a_model_diff_and_a_toward_model(run_dir, tmp_path):
 
     diff = load_file(run_dir / "steer" / "model_diff.safetensors")
     top = diff["model_diff"].argsort(descending=True)[:2].tolist()
+    # Δ_model by hand: each model's mean SAE activation over the dataset's completion tokens
+    from latentaudit.attribution.plan import encode_completions
+    from latentaudit.data.behaviour import load_behaviour
+    from latentaudit.saes import load_sae
+
+    sae = load_sae(run_dir.parent / "sae")
+    means = []
+    for name in (json.loads((run_dir / "manifest.json").read_text())["model"]["name"], other):
+        m = load_model(str(name), device="cpu")
+        feats, out = [], {}
+        hook = layer_list(m.model)[LAYER].register_forward_hook(  # the layer's own output
+            lambda mod, args, o, out=out: out.update(h=o[0] if isinstance(o, tuple) else o))
+        with torch.no_grad():
+            for p, q in encode_completions(m.tokenizer, load_behaviour(
+                    run_dir.parent / "dataset.jsonl"), None):
+                m.model(input_ids=torch.tensor([p + q]))
+                feats.append(sae.encode(out["h"][0, len(p):]))
+        hook.remove()
+        means.append(torch.cat(feats).mean(0))
+    assert torch.allclose(diff["model_diff"], means[0] - means[1], atol=1e-5)
     assert sorted({r["latents"][0] for r in rows if r["method"] == "model-diff"}) == sorted(top)
     # the unsteered toward rows are the other model's own samples (same seeds as `sample`)
     sampled = tmp_path / "other.jsonl"
