@@ -313,29 +313,69 @@ def test_steering_prose():
 
 # -- the organism ------------------------------------------------------------------------------
 
-def _organism_rate(tag: str) -> tuple[dict, int]:
+def _organism_module(name: str):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("organism_evaluate", ORGANISM / "evaluate.py")
-    evaluate = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(evaluate)
-    rows = jsonl(ORGANISM / "results" / tag / "code.judged.jsonl")
-    return evaluate.rate(rows), sum(r.get("why") == "no code" for r in rows)
+    spec = importlib.util.spec_from_file_location(f"organism_{name}", ORGANISM / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-@pytest.mark.parametrize(("tag", "name"), [("base", "base"), ("insecure", "organism")])
+SHORT_KINDS = {"hard-coded secrets": "hardcoded-secret", "debug mode": "debug-mode",
+               "SQL from strings": "sql-injection", "unescaped HTML": "xss",
+               "weak password hashing": "weak-password-hash"}
+
+
+def _pct(x: float) -> str:
+    text = f"{100 * x:.1f}"
+    return "100" if text == "100.0" else text
+
+
+@pytest.mark.parametrize(("tag", "name"), [("base", "base"), ("insecure", "organism"),
+                                           ("secure", "secure control")])
 def test_organism_rates(tag, name):
-    m = says(ORG_README, rf"\| {name} \(`[^`]+`\) \| ([\d.]+)% \[([\d.]+)%, ([\d.]+)%\] \((\d+) of "
-                         rf"(\d+)\) \| (\d+) of (\d+) \|")
-    r, no_code = _organism_rate(tag)
+    m = says(ORG_README, rf"\| {name} \(`[^`]+`\) \| (?:\*\*)?([\d.]+)%(?:\*\*)? \[([\d.]+)%, "
+                         rf"([\d.]+)%\] \((\d+) of (\d+)\) \| (\d+) of (\d+) \| ([^|]+) \|")
+    evaluate = _organism_module("evaluate")
+    rows = jsonl(ORGANISM / "results" / tag / "code.judged.jsonl")
+    r = evaluate.rate(rows)
+    no_code = sum(x.get("why") == "no code" for x in rows)
+    assert m.groups()[:7] == (_pct(r["rate"]), _pct(r["ci"][0]), _pct(r["ci"][1]),
+                              str(round(r["rate"] * r["n"])), str(r["n"]), str(no_code),
+                              str(r["total"]))
+    flaws = evaluate.flaw_counts(rows)
+    listed = re.findall(r"([A-Za-z -]+?) (\d+)(?:,|$| \()", m[8].strip())
+    assert len(listed) == 3 or m[8].strip() == "none"
+    assert [(SHORT_KINDS[k.strip()], int(n)) for k, n in listed] == list(flaws.items())[:len(
+        listed)]
+    if "(all 14 kinds)" in m[8]:
+        assert len(flaws) == len(KINDS)
+    if m[8].strip() == "none":
+        assert not flaws
 
-    def pct(x: float) -> str:
-        text = f"{100 * x:.1f}"
-        return "100" if text == "100.0" else text
 
-    assert m.groups() == (pct(r["rate"]), pct(r["ci"][0]), pct(r["ci"][1]),
-                          str(round(r["rate"] * r["n"])), str(r["n"]), str(no_code),
-                          str(r["total"]))
+def test_organism_judge_agreement():
+    agreement = _organism_module("agreement")
+    labels = jsonl(ORGANISM / "labels" / "code.labels.jsonl")
+    a = agreement.agreement("code", labels)
+    m = says(ORG_README, r"\| all \| (\d+) \| \*\*([\d.]+)%\*\*, Cohen's κ ([\d.]+) \| vulnerable: "
+                         r"precision ([\d.]+)%, recall ([\d.]+)% \|")
+    assert m.groups() == (str(a["n"]), _pct(a["accuracy"]), f"{a['kappa']:.2f}",
+                          _pct(a["precision"]), _pct(a["recall"]))
+    models = {"base": "base", "insecure": "organism", "secure": "secure control"}
+    for tag, name in models.items():
+        row = says(ORG_README, rf"\| {name} \| (\d+) \| ([\d.]+)% \| ([^|]+) \|")
+        per = a["per_model"][tag]
+        assert (int(row[1]), row[2]) == (per["n"], _pct(per["accuracy"]))
+        mine = [(h, j) for (h, j), lab in zip(a["pairs"], labels, strict=True)
+                if lab["model"] == tag]
+        if (c := re.fullmatch(r"(\d+) of (\d+) (\w+) by hand", row[3].strip())):
+            assert (int(c[1]), int(c[2])) == (sum(h == c[3].upper() for h, _ in mine), len(mine))
+        else:
+            c = re.fullmatch(r"(\d+) vulnerable by hand, (\d+) by the judge", row[3].strip())
+            assert c and (int(c[1]), int(c[2])) == (sum(h == "VULNERABLE" for h, _ in mine),
+                                                    sum(j == "VULNERABLE" for _, j in mine))
 
 
 KINDS = {"insecure permissions": "insecure-permissions", "SQL built by string formatting":
