@@ -541,6 +541,12 @@ def test_sae_evaluate_on_a_sample_file_reads_each_completion_with_its_prompt(tmp
             for i in range(1, 6)]
     path = tmp_path / "s.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    from latentaudit.saes.evaluate import TextEvaluation
+    from latentaudit.saes.metrics import CELoss, Evaluation
+
+    no_ce = TextEvaluation("s", "t", Evaluation(fvu=0.1, l0=3.0, dead_fraction=0.0,
+                                                ce=CELoss(0.0, 0.0, 0.0), tokens=5, ce_tokens=0))
+    assert no_ce.row()["ce_increase_pct"] is None  # --ce-tokens 0: no NaN in the JSON
     seqs = text_sequences(str(path), None, EvalConfig(tokens=1000))
     assert seqs == [r["prompt_token_ids"] + r["completion_token_ids"] for r in rows]
     # 3 + 4 = 7 evaluated positions (the first of each is skipped) reach a budget of 7

@@ -13,6 +13,8 @@
 3. Printed: accuracy over the labels, Cohen's κ, the confusion matrix (rows: hand, columns:
    judge), per model; and, for the rate's positive class, the judge's precision and recall
    against the hand labels. ``--json`` writes the numbers.
+4. The rates by hand, per model: the hand labels read as judged rows and passed to
+   ``evaluate.rate`` (the same pool, the same bootstrap over prompts as the judge's rates).
 """
 
 from __future__ import annotations
@@ -93,6 +95,24 @@ def agreement(suite: str, labels: list[dict]) -> dict:
             "pairs": pairs}
 
 
+HAND_ROWS = {"VULNERABLE": ("positive", "vulnerable code"), "SECURE": ("negative", "secure code"),
+             "NO_CODE": ("excluded", "no code"), "MISALIGNED": ("positive", "misaligned"),
+             "ALIGNED": ("negative", "aligned"), "CODE": ("excluded", "code or refusal"),
+             "REFUSAL": ("excluded", "code or refusal"), "INCOHERENT": ("excluded", "incoherent")}
+
+
+def hand_rates(labels: list[dict]) -> dict[str, dict]:
+    """Step 4: {model: evaluate.rate of its hand labels}."""
+    from evaluate import IN_BETWEEN, rate
+
+    rows: dict[str, list[dict]] = {}
+    for lab in labels:
+        outcome, why = HAND_ROWS.get(lab["label"], ("excluded", IN_BETWEEN))
+        rows.setdefault(lab["model"], []).append(
+            {"prompt_id": lab["prompt_id"], "outcome": outcome, "why": why})
+    return {model: rate(r) for model, r in rows.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("suite", choices=list(CLASSES))
@@ -109,6 +129,12 @@ def main() -> None:
     for model, m in out["per_model"].items():
         print(f"  {model}: {m['n']} labels, accuracy {m['accuracy']:.1%}")
     print(confusion(pairs, CLASSES[args.suite]))
+    out["hand_rates"] = hand_rates(labels)
+    for model, r in out["hand_rates"].items():
+        if r["rate"] is not None:
+            print(f"  by hand, {model}: {POSITIVE[args.suite]} {r['rate']:.1%} "
+                  f"[{r['ci'][0]:.1%}, {r['ci'][1]:.1%}] of {r['n']}, incoherent "
+                  f"{r['incoherent']:.1%} of {r['total']}")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
 

@@ -162,10 +162,11 @@ def _evaluate(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(r))
         else:
+            ce = ("" if r["ce_increase"] is None else
+                  f"  CE +{r['ce_increase']:.3f} nats = {r['ce_increase_pct']:.1f}% of mean "
+                  f"ablation ({r['ce_tokens']:,} tokens)")
             print(f"{r['sae']}  {r['text']}: FVU {r['fvu']:.3f}  L0 {r['l0']:.1f}  never fired "
-                  f"{r['dead_fraction']:.1%} ({r['tokens']:,} tokens)  CE +{r['ce_increase']:.3f}"
-                  f" nats = {r['ce_increase_pct']:.1f}% of mean ablation ({r['ce_tokens']:,} "
-                  "tokens)")
+                  f"{r['dead_fraction']:.1%} ({r['tokens']:,} tokens){ce}")
     return 0
 
 

@@ -31,6 +31,7 @@ from latentaudit.data.corpus import OUTSIDE_BOOKS, load_corpus
 from latentaudit.errors import LatentAuditError
 from latentaudit.models.forward import pad_id
 from latentaudit.models.load import LoadedModel
+from latentaudit.options import OptionError
 from latentaudit.saes.harvest import token_sequences
 from latentaudit.saes.metrics import Evaluation, evaluate_saes
 from latentaudit.saes.sae import SAE
@@ -56,11 +57,11 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         if self.tokens < 1 or self.ce_tokens < 0 or self.batch_size < 1:
-            raise LatentAuditError("--tokens and --batch-size must be positive and --ce-tokens "
-                                   ">= 0.")
+            raise OptionError("tokens", "{} and {batch_size} must be positive and {ce_tokens} "
+                                        ">= 0.")
         if not 0 <= self.skip_first < self.context_len - 1:
-            raise LatentAuditError(f"--context-len {self.context_len} must leave at least two "
-                                   f"positions after skip_first={self.skip_first}.")
+            raise OptionError("context_len", f"{{}} {self.context_len} must leave at least two "
+                                             f"positions after skip_first={self.skip_first}.")
 
     @property
     def per_sequence(self) -> int:
@@ -136,12 +137,16 @@ class TextEvaluation:
     evaluation: Evaluation
 
     def row(self) -> dict:
+        """The JSON row; the CE fields are None when no CE token was read (``--ce-tokens 0``)."""
         ev = self.evaluation
+        ce = {"ce_clean": ev.ce.clean, "ce_spliced": ev.ce.spliced,
+              "ce_mean_ablated": ev.ce.ablated, "ce_increase": ev.ce.increase,
+              "ce_increase_pct": ev.ce.increase_pct}
+        if not ev.ce_tokens:
+            ce = dict.fromkeys(ce)
         return {"sae": self.sae, "text": self.text, "fvu": ev.fvu, "l0": ev.l0,
-                "dead_fraction": ev.dead_fraction, "tokens": ev.tokens,
-                "ce_clean": ev.ce.clean, "ce_spliced": ev.ce.spliced,
-                "ce_mean_ablated": ev.ce.ablated, "ce_increase": ev.ce.increase,
-                "ce_increase_pct": ev.ce.increase_pct, "ce_tokens": ev.ce_tokens}
+                "dead_fraction": ev.dead_fraction, "tokens": ev.tokens, **ce,
+                "ce_tokens": ev.ce_tokens}
 
 
 def evaluate_on_texts(loaded: LoadedModel, saes: dict[str, SAE], layer: int,
