@@ -58,8 +58,12 @@ def test_explain_cli_writes_the_documented_files(run_dir, capsys):
     for r in rows:
         assert set(r) == {"layer", "latent", "rank", "final_rank", "delta_attribution",
                           "delta_activation", "exact_delta", "first_order_delta", "logit_lens",
-                          "density", "top_examples", "attribution_map", "explanation"}
+                          "density", "top_examples", "attribution_map", "explanation",
+                          "output_effect"}
         assert set(r["logit_lens"]) == {"cosine", "promoted", "suppressed", "through_final_norm"}
+        assert set(r["output_effect"]) == {"strength", "alpha", "completions", "positions",
+                                           "route", "added", "ablated"}
+        assert len(r["output_effect"]["added"]["rises"]) == 10
         assert len(r["logit_lens"]["promoted"]) == 10
         assert set(r["density"]) == {"tokens", "fired", "frequency", "histogram"}
         assert len(r["density"]["histogram"]) == len(manifest["density_histogram_edges"]) - 1

@@ -446,6 +446,21 @@ def test_rescore_orders_the_top_by_the_exact_effect(tiny_run, tmp_path):
     assert -1.0 <= layer["spearman"] <= 1.0
 
 
+def test_exact_top_measures_more_latents_without_reranking(tiny_run, tmp_path):
+    lm, root, corpus = tiny_run
+    cfg = dict(exact_pairs=2, effect_texts=0, maps=False)
+    res = explain_latents(root / "run", None, small_cfg(corpus, top_k=3, exact_top=8, **cfg),
+                          model=lm, out=tmp_path / "x", cache_dir=tmp_path)
+    wide = explain_latents(root / "run", None, small_cfg(corpus, top_k=8, **cfg), model=lm,
+                           out=tmp_path / "y", cache_dir=tmp_path)
+    assert [r["rank"] for r in res.latents] == [r["final_rank"] for r in res.latents] == [1, 2, 3]
+    got, want = res.exact["layers"]["1"], wide.exact["layers"]["1"]
+    assert got["latents"] == want["latents"] == [r["latent"] for r in wide.latents]
+    assert got["exact_delta"] == want["exact_delta"] and got["spearman"] == want["spearman"]
+    with pytest.raises(LatentAuditError, match="--exact-top needs"):
+        ExplainConfig(exact_top=5, exact_pairs=0)
+
+
 def test_bad_inputs_fail_before_the_model_loads(tiny_run, tmp_path, monkeypatch):
     import latentaudit.models.load as model_load
 

@@ -108,7 +108,13 @@ def explained_row(i: int, rank: int | None) -> dict:
                           "activations": [0.0, 1.0, 3.0 - k, 0.5, 0.0]} for k in range(2)],
         "attribution_map": {"mean_positive": 0.2, "mean_negative": -0.1, "top_tokens": [
             {"completion": 0, "line": 1, "position": 3, "token": IMG, "delta": 0.3}]},
-        "explanation": f"fires on {SCRIPT}"}
+        "explanation": f"fires on {SCRIPT}",
+        "output_effect": {"strength": 0.2, "alpha": 3.0, "completions": [1, 2], "positions": 9,
+                          "route": "upper-layers",
+                          "added": {"rises": [{"token": SCRIPT, "token_id": 2, "value": 0.7}],
+                                    "falls": [{"token": " dog", "token_id": 3, "value": -0.5}]},
+                          "ablated": {"rises": [{"token": " mat", "token_id": 4, "value": 0.1}],
+                                      "falls": [{"token": IMG, "token_id": 1, "value": -0.2}]}}}
 
 
 def make_explain(run: Path, corpus: str = "nlp-corpus") -> None:
@@ -528,3 +534,13 @@ def test_report_of_a_run_made_by_the_real_stages(tiny_model_dir, tmp_path):
     assert "Top-activating examples" in top and 'class="maps"' in top
     assert "Steered away" in top and "unsteered twin" in top
     assert text.count('<details class="latent"') >= len(ranking)
+
+
+def test_the_output_effect_stands_in_the_latent_drilldown(page):
+    part = details(page, f"latent-{RANKED[0]}")
+    for label in ("adding raises", "adding lowers", "ablating raises", "ablating lowers"):
+        assert label in part
+    assert "over 9 reply positions of 2 of the run" in part
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in part and "&lt;img" in part
+    assert part.index(" dog") > part.index("adding raises") and " mat" in part
+    assert "adding raises" not in details(page, f"latent-{RANKED[2]}")  # not explained

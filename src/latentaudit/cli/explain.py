@@ -24,7 +24,8 @@ CONFIG = Config("latentaudit.explain.config", "ExplainConfig",
                 batch_size=Flag(type=batch_size_arg),
                 maps=Flag(help="Skip the per-token attribution maps (the exact check still maps "
                                "its own sample)."),
-                rescore=Flag(metavar="K"))
+                rescore=Flag(metavar="K"), exact_top=Flag(metavar="K"),
+                effect_texts=Flag(metavar="N"), effect_strength=Flag(metavar="S"))
 """The ExplainConfig flags (each written once, as its field; here only where a flag differs)."""
 
 

@@ -17,9 +17,14 @@ Algorithm, for each layer L of the run (SAE decoder rows d_i, unit length; the r
 5. Exactness check (:mod:`.exact`): on the first ``exact_pairs`` sampled pairs, the exact loss
    change of mean-ablating each latent, a_t → a_t − ((a_t − ā)·d_i) d_i, by rerunning only the
    layers above L with the latents in the batch dimension; Spearman ρ of exact against
-   first-order Δ. ``rescore`` K re-ranks the top K by the exact Δ.
-6. Optional one-line explanations through an OpenAI-compatible endpoint (:mod:`.interpret`).
-7. Write the files below (:mod:`.output`), each atomically. :mod:`.across` compares runs of
+   first-order Δ. ``rescore`` K re-ranks the top K by the exact Δ; ``exact_top`` K measures
+   the top K too (for ρ) without re-ranking them.
+6. Output effect (:mod:`.effect`): on the first ``effect_texts`` completions of the sampled
+   pairs, the tokens whose log-probability rises and falls most, through the layers above L,
+   when α d_i is added at every position (α = ``effect_strength`` × the mean residual norm) and
+   when the latent is mean-ablated: what the latent does to the output, beyond the logit lens.
+7. Optional one-line explanations through an OpenAI-compatible endpoint (:mod:`.interpret`).
+8. Write the files below (:mod:`.output`), each atomically. :mod:`.across` compares runs of
    one model and SAE: the latents in the top of several.
 
 Files in ``<run>/explain/`` (schema_version 1):
@@ -37,6 +42,9 @@ Files in ``<run>/explain/`` (schema_version 1):
   ``delta_attribution``, ``delta_activation``, ``exact_delta`` and ``first_order_delta`` (on
   the exactness sample; null without it), ``logit_lens`` ({``cosine``: [token],
   ``promoted`` / ``suppressed``: [{token, token_id, value}], ``through_final_norm``}),
+  ``output_effect`` ({``strength``, ``alpha``, ``completions`` (dataset lines), ``positions``,
+  ``route``, ``added`` and ``ablated``: {``rises`` / ``falls``: [{token, token_id, value (mean
+  Δ log p)}]}} or null),
   ``density`` ({``tokens``, ``fired``, ``frequency``, ``histogram``: counts per bin}),
   ``top_examples`` ([{``activation``, ``sequence``, ``position``, ``max_index`` (index of the
   activating token in the window), ``token_ids``, ``tokens``, ``activations``}], largest first),

@@ -46,6 +46,16 @@ class ExplainConfig:
     """Latents ablated together in one batched pass of the layers above L."""
     rescore: int = 0
     """Re-rank the top K latents of each layer by their exact mean-ablation effect (0: off)."""
+    exact_top: int = 0
+    """Also measure the exact effect of the ranking's top K latents, so that ρ rests on at
+    least K latents, without explaining or re-ranking them (0: the explained ones only)."""
+    effect_texts: int = 4
+    """Completions of the run's sampled pairs (prompt and reply) on which each explained latent's
+    output effect is read: the tokens whose log-probability rises and falls most when its
+    direction is added or it is mean-ablated, through the layers above (0: skip)."""
+    effect_strength: float = 0.2
+    """The added direction's length, in multiples of the mean residual norm at the layer (as
+    steering's strengths)."""
     seed: int = 0
     """Seed of the order in which pairs are sampled."""
     interpret_model: str | None = None
@@ -62,7 +72,8 @@ class ExplainConfig:
                           ("context_len", 2), ("skip_first", 0), ("context_before", 0),
                           ("context_after", 0), ("batch_size", 0), ("lens_tokens", 1),
                           ("map_pairs", 0), ("exact_pairs", 0), ("exact_batch_size", 1),
-                          ("rescore", 0), ("interpret_timeout", 1e-9)):
+                          ("rescore", 0), ("exact_top", 0), ("effect_texts", 0),
+                          ("effect_strength", 0.0), ("interpret_timeout", 1e-9)):
             at_least(name, getattr(self, name), low)
         if self.skip_first >= self.context_len - 1:
             raise OptionError("skip_first", f"{{}} {self.skip_first} must leave at least two "
@@ -70,6 +81,9 @@ class ExplainConfig:
         if self.rescore and not self.exact_pairs:
             raise OptionError("rescore", "{} needs the exact effect: give {exact_pairs} N "
                                          "(N > 0), or drop {}.")
+        if self.exact_top and not self.exact_pairs:
+            raise OptionError("exact_top", "{} needs the exact effect: give {exact_pairs} N "
+                                           "(N > 0), or drop {}.")
         if self.interpret_model is not None and not self.interpret_base_url.startswith(
                 ("http://", "https://")):
             raise OptionError("interpret_base_url", f"{{}} {self.interpret_base_url!r} must "

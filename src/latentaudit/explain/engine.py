@@ -41,8 +41,8 @@ def check_inputs(run: str | os.PathLike, latents: Sequence[int] | None, layer: i
     """Read the run and every input of the stage, with one clear error for any problem."""
     folder = read_run(run)
     chosen = choose_latents(folder, cfg.top_k, latents, layer)
-    scored = {L: list(dict.fromkeys(ids + ([r["latent"] for r in folder.ranked(L)][:cfg.rescore]
-                                           if cfg.exact_pairs else [])))
+    extra = max(cfg.rescore, cfg.exact_top) if cfg.exact_pairs else 0
+    scored = {L: list(dict.fromkeys(ids + [r["latent"] for r in folder.ranked(L)][:extra]))
               for L, ids in chosen.items()}
     if sae is not None and len(chosen) > 1:
         raise LatentAuditError(f"--sae replaces the SAE of one layer but the run {folder.path} "
@@ -87,7 +87,7 @@ def _load_sae(run: RunFolder, layer: int, given, points: tuple[str, ...] = POINT
 
 
 def _load_data(run: RunFolder, data, cfg: ExplainConfig):
-    if not cfg.maps and not cfg.exact_pairs:
+    if not cfg.maps and not cfg.exact_pairs and not cfg.effect_texts:
         return None, []
     rows, pairing, _ = run.pairs(data, "pass --data, or --no-maps --exact-pairs 0.",
                                  "the maps and the exact check")
@@ -129,7 +129,8 @@ def explain_latents(run: str | os.PathLike, latents: Sequence[int] | None = None
         chunks[L] = place(s, layer_device(model.model, L))  # or streamed from host memory
     corpus = _corpus_examples(model, inputs, cfg, cache_dir, engine, chunks)
     maps, exact = _maps_and_exact(model, inputs, cfg)
-    result = assemble(model, inputs, cfg, corpus, maps, exact, interpreter, out)
+    effects = _output_effects(model, inputs, cfg, exact)
+    result = assemble(model, inputs, cfg, corpus, maps, exact, interpreter, out, effects)
     write_explain(result)
     return result
 
@@ -164,6 +165,8 @@ def _maps_and_exact(model: LoadedModel, inputs: Inputs, cfg: ExplainConfig
     from latentaudit.attribution.plan import encode_completions
 
     n_map = (len(inputs.pairs) if not cfg.map_pairs else cfg.map_pairs) if cfg.maps else 0
+    if not n_map and not cfg.exact_pairs:
+        return None, {}
     exact_pairs = inputs.pairs[:cfg.exact_pairs]
     pairs = inputs.pairs[:max(n_map, len(exact_pairs))]
     rows = sorted({i for pair in pairs for i in pair})
@@ -188,3 +191,35 @@ def _maps_and_exact(model: LoadedModel, inputs: Inputs, cfg: ExplainConfig
         check = exact_check(change.change, first, [(where[p], where[q]) for p, q in exact_pairs])
         exact[L] = LayerExact(check, change, used, list(exact_pairs))
     return Maps(rows, pairs, maps, dict(inputs.scored)), exact
+
+
+def _output_effects(model: LoadedModel, inputs: Inputs, cfg: ExplainConfig,
+                    exact: dict[int, LayerExact]) -> dict[int, dict[int, dict]]:
+    """{layer: {latent: output_effect row}} of the latents each layer explains, read on the
+    first ``effect_texts`` completions of the sampled pairs (:mod:`.effect`)."""
+    if inputs.data is None or not cfg.effect_texts:
+        return {}
+    from latentaudit.attribution.plan import encode_completions
+    from latentaudit.explain.effect import moved_tokens, output_effects
+    from latentaudit.explain.output import explained_latents
+    from latentaudit.steer.vectors import mean_resid_norm
+
+    rows = list(dict.fromkeys(i for pair in inputs.pairs for i in pair))[:cfg.effect_texts]
+    max_len = getattr(model.model.config, "max_position_embeddings", None)
+    seqs = encode_completions(model.tokenizer, [inputs.data[i] for i in rows], max_len)
+    out = {}
+    for L, sae in inputs.saes.items():
+        latents = explained_latents(inputs, cfg, L, exact.get(L))
+        alpha = cfg.effect_strength * mean_resid_norm(model, L, [p + q for p, q in seqs])
+        dev = layer_device(model.model, L)
+        eff = output_effects(model.model, L, seqs, sae.decoder_directions(rows=latents).to(dev),
+                             inputs.run.vector("a_bar", L, "pt").to(dev), alpha,
+                             point=sae.info.hook)
+        common = {"strength": cfg.effect_strength, "alpha": eff.alpha,
+                  "completions": [inputs.data[i].line for i in rows],
+                  "positions": eff.positions, "route": eff.route}
+        out[L] = {i: {**common, "added": moved_tokens(eff.added[n], model.tokenizer,
+                                                       cfg.lens_tokens),
+                      "ablated": moved_tokens(eff.ablated[n], model.tokenizer, cfg.lens_tokens)}
+                  for n, i in enumerate(latents)}
+    return out

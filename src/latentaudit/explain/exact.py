@@ -117,13 +117,13 @@ def exact_changes(model, layer: int, seqs: Sequence[tuple[list[int], list[int]]]
             if route == "upper-layers":
                 out = upper_logits(model, layer, h, calls, k + 1)[:, :-1]  # (n, k, V)
             else:
-                out = _full_forward_logits(model, layer, ids, h, k, point)
+                out = full_forward_logits(model, layer, ids, h, k, point)
             lost = completion_losses(out, targets.expand(len(h), -1), ones.expand(len(h), -1))
             change[c, s:s + len(h)] = lost.double().cpu() - clean[c]
     return ExactChange(clean, change, route or ROUTES[0])
 
 
-def _full_forward_logits(model, layer: int, ids: Tensor, hidden: Tensor, k: int,
+def full_forward_logits(model, layer: int, ids: Tensor, hidden: Tensor, k: int,
                          point: str = "resid_post") -> Tensor:
     """Logits at the completion's predicting positions with ``point`` of layer L replaced."""
     kwargs = keep_logits(model, k + 1)

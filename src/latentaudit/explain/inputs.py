@@ -21,7 +21,7 @@ class Inputs:
     """{layer: latents explained}, in ranking order (or as given)."""
     scored: dict[int, list[int]]
     """{layer: latents whose exact effect is measured}: the explained ones and the top
-    ``rescore`` of the ranking."""
+    ``rescore`` (or ``exact_top``) of the ranking."""
     saes: dict[int, SAE]
     data: list | None
     """The run's completions (None when neither maps nor the exact check need them)."""

@@ -117,15 +117,23 @@ def orders(inputs: Inputs, cfg: ExplainConfig, layer: int, exact: LayerExact | N
             exact_delta)
 
 
+def explained_latents(inputs: Inputs, cfg: ExplainConfig, layer: int,
+                      exact: LayerExact | None) -> list[int]:
+    """The latents a layer's rows hold, in final order (the given ones, or the top ``top_k``
+    after any re-scoring)."""
+    _, final, _ = orders(inputs, cfg, layer, exact)
+    if inputs.given:
+        return sorted(inputs.chosen[layer], key=lambda i: final.get(i, math.inf))
+    return sorted(final, key=final.get)[:cfg.top_k]
+
+
 def layer_rows(model, inputs: Inputs, cfg: ExplainConfig, layer: int, corpus: CorpusExamples,
-               maps: Maps | None, exact: LayerExact | None) -> list[dict]:
+               maps: Maps | None, exact: LayerExact | None,
+               effects: dict[int, dict] | None = None) -> list[dict]:
     """The latents.jsonl rows of one layer, in final order."""
     run, scored = inputs.run, inputs.scored[layer]
     rank, final, exact_delta = orders(inputs, cfg, layer, exact)
-    if inputs.given:
-        latents = sorted(inputs.chosen[layer], key=lambda i: final.get(i, math.inf))
-    else:
-        latents = sorted(final, key=final.get)[:cfg.top_k]
+    latents = explained_latents(inputs, cfg, layer, exact)
     lenses = lens_rows(model, inputs.saes[layer].decoder_directions()[latents], cfg)
     np_id = inputs.saes[layer].info.extra.get("neuronpedia_id")
     attribution = run.delta_attribution(layer)
@@ -139,7 +147,8 @@ def layer_rows(model, inputs: Inputs, cfg: ExplainConfig, layer: int, corpus: Co
             "delta_activation": None if activation is None else float(activation[i]),
             "exact_delta": exact_delta.get(i),
             "first_order_delta": float(exact.check.first_order_delta[c]) if exact else None,
-            "logit_lens": lens, "density": density_row(corpus, i),
+            "logit_lens": lens, "output_effect": (effects or {}).get(i),
+            "density": density_row(corpus, i),
             "top_examples": example_rows(corpus, i, cfg.context_before, model.tokenizer),
             "attribution_map": _map_summary(inputs, maps, layer, c, model.tokenizer),
             "explanation": None})
@@ -230,11 +239,12 @@ def corpus_manifest(cfg: ExplainConfig, corpus: dict[int, CorpusExamples]) -> di
 
 
 def assemble(model, inputs: Inputs, cfg: ExplainConfig, corpus: dict[int, CorpusExamples],
-             maps: Maps | None, exact: dict[int, LayerExact], interpreter, out: Path
-             ) -> ExplainResult:
+             maps: Maps | None, exact: dict[int, LayerExact], interpreter, out: Path,
+             effects: dict[int, dict[int, dict]] | None = None) -> ExplainResult:
     """Every row and array of the stage's files."""
     rows = [r for L in inputs.chosen
-            for r in layer_rows(model, inputs, cfg, L, corpus[L], maps, exact.get(L))]
+            for r in layer_rows(model, inputs, cfg, L, corpus[L], maps, exact.get(L),
+                                (effects or {}).get(L))]
     if interpreter is not None:
         from latentaudit.explain.interpret import interpret_prompt
 

@@ -7,7 +7,8 @@
    gives for each source the corpus spec names (``held-out``: the training mix); shown wherever
    corpus text is.
 3. Per layer: the exactness summary and the exact-against-first-order figure.
-4. Per latent: logit lens, density bars, the top-activating examples (highlight ∝ activation /
+4. Per latent: logit lens, the output effect (the tokens adding or ablating it moves through the
+   layers above), density bars, the top-activating examples (highlight ∝ activation /
    the latent's largest), the attribution map's top tokens and the mapped completions with the
    largest |δ_i(C)| (highlight ∝ δ_{i,t} / the largest |δ_{i,t}| shown, red > 0, blue < 0).
 """
@@ -156,6 +157,7 @@ def latent_view(row: dict[str, Any], edges: list[float], maps: dict | None) -> d
             "lens": {"cosine": lens.get("cosine") or [], "promoted": lens.get("promoted") or [],
                      "suppressed": lens.get("suppressed") or [],
                      "through_final_norm": lens.get("through_final_norm")},
+            "effect": output_effect(row.get("output_effect")),
             "density": density(row.get("density"), edges),
             "examples": examples(row.get("top_examples") or []),
             "map": None if amap is None else {
@@ -182,6 +184,16 @@ def describe_examples(rows: list[dict[str, Any]], shown: int = 3) -> str | None:
     return ("Peaks on " + ", ".join(f"“{visible(t)}” ({n} of {len(peaks)})"
                                     for t, n in top)
             + f"; strongest in “…{visible(context)}[{visible(toks[i])}]”.")
+
+
+def output_effect(e: dict | None) -> dict[str, Any] | None:
+    """The output effect's token lists, each cut to TOP_TOKENS, with how it was read."""
+    if not e:
+        return None
+    lists = {f"{edit}_{way}": ((e.get(edit) or {}).get(way) or [])[:TOP_TOKENS]
+             for edit in ("added", "ablated") for way in ("rises", "falls")}
+    return {**lists, "strength": e.get("strength"), "alpha": e.get("alpha"),
+            "completions": len(e.get("completions") or []), "positions": e.get("positions")}
 
 
 def density(d: dict | None, edges: list[float]) -> dict[str, Any] | None:
