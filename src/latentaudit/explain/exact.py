@@ -28,8 +28,9 @@ from torch import Tensor
 from latentaudit._progress import progress
 from latentaudit.attribution.math import completion_losses
 from latentaudit.models.forward import keep_logits
+from latentaudit.models.head import upper_completion_losses
 from latentaudit.models.hooks import capture_layer_inputs, capture_resid, layer_list, resid_hooks
-from latentaudit.models.upper import replay_matches, upper_logits
+from latentaudit.models.upper import replay_matches
 
 ROUTES = ("upper-layers", "full-forward")
 
@@ -114,11 +115,12 @@ def exact_changes(model, layer: int, seqs: Sequence[tuple[list[int], list[int]]]
         for s in range(0, len(directions), batch):
             dirs = directions[s:s + batch].to(dev)
             h = ablate(hidden[0], a_bar.to(dev), dirs, mask)  # (n, T, D)
-            if route == "upper-layers":
-                out = upper_logits(model, layer, h, calls, k + 1)[:, :-1]  # (n, k, V)
+            if route == "upper-layers":  # no (n, k, V) logits held
+                lost = upper_completion_losses(model, layer, h, calls, targets[0])
             else:
                 out = _full_forward_logits(model, layer, ids, h, k, point)
-            lost = completion_losses(out, targets.expand(len(h), -1), ones.expand(len(h), -1))
+                lost = completion_losses(out, targets.expand(len(h), -1),
+                                         ones.expand(len(h), -1))
             change[c, s:s + len(h)] = lost.double().cpu() - clean[c]
     return ExactChange(clean, change, route or ROUTES[0])
 
