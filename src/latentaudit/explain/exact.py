@@ -28,9 +28,9 @@ from torch import Tensor
 from latentaudit._progress import progress
 from latentaudit.attribution.math import completion_losses
 from latentaudit.models.forward import keep_logits
-from latentaudit.models.head import upper_completion_losses
+from latentaudit.models.head import frozen_head, upper_completion_losses
 from latentaudit.models.hooks import capture_layer_inputs, capture_resid, layer_list, resid_hooks
-from latentaudit.models.upper import replay_matches
+from latentaudit.models.upper import replay_matches, upper_logits
 
 ROUTES = ("upper-layers", "full-forward")
 
@@ -115,10 +115,12 @@ def exact_changes(model, layer: int, seqs: Sequence[tuple[list[int], list[int]]]
         for s in range(0, len(directions), batch):
             dirs = directions[s:s + batch].to(dev)
             h = ablate(hidden[0], a_bar.to(dev), dirs, mask)  # (n, T, D)
-            if route == "upper-layers":  # no (n, k, V) logits held
-                lost = upper_completion_losses(model, layer, h, calls, targets[0])
+            if route == "upper-layers" and frozen_head(model) is not None:
+                lost = upper_completion_losses(model, layer, h, calls, targets[0])  # no logits
             else:
-                out = _full_forward_logits(model, layer, ids, h, k, point)
+                out = (upper_logits(model, layer, h, calls, k + 1)[:, :-1]
+                       if route == "upper-layers"
+                       else _full_forward_logits(model, layer, ids, h, k, point))  # (n, k, V)
                 lost = completion_losses(out, targets.expand(len(h), -1),
                                          ones.expand(len(h), -1))
             change[c, s:s + len(h)] = lost.double().cpu() - clean[c]

@@ -86,7 +86,8 @@ def masked_mean(ce: Float[Tensor, "batch k"], mask: Bool[Tensor, "batch k"]
     return ce.sum(1) / mask.sum(1).clamp_min(1)
 
 
-def _head(model: nn.Module) -> tuple[Tensor, Tensor | None] | None:
+def frozen_head(model: nn.Module) -> tuple[Tensor, Tensor | None] | None:
+    """(weight, bias) of the model's output head when it is a frozen linear layer, else None."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(head, nn.Linear) or head.weight.requires_grad or (
             head.bias is not None and head.bias.requires_grad):
@@ -97,7 +98,7 @@ def _head(model: nn.Module) -> tuple[Tensor, Tensor | None] | None:
 def head_route_holds(model: nn.Module, hidden_last: Tensor, logits_last: Tensor) -> bool:
     """Whether head(final-norm output) reproduces the model's logits (step 4), cached."""
     if model not in _ROUTE:
-        w_b = _head(model)
+        w_b = frozen_head(model)
         ok = False
         if w_b is not None:
             with torch.no_grad():
@@ -119,7 +120,7 @@ def completion_losses_of(model: nn.Module, k: int, targets: Int[Tensor, "batch k
     from latentaudit.models.upper import final_norm
 
     try:
-        norm = final_norm(model) if _ROUTE.get(model, True) and _head(model) else None
+        norm = final_norm(model) if _ROUTE.get(model, True) and frozen_head(model) else None
     except LatentAuditError:
         norm = None
     if norm is None:
@@ -136,7 +137,7 @@ def completion_losses_of(model: nn.Module, k: int, targets: Int[Tensor, "batch k
     if not head_route_holds(model, h[:, -1].detach(), last.detach()):
         logits = model(**inputs, **keep_logits(model, k + 1)).logits[:, -(k + 1):-1]
         return completion_losses(logits, targets, mask)
-    weight, bias = _head(model)
+    weight, bias = frozen_head(model)
     hk = h[:, -(k + 1):-1]  # (B, k, D) predicts the k completion tokens
     ce = head_cross_entropy(hk.reshape(-1, hk.shape[-1]), weight, bias, targets.reshape(-1))
     return masked_mean(ce.view(targets.shape), mask)
@@ -147,16 +148,14 @@ def upper_completion_losses(model: nn.Module, layer: int, hidden: Float[Tensor, 
                             ) -> Float[Tensor, " n"]:
     """The mean loss of the last k tokens (``targets``) of each row when resid_post of ``layer``
     is ``hidden``: :func:`~latentaudit.models.upper.upper_logits` with the head's cross-entropy
-    taken in chunks (step 2), so no (n, k, V) logits are held."""
-    from latentaudit.attribution.math import completion_losses
-    from latentaudit.models.upper import final_norm, run_layers, upper_logits
+    taken in chunks (step 2), so no (n, k, V) logits are held. Needs :func:`frozen_head`."""
+    from latentaudit.models.upper import final_norm, run_layers
 
     k, n = targets.shape[0], hidden.shape[0]
-    w_b = _head(model)
+    w_b = frozen_head(model)
     if w_b is None:
-        logits = upper_logits(model, layer, hidden, calls, k + 1)[:, :-1]  # (n, k, V)
-        return completion_losses(logits, targets.expand(n, -1),
-                                 torch.ones(n, k, dtype=torch.bool, device=logits.device))
+        raise LatentAuditError("upper_completion_losses needs a frozen linear output head "
+                               "(see frozen_head).")
     x = run_layers(model, layer, max(calls, default=layer), hidden, calls)  # (n, T, D)
     h = final_norm(model)(x[:, -(k + 1):-1])  # (n, k, D)
     ce = head_cross_entropy(h.reshape(n * k, -1), *w_b, targets.repeat(n))
