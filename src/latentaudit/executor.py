@@ -20,8 +20,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from latentaudit.errors import LatentAuditError
-from latentaudit.options import whole
+from latentaudit.options import OptionError, whole
 
 ENGINES = ("local", "ray")
 INSTALL = 'pip install "latentaudit[ray]"'
@@ -46,10 +45,10 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
-            raise LatentAuditError(f"--engine '{self.engine}' is not one of "
-                                   f"{', '.join(ENGINES)}.")
+            raise OptionError("engine", f"{{}} '{self.engine}' is not one of "
+                                        f"{', '.join(ENGINES)}.")
         if self.engine == "local" and self.ray_address is not None:
-            raise LatentAuditError("--ray-address needs --engine ray.")
+            raise OptionError("ray_address", "{} needs {engine} ray.")
         if self.ray_workers is not None:
             whole("ray_workers", self.ray_workers, 1)
         whole("ray_retries", self.ray_retries, 0)

@@ -52,7 +52,7 @@ from latentaudit.generate import (  # noqa: F401  (re-exported: latentaudit.samp
     sample_tokens,
 )
 from latentaudit.models.load import LoadedModel
-from latentaudit.options import whole
+from latentaudit.options import OptionError, whole
 from latentaudit.suites import SuitePrompt as Prompt
 
 log = logging.getLogger(__name__)
@@ -91,12 +91,12 @@ class SampleConfig:
         for name, low in (("n", 1), ("max_new_tokens", 1), ("batch_size", 0), ("seed", None)):
             whole(name, getattr(self, name), low)
         if not self.temperature >= 0:
-            raise LatentAuditError(f"--temperature must be ≥ 0 (0 = greedy), got "
-                                   f"{self.temperature}.")
+            raise OptionError("temperature", f"{{}} must be ≥ 0 (0 = greedy), got "
+                                             f"{self.temperature}.")
         if not 0 < self.top_p <= 1:
-            raise LatentAuditError(f"--top-p must be in (0, 1], got {self.top_p}.")
+            raise OptionError("top_p", f"{{}} must be in (0, 1], got {self.top_p}.")
         if not all(isinstance(s, str) and s for s in self.stop):
-            raise LatentAuditError(f"--stop strings must be non-empty, got {list(self.stop)!r}.")
+            raise OptionError("stop", f"{{}} strings must be non-empty, got {list(self.stop)!r}.")
 
 
 # ---- prompts ---------------------------------------------------------------------------------

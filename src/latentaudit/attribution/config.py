@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from jaxtyping import Float
 from torch import Tensor
 
 from latentaudit.data.behaviour import PAIRINGS
-from latentaudit.options import at_least, one_of
+from latentaudit.options import at_least, check_choices
 from latentaudit.runfolder import RankingRow as RankedLatent
 from latentaudit.saes.sae import SAEInfo
 
 ABAR_SOURCES = ("auto", "sae", "dataset", "zero")
 POSITIONS = ("all", "completion")
+HOOKS = ("auto", "resid_pre", "attn_out", "mlp_out", "resid_post")
 
 
 @dataclass
@@ -22,12 +23,12 @@ class AttributionConfig:
 
     batch_size: int = 8
     """Completions per forward/backward pass (0 or auto: chosen from free device memory)."""
-    abar: str = "auto"
+    abar: str = field(default="auto", metadata={"choices": ABAR_SOURCES})
     """Mean activation ā for mean ablation: sae (stored with the SAE), dataset (mean over the
     dataset's own tokens), zero, or auto (sae when the SAE stores one, else dataset)."""
-    positions: str = "all"
+    positions: str = field(default="all", metadata={"choices": POSITIONS})
     """Positions t summed in δ_i(C): all (prompt and completion) or completion (only its tokens)."""
-    pairing: str = "all"
+    pairing: str = field(default="all", metadata={"choices": PAIRINGS})
     """Pairs within a prompt: all (every positive×negative) or matched (one-to-one)."""
     top_k: int = 100
     """Latents in the ranking (per layer), with their logit-lens tokens."""
@@ -43,23 +44,17 @@ class AttributionConfig:
     checkpoint_every_seconds: float = 300.0
     """Save a resumable checkpoint when S seconds have passed since the last one (0: never by
     time)."""
-    hook: str = "auto"
+    hook: str = field(default="auto", metadata={"choices": HOOKS})
     """Hook point the SAEs read: auto (the one each SAE's config records; resid_post when it
     records none), resid_pre, attn_out, mlp_out or resid_post. An SAE that records another is an
     error."""
 
     def __post_init__(self) -> None:
         at_least("batch_size", self.batch_size, 0)
-        one_of("abar", self.abar, ABAR_SOURCES)
-        one_of("positions", self.positions, POSITIONS)
-        one_of("pairing", self.pairing, PAIRINGS)
+        check_choices(self)
         for name, low in (("top_k", 1), ("sae_chunk", 0), ("checkpoint_every_batches", 0),
                           ("checkpoint_every_seconds", 0)):
             at_least(name, getattr(self, name), low)
-        one_of("hook", self.hook, HOOKS)
-
-
-HOOKS = ("auto", "resid_pre", "attn_out", "mlp_out", "resid_post")
 
 
 @dataclass

@@ -20,6 +20,7 @@ from latentaudit.data.behaviour import Completion, Pairing, dataset_hash, load_p
 from latentaudit.data.tokens import completion_ids, prompt_ids
 from latentaudit.errors import LatentAuditError
 from latentaudit.models.forward import pad_id
+from latentaudit.options import Naming, flag
 from latentaudit.saes.sae import CONFIG_FILE, SAE
 
 SAESource = SAE | str | os.PathLike
@@ -86,20 +87,25 @@ def _load(sae: SAESource) -> SAE:
     return load_sae(sae, dtype="fp32")
 
 
-def saes_by_layer(saes: Sequence[SAE], layers: int | Sequence[int] | None) -> dict[int, SAE]:
+def saes_by_layer(saes: Sequence[SAE], layers: int | Sequence[int] | None, *,
+                  fields: tuple[str, str] = ("layer", "sae"),
+                  name: Naming = flag) -> dict[int, SAE]:
     """The one layer rule: {layer: SAE}, in layer order.
 
     Without ``layers`` each SAE reads the one layer its config records; an SAE that records
     none, or several, is an error that names its file and field. With ``layers`` (one per SAE)
     each given layer must be one the SAE records, if it records any. A layer used twice, or an
-    SAE at a hook point attribution does not read (:data:`POINTS`), is an error.
+    SAE at a hook point attribution does not read (:data:`POINTS`), is an error. ``fields``
+    are the caller's option fields of the layers and the SAEs, which errors call
+    ``name(field)``.
     """
+    opt_layer, opt_sae = (name(f) for f in fields)
     if layers is not None:
         layers = [layers] if isinstance(layers, int) else list(layers)
         if len(layers) != len(saes):
             raise LatentAuditError(
-                f"{len(saes)} SAE(s) but {len(layers)} layer(s) given: give one layer (--layer) "
-                "per SAE (--sae), or none to use the layer each SAE records.")
+                f"{len(saes)} SAE(s) but {len(layers)} layer(s) given: give one layer "
+                f"({opt_layer}) per SAE ({opt_sae}), or none to use the layer each SAE records.")
     out: dict[int, SAE] = {}
     for i, sae in enumerate(saes):
         recorded, field = recorded_layers(sae)
@@ -107,23 +113,24 @@ def saes_by_layer(saes: Sequence[SAE], layers: int | Sequence[int] | None) -> di
         if layers is None:
             if len(recorded) != 1:
                 raise LatentAuditError(
-                    f"{where} does not record its layer (field '{field}'): pass --layer L."
+                    f"{where} does not record its layer (field '{field}'): pass {opt_layer} L."
                     if not recorded else
                     f"{where}: field '{field}' lists several layers "
-                    f"({', '.join(map(str, recorded))}): pass --layer with the one to read.")
+                    f"({', '.join(map(str, recorded))}): pass {opt_layer} with the one to read.")
             layer = recorded[0]
         else:
             layer = layers[i]
             if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
-                raise LatentAuditError(f"--layer {layer!r} is not a layer: layers are numbered "
-                                       "from 0.")
+                raise LatentAuditError(f"{opt_layer} {layer!r} is not a layer: layers are "
+                                       "numbered from 0.")
             if recorded and layer not in recorded:
                 raise LatentAuditError(
                     f"{where} was trained on layer {', '.join(map(str, recorded))} (field "
-                    f"'{field}') but layer {layer} was requested: pass --layer {recorded[0]} or "
-                    f"an SAE for layer {layer}.")
+                    f"'{field}') but layer {layer} was requested: pass {opt_layer} {recorded[0]} "
+                    f"or an SAE for layer {layer}.")
         if layer in out:
-            raise LatentAuditError(f"--layer {layer} is given twice: give each SAE its own layer.")
+            raise LatentAuditError(f"{opt_layer} {layer} is given twice: give each SAE its own "
+                                   "layer.")
         if sae.info.hook not in POINTS:
             sae.check_hook(HOOK)
         out[layer] = sae

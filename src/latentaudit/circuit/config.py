@@ -9,8 +9,7 @@ from typing import Any
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from latentaudit.errors import LatentAuditError
-from latentaudit.options import at_least
+from latentaudit.options import OptionError, at_least, check_choices
 
 MEASURES = ("loss", "pre-activation")
 ROUTES = ("auto", "stacked", "one-at-a-time")
@@ -24,7 +23,7 @@ class CircuitConfig:
     top_k: int = 10
     """Targets per layer: the top of the run's ranking at the target layer (unless targets are
     given), then the upstream latents with the most kept edge weight at each hop down a chain."""
-    measure: str = "loss"
+    measure: str = field(default="loss", metadata={"choices": MEASURES})
     """What an edge changes: loss (the target's contribution to the completion's loss, so that an
     edge is in δ's units) or pre-activation (the target's SAE encoder pre-activation summed over
     the completion's tokens)."""
@@ -33,14 +32,14 @@ class CircuitConfig:
     attribution."""
     max_edges: int = 10
     """At most this many incoming edges per target (0: no cap)."""
-    abar: str = "auto"
+    abar: str = field(default="auto", metadata={"choices": ABAR_SOURCES})
     """Mean activation ā at the upstream layers: sae (stored with the SAE), dataset (mean over the
     dataset's own tokens), zero, or auto (sae when the SAE stores one, else dataset)."""
     batch_size: int = 8
     """Completions per forward/backward pass."""
     target_batch: int = 4
     """Targets whose vector-Jacobian products are stacked in the batch dimension of one pass."""
-    route: str = "auto"
+    route: str = field(default="auto", metadata={"choices": ROUTES})
     """stacked: one backward for a stack of targets through a replay of the layers between the
     two SAEs (checked against the clean activations; falls back by itself); one-at-a-time: one
     backward per target through the clean pass (the reference); auto: stacked on an accelerator,
@@ -71,12 +70,8 @@ class CircuitConfig:
             at_least(name, getattr(self, name), low)
         if isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float)) \
                 or not 0 < self.fraction <= 1:
-            raise LatentAuditError(f"--fraction must be in (0, 1], got {self.fraction!r}.")
-        for flag, value, allowed in (("--measure", self.measure, MEASURES),
-                                     ("--route", self.route, ROUTES),
-                                     ("--abar", self.abar, ABAR_SOURCES)):
-            if value not in allowed:
-                raise LatentAuditError(f"{flag} '{value}' is not one of {', '.join(allowed)}.")
+            raise OptionError("fraction", f"{{}} must be in (0, 1], got {self.fraction!r}.")
+        check_choices(self)
 
 
 @dataclass

@@ -18,6 +18,7 @@ from latentaudit.circuit.config import CircuitConfig
 from latentaudit.errors import LatentAuditError
 from latentaudit.explain.config import ExplainConfig
 from latentaudit.explain.run import RunFolder, choose_latents, read_run
+from latentaudit.options import Naming, flag
 from latentaudit.saes.sae import SAE
 
 log = logging.getLogger(__name__)
@@ -81,8 +82,10 @@ def check_inputs(run: str | os.PathLike, upstream: Upstream,
 
 
 def upstream_saes(upstream: Upstream, layers: int | Sequence[int] | None, target_layer: int,
-                  target_sae: SAE) -> dict[int, SAE]:
-    """{layer: SAE}, highest layer first, each below the target layer and fitting its d_model."""
+                  target_sae: SAE, *, name: Naming = flag) -> dict[int, SAE]:
+    """{layer: SAE}, highest layer first, each below the target layer and fitting its d_model.
+
+    Errors call the options ``upstream_sae`` and ``upstream_layer`` by ``name(field)``."""
     from latentaudit.attribution.plan import HOOK, _load
 
     if isinstance(upstream, Mapping):
@@ -93,17 +96,15 @@ def upstream_saes(upstream: Upstream, layers: int | Sequence[int] | None, target
     elif isinstance(upstream, (SAE, str, os.PathLike)):
         upstream = [upstream]
     if not upstream:
-        raise LatentAuditError("--upstream-sae is missing: give the SAE of an earlier layer.")
-    try:
-        by_layer = saes_by_layer([_load(s) for s in upstream], layers)
-    except LatentAuditError as err:
-        raise LatentAuditError(str(err).replace("--layer", "--upstream-layer")
-                               .replace("(--sae)", "(--upstream-sae)")) from None
+        raise LatentAuditError(f"{name('upstream_sae')} is missing: give the SAE of an earlier "
+                               "layer.")
+    by_layer = saes_by_layer([_load(s) for s in upstream], layers,
+                             fields=("upstream_layer", "upstream_sae"), name=name)
     for L, s in by_layer.items():
         s.check_hook(HOOK)
         if L >= target_layer:
             raise LatentAuditError(
-                f"--upstream-layer {L} ({config_file(s)}) is not below the targets' layer "
+                f"{name('upstream_layer')} {L} ({config_file(s)}) is not below the targets' layer "
                 f"{target_layer}: give SAEs of earlier layers.")
         if s.d_model != target_sae.d_model:
             raise LatentAuditError(

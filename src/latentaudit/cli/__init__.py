@@ -9,13 +9,11 @@ import time (torch and transformers load inside ``run``), so ``--help`` stays fa
 from __future__ import annotations
 
 import argparse
-import ast
 import importlib
 import logging
 import pkgutil
 import sys
 from functools import cache
-from pathlib import Path
 
 # Order in which subcommands are listed in --help (pipeline order); others follow, sorted.
 ORDER = ["models", "data", "train-sae", "sae", "sample", "judge", "pair", "attribute", "monitor",
@@ -38,14 +36,9 @@ def _command_modules() -> list:
 def field_docs(source: str, cls: str) -> dict[str, str]:
     """Field docstrings of dataclass ``cls`` in ``source`` (a path inside the package, e.g.
     ``attribution/config.py``), read from the file so that ``--help`` imports no torch."""
-    tree = ast.parse(Path(__file__).parents[1].joinpath(source).read_text(encoding="utf-8"))
-    body = next(n.body for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls)
-    docs = {}
-    for node, nxt in zip(body, body[1:], strict=False):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and \
-                isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
-            docs[node.target.id] = " ".join(nxt.value.value.split())
-    return docs
+    from latentaudit.cli._options import class_fields
+
+    return {node.target.id: doc for node, doc in class_fields(source, cls)[1] if doc}
 
 
 DEVICE_HELP = ("auto, auto-map (spread a model too large for one GPU over every GPU), cpu, cuda, "

@@ -4,22 +4,22 @@ from __future__ import annotations
 
 import argparse
 
-from latentaudit.cli import field_docs
+from latentaudit.cli._options import Config, Flag
+
+CONFIG = Config("latentaudit.executor", "EngineConfig", engine=Flag(metavar="{local,ray}"),
+                ray_address=Flag(metavar="ADDRESS"), ray_workers=Flag(metavar="N"),
+                ray_retries=Flag(metavar="N"))
+"""The EngineConfig flags (each written once, as its field; here only where a flag differs)."""
 
 
 def add_engine_options(p: argparse.ArgumentParser) -> None:
     """``--engine local|ray``, ``--ray-address``, ``--ray-workers`` and ``--ray-retries``."""
-    doc = field_docs("executor.py", "EngineConfig")
-    p.add_argument("--engine", default="local", metavar="{local,ray}", help=doc["engine"])
-    p.add_argument("--ray-address", metavar="ADDRESS", help=doc["ray_address"])
-    p.add_argument("--ray-workers", type=int, metavar="N", help=doc["ray_workers"])
-    p.add_argument("--ray-retries", type=int, default=3, metavar="N", help=doc["ray_retries"])
+    CONFIG.add(p)
 
 
 def engine_from_args(args: argparse.Namespace):
     """The :class:`~latentaudit.executor.Executor` the flags ask for (checked: a bad value, or
     Ray missing for ``--engine ray``, is one error before anything loads)."""
-    from latentaudit.executor import EngineConfig, as_executor
+    from latentaudit.executor import as_executor
 
-    return as_executor(EngineConfig(engine=args.engine, ray_address=args.ray_address,
-                                    ray_workers=args.ray_workers, ray_retries=args.ray_retries))
+    return as_executor(CONFIG.build(args))

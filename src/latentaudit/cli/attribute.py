@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 
 from latentaudit import runfolder as rf
-from latentaudit.cli import DEVICE_HELP, batch_size_arg, field_docs
+from latentaudit.cli import DEVICE_HELP, batch_size_arg
 from latentaudit.cli._engine import add_engine_options, engine_from_args
+from latentaudit.cli._options import Config, Flag
 
 NAME = "attribute"
 HELP = "Rank SAE latents by gradient attribution (Δ-attribution) on a behaviour dataset."
@@ -18,10 +19,17 @@ DESCRIPTION = (
     "model loads.")
 SHARDS_DIR = "attribute.shards"
 """With --engine ray: the folder of finished shards (removed once the run is written)."""
+CONFIG = Config("latentaudit.attribution.config", "AttributionConfig",
+                batch_size=Flag(type=batch_size_arg),
+                delta_activation=Flag(help="Skip the Δ-activation baseline (saves one SAE "
+                                           "encoder pass)."),
+                sae_chunk=Flag(metavar="N"), checkpoint_every_batches=Flag(metavar="N"),
+                checkpoint_every_seconds=Flag(metavar="S"))
+"""The AttributionConfig flags (each written once, as its field; here only where a flag
+differs)."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    doc = field_docs("attribution/config.py", "AttributionConfig")
     p.add_argument("--model", required=True,
                    help="Model: embedded short name, local folder or hub id.")
     p.add_argument("--sae", required=True, action="append",
@@ -33,39 +41,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "defaults to the layer recorded in the SAE. Repeat to match each --sae.")
     p.add_argument("--data", required=True, help="Behaviour dataset (JSONL).")
     p.add_argument("--out", required=True, help="Output folder.")
-    p.add_argument("--batch-size", type=batch_size_arg, default=8, help=doc["batch_size"])
+    CONFIG.add(p, "batch_size")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--dtype", default="float32", help="Model dtype: float32, bfloat16 or float16.")
-    p.add_argument("--abar", default="auto", choices=["auto", "sae", "dataset", "zero"],
-                   help=doc["abar"])
-    p.add_argument("--positions", default="all", choices=["all", "completion"],
-                   help=doc["positions"])
-    p.add_argument("--pairing", default="all", choices=["all", "matched"], help=doc["pairing"])
-    p.add_argument("--no-delta-activation", action="store_true",
-                   help="Skip the Δ-activation baseline (saves one SAE encoder pass).")
-    p.add_argument("--top-k", type=int, default=100, help=doc["top_k"])
-    p.add_argument("--hook", default="auto",
-                   choices=["auto", "resid_pre", "attn_out", "mlp_out", "resid_post"],
-                   help=doc["hook"])
-    p.add_argument("--sae-chunk", type=int, default=0, metavar="N", help=doc["sae_chunk"])
-    p.add_argument("--checkpoint-every-batches", type=int, default=20, metavar="N",
-                   help=doc["checkpoint_every_batches"])
-    p.add_argument("--checkpoint-every-seconds", type=float, default=300.0, metavar="S",
-                   help=doc["checkpoint_every_seconds"])
+    CONFIG.add(p, "abar", "positions", "pairing", "delta_activation", "top_k", "hook")
+    CONFIG.add(p)
     p.add_argument("--show", type=int, default=10, help="Latents printed in the summary table.")
     add_engine_options(p)
 
 
-def config_from_args(args: argparse.Namespace):
-    """The :class:`~latentaudit.attribution.AttributionConfig` the flags ask for."""
-    from latentaudit.attribution import AttributionConfig
-
-    return AttributionConfig(batch_size=args.batch_size, abar=args.abar, positions=args.positions,
-                             pairing=args.pairing, top_k=args.top_k, sae_chunk=args.sae_chunk,
-                             delta_activation=not args.no_delta_activation,
-                             checkpoint_every_batches=args.checkpoint_every_batches,
-                             checkpoint_every_seconds=args.checkpoint_every_seconds,
-                             hook=args.hook)
+config_from_args = CONFIG.build
+"""The :class:`~latentaudit.attribution.AttributionConfig` the flags ask for."""
 
 
 def run(args: argparse.Namespace) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from latentaudit.cli import field_docs
+from latentaudit.cli._options import Config, Flag
 
 NAME = "circuit"
 HELP = "Attribute a run's top latents to the latents of earlier layers and draw the circuit."
@@ -21,8 +21,14 @@ DESCRIPTION = (
     "resumes when rerun.")
 
 
+CONFIG = Config("latentaudit.circuit.config", "CircuitConfig",
+                checkpoint_every_batches=Flag(metavar="N"),
+                checkpoint_every_seconds=Flag(metavar="S"))
+"""The CircuitConfig flags (each written once, as its field; here only where a flag differs)."""
+CHECKPOINTS = ("checkpoint_every_batches", "checkpoint_every_seconds")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    doc = field_docs("circuit/config.py", "CircuitConfig")
     p.add_argument("--from", dest="run", metavar="RUN", required=True,
                    help="Run folder of `latentaudit attribute` (its --out).")
     p.add_argument("--upstream-sae", action="append", required=True, metavar="SAE",
@@ -33,48 +39,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layer", type=int, help="Layer of the targets when the run has several.")
     p.add_argument("--targets", help="Target latent ids at that layer, e.g. 12,87 (default: the "
                                      "top --top-k of the run's ranking).")
-    p.add_argument("--top-k", type=int, default=10, help=doc["top_k"])
-    p.add_argument("--measure", default="loss", choices=["loss", "pre-activation"],
-                   help=doc["measure"])
-    p.add_argument("--fraction", type=float, default=0.8, help=doc["fraction"])
-    p.add_argument("--max-edges", type=int, default=10, help=doc["max_edges"])
-    p.add_argument("--abar", default="auto", choices=["auto", "sae", "dataset", "zero"],
-                   help=doc["abar"])
-    p.add_argument("--max-prompts", type=int, default=0, help=doc["max_prompts"])
-    p.add_argument("--batch-size", type=int, default=8, help=doc["batch_size"])
-    p.add_argument("--target-batch", type=int, default=4, help=doc["target_batch"])
-    p.add_argument("--route", default="auto", choices=["auto", "stacked", "one-at-a-time"],
-                   help=doc["route"])
-    p.add_argument("--lens-tokens", type=int, default=10, help=doc["lens_tokens"])
-    p.add_argument("--examples", action="store_true", help=doc["examples"])
-    p.add_argument("--node-examples", type=int, default=3, help=doc["node_examples"])
+    CONFIG.add(p, "top_k", "measure", "fraction", "max_edges", "abar", "max_prompts")
+    CONFIG.add(p, skip=CHECKPOINTS)
     p.add_argument("--cache-dir", help="Folder of explain's top-activating-examples cache "
                                        "(default $LATENTAUDIT_CACHE or ~/.cache/latentaudit).")
     p.add_argument("--model", help="Model (default: the run's); embedded name, folder or hub id.")
     p.add_argument("--sae", help="The run's SAE (path or shipped name), when its file has moved.")
     p.add_argument("--data", help="Behaviour dataset, when the run's file has moved.")
     p.add_argument("--out", help="Output folder (default RUN/circuit).")
-    p.add_argument("--checkpoint-every-batches", type=int, default=20, metavar="N",
-                   help=doc["checkpoint_every_batches"])
-    p.add_argument("--checkpoint-every-seconds", type=float, default=300.0, metavar="S",
-                   help=doc["checkpoint_every_seconds"])
+    CONFIG.add(p, *CHECKPOINTS)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps.")
     p.add_argument("--dtype", default="float32", help="Model dtype: float32 or bfloat16.")
     p.add_argument("--show", type=int, default=5, help="Edges printed per target.")
-
-
-def config_from_args(args: argparse.Namespace):
-    """The :class:`~latentaudit.circuit.CircuitConfig` the flags ask for."""
-    from latentaudit.circuit import CircuitConfig
-
-    return CircuitConfig(
-        top_k=args.top_k, measure=args.measure, fraction=args.fraction,
-        max_edges=args.max_edges, abar=args.abar, batch_size=args.batch_size,
-        target_batch=args.target_batch, route=args.route, max_prompts=args.max_prompts,
-        lens_tokens=args.lens_tokens,
-        examples=args.examples, node_examples=args.node_examples,
-        checkpoint_every_batches=args.checkpoint_every_batches,
-        checkpoint_every_seconds=args.checkpoint_every_seconds)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -85,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.show < 0:
         raise LatentAuditError(f"--show must be at least 0, got {args.show}.")
-    cfg = config_from_args(args)
+    cfg = CONFIG.build(args)
     targets = parse_latents(args.targets, "--targets") if args.targets is not None else None
     model = args.model or read_run(args.run).model_name
     upstream = [resolve_sae_path(s, model) for s in args.upstream_sae]

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import argparse
 
-from latentaudit.cli import DEVICE_HELP, batch_size_arg, field_docs
+from latentaudit.cli import DEVICE_HELP, batch_size_arg
 from latentaudit.cli._engine import add_engine_options, engine_from_args
+from latentaudit.cli._options import Config, Flag
 
 NAME = "explain"
 HELP = "Explain a run's top latents: logit lens, top-activating text, per-token maps, exact check."
@@ -19,8 +20,15 @@ DESCRIPTION = (
     "lists the latents in the top of several runs of one model and SAE instead.")
 
 
+CONFIG = Config("latentaudit.explain.config", "ExplainConfig",
+                batch_size=Flag(type=batch_size_arg),
+                maps=Flag(help="Skip the per-token attribution maps (the exact check still maps "
+                               "its own sample)."),
+                rescore=Flag(metavar="K"))
+"""The ExplainConfig flags (each written once, as its field; here only where a flag differs)."""
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    doc = field_docs("explain/config.py", "ExplainConfig")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--from", dest="run", metavar="RUN",
                      help="Run folder of `latentaudit attribute` (its --out).")
@@ -30,37 +38,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--latents", help="Latent ids to explain, e.g. 12,87 (default: the top "
                                      "--top-k of the run's ranking).")
     p.add_argument("--layer", type=int, help="Layer of --latents when the run has several.")
-    p.add_argument("--top-k", type=int, default=20, help=doc["top_k"])
+    CONFIG.add(p, "top_k")
     p.add_argument("--model", help="Model (default: the run's); embedded name, folder or hub id.")
     p.add_argument("--sae", help="SAE path or 'default', when the run's SAE file has moved.")
     p.add_argument("--data", help="Behaviour dataset, when the run's file has moved.")
     p.add_argument("--out", help="Output folder (default RUN/explain); with --across, a file "
                                  "for across.json.")
-    p.add_argument("--corpus", default="held-out", help=doc["corpus"])
-    p.add_argument("--corpus-tokens", type=int, default=100_000, help=doc["corpus_tokens"])
-    p.add_argument("--context-len", type=int, default=128, help=doc["context_len"])
-    p.add_argument("--skip-first", type=int, default=1, help=doc["skip_first"])
-    p.add_argument("--examples", type=int, default=20, help=doc["examples"])
-    p.add_argument("--context-before", type=int, default=16, help=doc["context_before"])
-    p.add_argument("--context-after", type=int, default=4, help=doc["context_after"])
-    p.add_argument("--batch-size", type=batch_size_arg, default=8, help=doc["batch_size"])
-    p.add_argument("--lens-tokens", type=int, default=10, help=doc["lens_tokens"])
-    p.add_argument("--through-final-norm", action="store_true", help=doc["through_final_norm"])
-    p.add_argument("--no-maps", action="store_true",
-                   help="Skip the per-token attribution maps (the exact check still maps its "
-                        "own sample).")
-    p.add_argument("--map-pairs", type=int, default=16, help=doc["map_pairs"])
-    p.add_argument("--exact-pairs", type=int, default=8, help=doc["exact_pairs"])
-    p.add_argument("--exact-batch-size", type=int, default=32, help=doc["exact_batch_size"])
-    p.add_argument("--rescore", type=int, default=0, metavar="K", help=doc["rescore"])
-    p.add_argument("--seed", type=int, default=0, help=doc["seed"])
-    p.add_argument("--interpret-model", help=doc["interpret_model"])
-    p.add_argument("--interpret-base-url", default="https://api.openai.com/v1",
-                   help=doc["interpret_base_url"])
-    p.add_argument("--interpret-api-key-env", default="OPENAI_API_KEY",
-                   help=doc["interpret_api_key_env"])
-    p.add_argument("--interpret-timeout", type=float, default=60.0,
-                   help=doc["interpret_timeout"])
+    CONFIG.add(p, "corpus", "corpus_tokens", "context_len", "skip_first")
+    CONFIG.add(p)
     p.add_argument("--min-runs", type=int, default=2,
                    help="With --across: the fewest runs a latent must be in the top of.")
     p.add_argument("--cache-dir", help="Folder of the top-activating-examples cache (default "
@@ -75,23 +60,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_engine_options(p)
 
 
-def config_from_args(args: argparse.Namespace):
-    """The :class:`~latentaudit.explain.ExplainConfig` the flags ask for."""
-    from latentaudit.explain import ExplainConfig
-
-    return ExplainConfig(
-        top_k=args.top_k, examples=args.examples, corpus=args.corpus,
-        corpus_tokens=args.corpus_tokens, context_len=args.context_len,
-        skip_first=args.skip_first, context_before=args.context_before,
-        context_after=args.context_after, batch_size=args.batch_size,
-        lens_tokens=args.lens_tokens, through_final_norm=args.through_final_norm,
-        maps=not args.no_maps, map_pairs=args.map_pairs, exact_pairs=args.exact_pairs,
-        exact_batch_size=args.exact_batch_size, rescore=args.rescore, seed=args.seed,
-        interpret_model=args.interpret_model, interpret_base_url=args.interpret_base_url,
-        interpret_api_key_env=args.interpret_api_key_env,
-        interpret_timeout=args.interpret_timeout)
-
-
 def run(args: argparse.Namespace) -> int:
     from latentaudit.errors import LatentAuditError
 
@@ -103,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     from latentaudit.explain.run import parse_latents, read_run
     from latentaudit.saes.shipped import resolve_sae_path
 
-    cfg = config_from_args(args)
+    cfg = CONFIG.build(args)
     engine = engine_from_args(args)
     latents = parse_latents(args.latents) if args.latents is not None else None
     model = args.model or read_run(args.run).model_name

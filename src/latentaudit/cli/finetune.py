@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import MISSING, fields
 
-from latentaudit.cli import DEVICE_HELP, field_docs
+from latentaudit.cli import DEVICE_HELP
+from latentaudit.cli._options import Config
 
 NAME = "finetune"
 HELP = "Fine-tune a model with LoRA on chat JSONL (loss on the assistant's tokens); resumable."
@@ -16,21 +16,16 @@ DESCRIPTION = (
     "OUT becomes a PEFT adapter folder (adapter_config.json, adapter_model.safetensors) with its "
     "card (finetune.json, README.md, loss.png); name it wherever a model is named, or as "
     "BASE+OUT.")
+CONFIG = Config("latentaudit.finetune.config", "FinetuneConfig")
+"""The FinetuneConfig flags, one per field."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from latentaudit.finetune.config import FinetuneConfig
-
     p.add_argument("--model", required=True,
                    help="Base model: an embedded short name, a local folder or a hub id.")
     p.add_argument("--data", required=True, help="Chat JSONL: one {\"messages\": [...]} a line.")
     p.add_argument("--out", required=True, help="Adapter folder to write (and resume in).")
-    doc = field_docs("finetune/config.py", "FinetuneConfig")
-    for f in fields(FinetuneConfig):
-        kind = {"int": int, "float": float}.get(str(f.type), str)
-        default = f.default if f.default is not MISSING else None
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=default,
-                       help=doc.get(f.name, ""))
+    CONFIG.add(p)
     p.add_argument("--restart", action="store_true",
                    help="Discard a checkpoint in OUT and start again.")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
@@ -38,10 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from latentaudit.finetune import FinetuneConfig, finetune
+    from latentaudit.finetune import finetune
 
-    options = {f.name: getattr(args, f.name) for f in fields(FinetuneConfig)}
-    out = finetune(args.model, args.data, args.out, FinetuneConfig(**options),
+    out = finetune(args.model, args.data, args.out, CONFIG.build(args),
                    device=args.device, dtype=args.dtype, restart=args.restart)
     print(f"adapter written to {out} (card: {out / 'README.md'})")
     return 0

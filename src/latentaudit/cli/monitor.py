@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from latentaudit.cli import field_docs
+from latentaudit.cli._options import Config, Flag
 
 NAME = "monitor"
 HELP = "Measure latents as a detector of the behaviour, fit a monitor file and apply it."
@@ -15,6 +15,11 @@ DESCRIPTION = (
     "Δ-activation, random latents and a probe on the raw residual (ROC AUC with bootstrap "
     "intervals, precision at a recall, ROC figure). `fit` writes a monitor file; `score` "
     "applies it to new completions (streaming, resumable).")
+
+
+EVALUATE = Config("latentaudit.monitor.evaluate", "EvalConfig",
+                  top_k=Flag(nargs="+", convert=tuple))
+"""The EvalConfig flags of `monitor evaluate` (--batch-size is the readers' shared flag)."""
 
 
 def _reader(p: argparse.ArgumentParser, model_help: str) -> None:
@@ -35,7 +40,6 @@ def _latents(text: str) -> list[int]:
 
 
 def _add_evaluate(p: argparse.ArgumentParser) -> None:
-    doc = field_docs("monitor/evaluate.py", "EvalConfig")
     p.add_argument("--completions", required=True,
                    help="Graded completions of held-out prompts: judged JSONL (`outcome`) or a "
                         "behaviour dataset (`label`).")
@@ -46,13 +50,7 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
                                    "rows): also fit the combinations there and score the "
                                    "evaluation file.")
     p.add_argument("--out", required=True, help="Output folder.")
-    p.add_argument("--top-k", type=int, nargs="+", default=[10, 20], help=doc["top_k"])
-    p.add_argument("--recall", type=float, default=0.8, help=doc["recall"])
-    p.add_argument("--folds", type=int, default=5, help=doc["folds"])
-    p.add_argument("--bootstrap", type=int, default=1000, help=doc["bootstrap"])
-    p.add_argument("--level", type=float, default=0.95, help=doc["level"])
-    p.add_argument("--random-draws", type=int, default=10, help=doc["random_draws"])
-    p.add_argument("--seed", type=int, default=0, help=doc["seed"])
+    EVALUATE.add(p, skip=("batch_size",))
     _reader(p, "Model (default: the run's).")
 
 
@@ -96,12 +94,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from latentaudit.monitor.evaluate import EvalConfig, run_evaluation
+    from latentaudit.monitor.evaluate import run_evaluation
     from latentaudit.monitor.report import TABLE_FILE
 
-    cfg = EvalConfig(top_k=tuple(args.top_k), recall=args.recall, folds=args.folds,
-                     bootstrap=args.bootstrap, level=args.level, random_draws=args.random_draws,
-                     seed=args.seed, batch_size=args.batch_size)
+    cfg = EVALUATE.build(args)
     run_evaluation(args.completions, args.out, cfg, run=args.run, latents=args.latents,
                    train=args.train, model=args.model, sae=args.sae, layer=args.layer,
                    device=args.device, dtype=args.dtype)

@@ -61,7 +61,9 @@ def _add_evaluate(ev: argparse.ArgumentParser) -> None:
     ev.add_argument("--text", nargs="+", default=["held-out", "outside"], metavar="TEXT",
                     help="held-out (the corpus's held-out split), outside (books outside the "
                          "training mix: `latentaudit data fetch --sources gutenberg`), or "
-                         ".txt/.jsonl files.")
+                         ".txt/.jsonl files; a `latentaudit sample` output is read as its "
+                         "completions with their prompts, in the model's chat format (e.g. a "
+                         "fine-tune's own replies against its base model's).")
     ev.add_argument("--tokens", type=int, default=100_000,
                     help="Positions per text for FVU, L0 and never-firing latents.")
     ev.add_argument("--ce-tokens", type=int, default=4096,
@@ -160,10 +162,11 @@ def _evaluate(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(r))
         else:
+            ce = ("" if r["ce_increase"] is None else
+                  f"  CE +{r['ce_increase']:.3f} nats = {r['ce_increase_pct']:.1f}% of mean "
+                  f"ablation ({r['ce_tokens']:,} tokens)")
             print(f"{r['sae']}  {r['text']}: FVU {r['fvu']:.3f}  L0 {r['l0']:.1f}  never fired "
-                  f"{r['dead_fraction']:.1%} ({r['tokens']:,} tokens)  CE +{r['ce_increase']:.3f}"
-                  f" nats = {r['ce_increase_pct']:.1f}% of mean ablation ({r['ce_tokens']:,} "
-                  "tokens)")
+                  f"{r['dead_fraction']:.1%} ({r['tokens']:,} tokens){ce}")
     return 0
 
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import re
 
+from latentaudit.cli import DEVICE_HELP, batch_size_arg
+from latentaudit.cli._options import Config, Flag
+
 NAME = "sample"
 HELP = "Sample N completions per prompt from a model (resumable JSONL with token ids)."
 DESCRIPTION = (
@@ -21,11 +24,17 @@ def unescape(text: str) -> str:
     return re.sub(r"\\([nt\\])", lambda m: _ESCAPES[m.group(1)], text)
 
 
+CONFIG = Config("latentaudit.sample", "SampleConfig",
+                stop=Flag(nargs="+", extend=True, metavar="STR",
+                          suffix=" Escapes \\n and \\t are understood.",
+                          convert=lambda stops: tuple(unescape(s) for s in stops)),
+                batch_size=Flag(type=batch_size_arg))
+"""The SampleConfig flags (each written once, as its field; here only where a flag differs)."""
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from latentaudit.cli import DEVICE_HELP, batch_size_arg, field_docs
     from latentaudit.cli._engine import add_engine_options
 
-    doc = field_docs("sample.py", "SampleConfig")
     p.add_argument("--model", required=True,
                    help="Model: embedded short name, local folder or hub id.")
     p.add_argument("--prompts", required=True,
@@ -33,15 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "optional system, meta; other fields go into meta), a .txt file with one "
                         "prompt per line, or a built-in suite name.")
     p.add_argument("--out", required=True, help="Output JSONL file of completions.")
-    p.add_argument("--n", type=int, default=1, help=doc.get("n"))
-    p.add_argument("--system", default=None, help=doc.get("system"))
-    p.add_argument("--temperature", type=float, default=1.0, help=doc.get("temperature"))
-    p.add_argument("--top-p", type=float, default=1.0, help=doc.get("top_p"))
-    p.add_argument("--max-new-tokens", type=int, default=200, help=doc.get("max_new_tokens"))
-    p.add_argument("--stop", nargs="+", action="extend", default=[], metavar="STR",
-                   help=f"{doc.get('stop')} Escapes \\n and \\t are understood.")
-    p.add_argument("--seed", type=int, default=0, help=doc.get("seed"))
-    p.add_argument("--batch-size", type=batch_size_arg, default=8, help=doc.get("batch_size"))
+    CONFIG.add(p, "n", "system")
+    CONFIG.add(p)
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--dtype", default="float32", help="Model dtype: float32, bfloat16, float16.")
     add_engine_options(p)
@@ -53,12 +55,9 @@ def run(args: argparse.Namespace) -> int:
     from latentaudit.cli._engine import engine_from_args
     from latentaudit.judges.base import check_model_options
     from latentaudit.models.load import load_model, parse_dtype
-    from latentaudit.sample import SampleConfig, plan_sampling, run_sampling
+    from latentaudit.sample import plan_sampling, run_sampling
 
-    cfg = SampleConfig(n=args.n, temperature=args.temperature, top_p=args.top_p,
-                       max_new_tokens=args.max_new_tokens,
-                       stop=tuple(unescape(s) for s in args.stop), seed=args.seed,
-                       batch_size=args.batch_size, system=args.system)
+    cfg = CONFIG.build(args)
     check_model_options(args.device, args.dtype, cfg.batch_size or 1)  # 0: auto
     engine = engine_from_args(args)
     dtype = str(parse_dtype(args.dtype)).removeprefix("torch.")

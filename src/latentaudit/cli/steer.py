@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from latentaudit import runfolder as rf
-from latentaudit.cli import DEVICE_HELP, batch_size_arg, field_docs
+from latentaudit.cli import DEVICE_HELP, batch_size_arg
+from latentaudit.cli._options import Config, Flag, comma_ints
 
 NAME = "steer"
 HELP = "Steer the latents of an attribution run and measure the behaviour rate (the causal test)."
@@ -19,34 +20,21 @@ DESCRIPTION = (
     "the model loads.")
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") \
-            from None
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated latent ids, got {text!r}") \
-            from None
-
-
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(x.strip() for x in text.split(",") if x.strip())
+CONFIG = Config("latentaudit.steer.config", "SteerConfig",
+                methods=Flag(suffix=" Comma-separated."),
+                directions=Flag(suffix=" Comma-separated."),
+                batch_size=Flag(type=batch_size_arg),
+                logodds=Flag(help="Skip the first-token log-odds check."))
+"""The SteerConfig flags (each written once, as its field; here only where a flag differs)."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from latentaudit.cli._engine import add_engine_options
     from latentaudit.cli.judge import add_api_options
 
-    doc = field_docs("steer/config.py", "SteerConfig")
     p.add_argument("--from", dest="run", metavar="RUN_DIR",
                    help="Attribution run folder (from `latentaudit attribute`).")
-    p.add_argument("--latents", type=_ints, help="Steer these latent ids (comma-separated) as "
+    p.add_argument("--latents", type=comma_ints, help="Steer these latent ids (comma-separated) as "
                    "the 'given' set, besides or instead of a run's.")
     p.add_argument("--data", help="The run's behaviour dataset, when its manifest path is not "
                                   "reachable from here (its prompts are left out).")
@@ -69,48 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="Output folder (default: the run folder).")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--dtype", default="float32", help="Model dtype: float32, bfloat16 or float16.")
-    p.add_argument("--top-k", type=int, default=10, help=doc["top_k"])
-    p.add_argument("--methods", type=_names, default=("attribution", "activation", "random"),
-                   help=doc["methods"] + " Comma-separated.")
-    p.add_argument("--directions", type=_names, default=("away", "toward"),
-                   help=doc["directions"] + " Comma-separated.")
-    p.add_argument("--strengths", type=_floats, default=(0.5,), help=doc["strengths"])
-    p.add_argument("--scale", default="relative", choices=["relative", "absolute"],
-                   help=doc["scale"])
-    p.add_argument("--search", action="store_true", help=doc["search"])
-    p.add_argument("--max-incoherence", type=float, default=0.10, help=doc["max_incoherence"])
-    p.add_argument("--search-n", type=int, default=24, help=doc["search_n"])
-    p.add_argument("--joint", action="store_true", help=doc["joint"])
-    p.add_argument("--n", type=int, default=2, help=doc["n"])
-    p.add_argument("--max-prompts", type=int, help=doc["max_prompts"])
-    p.add_argument("--temperature", type=float, default=1.0, help=doc["temperature"])
-    p.add_argument("--top-p", type=float, default=0.9, help=doc["top_p"])
-    p.add_argument("--max-new-tokens", type=int, default=48, help=doc["max_new_tokens"])
-    p.add_argument("--seed", type=int, default=0, help=doc["seed"])
-    p.add_argument("--batch-size", type=batch_size_arg, default=32, help=doc["batch_size"])
-    p.add_argument("--system", help=doc["system"])
-    p.add_argument("--n-boot", type=int, default=2000, help=doc["n_boot"])
-    p.add_argument("--level", type=float, default=0.95, help=doc["level"])
-    p.add_argument("--random-seed", type=int, default=0, help=doc["random_seed"])
-    p.add_argument("--no-logodds", action="store_true", help="Skip the first-token log-odds check.")
-    p.add_argument("--logodds-top", type=int, default=100, help=doc["logodds_top"])
-    p.add_argument("--logodds-prompts", type=int, help=doc["logodds_prompts"])
-    p.add_argument("--logodds-only", action="store_true", help=doc["logodds_only"])
+    CONFIG.add(p)
     add_engine_options(p)
-
-
-def config_from_args(args: argparse.Namespace):
-    from latentaudit.steer import SteerConfig
-
-    return SteerConfig(
-        top_k=args.top_k, methods=args.methods, directions=args.directions,
-        strengths=args.strengths, scale=args.scale, search=args.search,
-        max_incoherence=args.max_incoherence, search_n=args.search_n, joint=args.joint, n=args.n,
-        max_prompts=args.max_prompts, temperature=args.temperature, top_p=args.top_p,
-        max_new_tokens=args.max_new_tokens, seed=args.seed, batch_size=args.batch_size,
-        system=args.system, n_boot=args.n_boot, level=args.level, random_seed=args.random_seed,
-        logodds=not args.no_logodds, logodds_top=args.logodds_top,
-        logodds_prompts=args.logodds_prompts, logodds_only=args.logodds_only)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -119,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     from latentaudit.judges.base import check_model_options
     from latentaudit.steer import plan_steering, run_steering
 
-    cfg = config_from_args(args)
+    cfg = CONFIG.build(args)
     check_model_options(args.device, args.dtype, cfg.batch_size or 1)  # 0: auto
     engine = engine_from_args(args)
     coherence = None if args.coherence_judge == "none" else args.coherence_judge

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import shlex
 
+from latentaudit.options import flag
+
 NAME = "train-sae"
 HELP = "Train a TopK sparse autoencoder on a model's residual stream at one layer."
 DESCRIPTION = __doc__.split("\n\n", 1)[1] if __doc__ else HELP
@@ -71,13 +73,13 @@ def _command_line(args: argparse.Namespace) -> str:
     for key, value in vars(args).items():
         if key.startswith("_") or key in ("command", "verbose") or value is None or value is False:
             continue
-        flag = "--" + key.replace("_", "-")
+        name = flag(key)
         if value is True:
-            parts.append(flag)
+            parts.append(name)
         elif isinstance(value, list):
-            parts += [flag, *map(str, value)]
+            parts += [name, *map(str, value)]
         else:
-            parts += [flag, str(value)]
+            parts += [name, str(value)]
     return shlex.join(parts)
 
 

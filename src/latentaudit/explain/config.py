@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from latentaudit.errors import LatentAuditError
-from latentaudit.options import at_least
+from latentaudit.options import OptionError, at_least
 
 
 @dataclass
@@ -66,12 +65,12 @@ class ExplainConfig:
                           ("rescore", 0), ("interpret_timeout", 1e-9)):
             at_least(name, getattr(self, name), low)
         if self.skip_first >= self.context_len - 1:
-            raise LatentAuditError(f"--skip-first {self.skip_first} must leave at least two "
-                                   f"positions of --context-len {self.context_len}.")
+            raise OptionError("skip_first", f"{{}} {self.skip_first} must leave at least two "
+                                            f"positions of {{context_len}} {self.context_len}.")
         if self.rescore and not self.exact_pairs:
-            raise LatentAuditError("--rescore needs the exact effect: give --exact-pairs N "
-                                   "(N > 0), or drop --rescore.")
+            raise OptionError("rescore", "{} needs the exact effect: give {exact_pairs} N "
+                                         "(N > 0), or drop {}.")
         if self.interpret_model is not None and not self.interpret_base_url.startswith(
                 ("http://", "https://")):
-            raise LatentAuditError(f"--interpret-base-url {self.interpret_base_url!r} must start "
-                                   "with http:// or https://.")
+            raise OptionError("interpret_base_url", f"{{}} {self.interpret_base_url!r} must "
+                                                    "start with http:// or https://.")

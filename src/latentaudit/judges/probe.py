@@ -13,8 +13,11 @@ Reading one completion for a probed rubric question:
    p = softmax(W z + b) over the question's labels. The rubric's distribution rule reads p as it
    reads a local judge's candidate probabilities (most likely label; score = p(score_label)).
 
-A probe file is one safetensors file: per rubric question q, ``{q}.weight`` [C, D],
-``{q}.bias`` [C], ``{q}.mean`` [D], ``{q}.scale`` [D], and under the metadata key
+Shapes: ``batch`` (one row per completion), ``pos``, ``d_model``, ``labels`` (the question's
+labels) and ``d_in`` (the head's features: readings × d_model).
+
+A probe file is one safetensors file: per rubric question q, ``{q}.weight`` [labels, d_in],
+``{q}.bias`` [labels], ``{q}.mean`` [d_in], ``{q}.scale`` [d_in], and under the metadata key
 ``latentaudit_probe`` a JSON object: ``format`` ("latentaudit-probe"), ``version``, ``model``,
 ``rubric`` and ``questions`` ({q: {"labels", "question", "readings": [{"layer", "pool"}], "l2",
 "cv"}}), where ``cv`` holds the cross-validated accuracy and confusion matrix the head was chosen
@@ -73,15 +76,15 @@ class Head:
     question: str
     """The user turn asked after the completion."""
     readings: list[Reading]
-    weight: Float[Tensor, "C D"]
-    bias: Float[Tensor, " C"]
-    mean: Float[Tensor, " D"]
-    scale: Float[Tensor, " D"]
+    weight: Float[Tensor, "labels d_in"]
+    bias: Float[Tensor, " labels"]
+    mean: Float[Tensor, " d_in"]
+    scale: Float[Tensor, " d_in"]
     l2: float = 0.0
     cv: dict[str, Any] = field(default_factory=dict)
 
-    def probs(self, x: Float[Tensor, "N D"]) -> Float[Tensor, "N C"]:
-        z = (x.float() - self.mean) / self.scale  # (N, D)
+    def probs(self, x: Float[Tensor, "batch d_in"]) -> Float[Tensor, "batch labels"]:
+        z = (x.float() - self.mean) / self.scale  # (B, d_in)
         return torch.softmax(z @ self.weight.T + self.bias, dim=-1)
 
 
@@ -204,7 +207,7 @@ def judge_prompt(tokenizer, item: JudgeItem,
 @torch.no_grad()
 def read_features(lm: LoadedModel, prompts: Sequence[tuple[list[int], tuple[int, int]]],
                   readings: Sequence[Reading], batch_size: int = 8,
-                  desc: str | None = "probe features") -> Float[Tensor, "N D"]:
+                  desc: str | None = "probe features") -> Float[Tensor, "batch d_in"]:
     """The readings of every prompt, side by side (D = len(readings) · d_model), on the CPU.
 
     ``desc``: the progress bar's title; None shows no bar (the caller shows its own).
@@ -228,14 +231,14 @@ def read_features(lm: LoadedModel, prompts: Sequence[tuple[list[int], tuple[int,
             spans = [(T - len(ids) + a, T - len(ids) + b) for ids, (a, b) in part]
             out.append(pool(acts, readings, spans).cpu())
             bar.update(len(part))
-    feats = torch.cat(out)  # (N, D) in length order
+    feats = torch.cat(out)  # (B, d_in) in length order
     result = torch.empty_like(feats)
     result[torch.tensor([i for idx in batches for i in idx])] = feats
     return result
 
 
-def pool(acts: dict[int, Float[Tensor, "B T d"]], readings: Sequence[Reading],
-         spans: Sequence[tuple[int, int]]) -> Float[Tensor, "B D"]:
+def pool(acts: dict[int, Float[Tensor, "batch pos d_model"]], readings: Sequence[Reading],
+         spans: Sequence[tuple[int, int]]) -> Float[Tensor, "batch d_in"]:
     """Pool each reading from left-padded activations; ``spans`` are the answer tokens."""
     B, T = next(iter(acts.values())).shape[:2]
     device = next(iter(acts.values())).device
@@ -246,7 +249,7 @@ def pool(acts: dict[int, Float[Tensor, "B T d"]], readings: Sequence[Reading],
     weights = weights / weights.sum(1, keepdim=True)
     blocks = []
     for r in readings:
-        h = acts[r.layer].float()  # (B, T, d)
+        h = acts[r.layer].float()  # (B, T, D)
         blocks.append(h[:, -1] if r.pool == "last" else torch.einsum("bt,btd->bd", weights, h))
     return torch.cat(blocks, dim=-1)
 

@@ -15,6 +15,11 @@ The reading of completions is shared (:mod:`.read`); the metrics are pure tensor
 (:mod:`.metrics`); the logistic fit is :mod:`latentaudit.logistic`, shared with the probe judge.
 Reference: the monitoring idea of reading misalignment off SAE latents (OpenAI, 2025), measured
 here against the attribution's own baselines.
+
+Shapes use the package's vocabulary: ``batch`` (one row per completion; ``train`` / ``test``
+where two sets meet), ``pos``, ``d_model``, ``d_sae``, ``k`` (the latents read) and ``d_in`` (a
+monitor's inputs: k × the number of reductions); local comments abbreviate them (B, T, D, S, k),
+N being the completion tokens of a batch.
 """
 
 from __future__ import annotations

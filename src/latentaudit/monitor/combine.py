@@ -31,29 +31,29 @@ from latentaudit.monitor.metrics import roc_auc
 class Linear(NamedTuple):
     """score = x·weight + bias on raw features."""
 
-    weight: Float[Tensor, " F"]
+    weight: Float[Tensor, " d_in"]
     bias: float
     l2: float
     intercept: float
     """b₁ − b₀ of the standardised fit (the part of ``bias`` set by the class balance)."""
 
-    def score(self, x: Float[Tensor, "N F"]) -> Float[Tensor, " N"]:
+    def score(self, x: Float[Tensor, "batch d_in"]) -> Float[Tensor, " batch"]:
         return x.float() @ self.weight + self.bias
 
-    def centred(self, x: Float[Tensor, "N F"]) -> Float[Tensor, " N"]:
+    def centred(self, x: Float[Tensor, "batch d_in"]) -> Float[Tensor, " batch"]:
         """w·(x − μ): the score without the intercept, comparable across folds."""
         return self.score(x) - self.intercept
 
 
-def fit_binary(x: Float[Tensor, "N F"], y: Bool[Tensor, " N"], l2: float) -> Linear:
+def fit_binary(x: Float[Tensor, "batch d_in"], y: Bool[Tensor, " batch"], l2: float) -> Linear:
     """The penalised logistic fit, standardisation folded into the weights."""
     w, b, mean, scale = fit_logistic(x, y.long(), 2, l2)
-    weight = (w[1] - w[0]) / scale  # (F,)
+    weight = (w[1] - w[0]) / scale  # (d_in,)
     return Linear(weight, float(b[1] - b[0] - weight @ mean), l2, float(b[1] - b[0]))
 
 
-def held_out_scores(x: Float[Tensor, "N F"], y: Bool[Tensor, " N"], l2: float,
-                    folds: Sequence[Tensor]) -> Float[Tensor, " N"]:
+def held_out_scores(x: Float[Tensor, "batch d_in"], y: Bool[Tensor, " batch"], l2: float,
+                    folds: Sequence[Tensor]) -> Float[Tensor, " batch"]:
     """Each row's centred score under the fit without its fold."""
     scores = torch.empty(len(y))
     for test in folds:
@@ -67,11 +67,11 @@ class Choice(NamedTuple):
     """The λ picked by cross-validation and the held-out scores it was picked by."""
 
     l2: float
-    scores: Float[Tensor, " N"]
+    scores: Float[Tensor, " batch"]
     auc: float
 
 
-def choose_l2(x: Float[Tensor, "N F"], y: Bool[Tensor, " N"], groups: Sequence[str],
+def choose_l2(x: Float[Tensor, "batch d_in"], y: Bool[Tensor, " batch"], groups: Sequence[str],
               l2s: Sequence[float] = L2_GRID, folds: int = 5) -> Choice:
     """The λ of the grid with the best prompt-held-out AUC (the larger one on a tie)."""
     split = folds_by_group(groups, folds)
@@ -85,15 +85,15 @@ def choose_l2(x: Float[Tensor, "N F"], y: Bool[Tensor, " N"], groups: Sequence[s
     return best
 
 
-def fit_chosen(x: Float[Tensor, "N F"], y: Bool[Tensor, " N"], groups: Sequence[str],
+def fit_chosen(x: Float[Tensor, "batch d_in"], y: Bool[Tensor, " batch"], groups: Sequence[str],
                l2s: Sequence[float] = L2_GRID, folds: int = 5) -> tuple[Linear, Choice]:
     """λ by cross-validation, then the fit on every row."""
     choice = choose_l2(x, y, groups, l2s, folds)
     return fit_binary(x, y, choice.l2), choice
 
 
-def nested_scores(x: Float[Tensor, "N F"], y: Bool[Tensor, " N"], groups: Sequence[str],
-                  l2s: Sequence[float] = L2_GRID, folds: int = 5) -> Float[Tensor, " N"]:
+def nested_scores(x: Float[Tensor, "batch d_in"], y: Bool[Tensor, " batch"], groups: Sequence[str],
+                  l2s: Sequence[float] = L2_GRID, folds: int = 5) -> Float[Tensor, " batch"]:
     """Every row scored by a model (and λ) chosen without its prompt."""
     scores = torch.empty(len(y))
     for test in folds_by_group(groups, folds):
@@ -108,9 +108,9 @@ def nested_scores(x: Float[Tensor, "N F"], y: Bool[Tensor, " N"], groups: Sequen
     return scores
 
 
-def transfer_scores(x_train: Float[Tensor, "N F"], y_train: Bool[Tensor, " N"],
-                    groups_train: Sequence[str], x_test: Float[Tensor, "M F"],
-                    l2s: Sequence[float] = L2_GRID, folds: int = 5) -> Float[Tensor, " M"]:
+def transfer_scores(x_train: Float[Tensor, "train d_in"], y_train: Bool[Tensor, " train"],
+                    groups_train: Sequence[str], x_test: Float[Tensor, "test d_in"],
+                    l2s: Sequence[float] = L2_GRID, folds: int = 5) -> Float[Tensor, " test"]:
     """Fit on one set of prompts (λ by its own cross-validation), score another."""
     model, _ = fit_chosen(x_train, y_train, groups_train, l2s, folds)
     return model.score(x_test)

@@ -38,7 +38,7 @@ from latentaudit.monitor.metrics import (
     roc_curve,
 )
 from latentaudit.monitor.read import Labelled, Reductions
-from latentaudit.options import whole
+from latentaudit.options import OptionError, whole
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +71,11 @@ class EvalConfig:
         self.top_k = tuple(self.top_k)
         if not self.top_k or any(isinstance(k, bool) or not isinstance(k, int) or k < 1
                                  for k in self.top_k):
-            raise LatentAuditError(f"--top-k must be whole numbers ≥ 1, got {list(self.top_k)}.")
+            raise OptionError("top_k", f"{{}} must be whole numbers ≥ 1, got {list(self.top_k)}.")
         if not 0 < self.recall <= 1:
-            raise LatentAuditError(f"--recall must be in (0, 1], got {self.recall}.")
+            raise OptionError("recall", f"{{}} must be in (0, 1], got {self.recall}.")
         if not 0 < self.level < 1:
-            raise LatentAuditError(f"--level must be in (0, 1), got {self.level}.")
+            raise OptionError("level", f"{{}} must be in (0, 1), got {self.level}.")
         for name, low in (("folds", 2), ("bootstrap", 1), ("random_draws", 0),
                           ("batch_size", 1)):
             whole(name, getattr(self, name), low)
@@ -105,8 +105,8 @@ def latent_sets(cfg: EvalConfig, d_sae: int, run=None, given: list[int] | None =
     return sets
 
 
-def summary(scores: Float[Tensor, " N"], labels: Bool[Tensor, " N"], resamples: list[Tensor],
-            cfg: EvalConfig) -> dict[str, float]:
+def summary(scores: Float[Tensor, " batch"], labels: Bool[Tensor, " batch"],
+            resamples: list[Tensor], cfg: EvalConfig) -> dict[str, float]:
     """AUC, its bootstrap interval and the operating point at the chosen recall."""
     ci = bootstrap_ci(roc_auc, scores, labels, resamples, cfg.level)
     op = precision_at_recall(scores, labels, cfg.recall)
@@ -114,7 +114,7 @@ def summary(scores: Float[Tensor, " N"], labels: Bool[Tensor, " N"], resamples: 
             "precision": op.precision, "recall": op.recall, "threshold": op.threshold}
 
 
-def per_latent(red: Reductions, labels: Bool[Tensor, " N"], latents: list[int],
+def per_latent(red: Reductions, labels: Bool[Tensor, " batch"], latents: list[int],
                resamples: list[Tensor] | None, cfg: EvalConfig) -> list[dict[str, Any]]:
     """Each latent's mean and max activation as a score (intervals when ``resamples``)."""
     rows = []
@@ -137,7 +137,8 @@ class Split(NamedTuple):
     red: Reductions
 
 
-def combination(x_eval: Tensor, ev: Split, x_train: Tensor | None, train: Split | None,
+def combination(x_eval: Float[Tensor, "batch d_in"], ev: Split,
+                x_train: Float[Tensor, "train d_in"] | None, train: Split | None,
                 resamples: list[Tensor], cfg: EvalConfig) -> dict[str, Any]:
     """A logistic combination measured by nested CV and, with a training file, by transfer."""
     out: dict[str, Any] = {}

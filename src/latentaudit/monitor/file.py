@@ -5,8 +5,8 @@ A monitor scores a completion by p = σ(w·x + b), x = the chosen reductions (``
 block by block (all latents' means, then all their maxima); it flags the completion when
 p ≥ ``threshold``. The weights act on raw activations (the fit's standardisation is folded in).
 
-Tensors: ``latents`` int64 [K], ``weight`` float32 [F], ``bias`` float32 [1] (F = K × number
-of reductions). Metadata key ``latentaudit_monitor``: a JSON object with ``format``
+Tensors: ``latents`` int64 [k], ``weight`` float32 [d_in], ``bias`` float32 [1] (d_in = k × the
+number of reductions). Metadata key ``latentaudit_monitor``: a JSON object with ``format``
 ("latentaudit-monitor"), ``schema_version``, ``latents``, ``reduce``, ``weights``, ``bias``,
 ``threshold``, ``model`` (name, d_model), ``sae`` (path, digest, d_sae, d_model), ``layer``,
 ``hook`` and ``fit`` (what it was fit on and how it did). The header's latents and weights must
@@ -56,7 +56,7 @@ class Monitor:
 
     latents: list[int]
     reduce: list[str]
-    weight: Float[Tensor, " F"]
+    weight: Float[Tensor, " d_in"]
     bias: float
     threshold: float
     """Flag when σ(w·x + b) ≥ threshold."""
@@ -68,13 +68,13 @@ class Monitor:
     hook: str = "resid_post"
     fit: dict[str, Any] = field(default_factory=dict)
 
-    def features(self, latent_mean: Float[Tensor, "N K"],
-                 latent_max: Float[Tensor, "N K"]) -> Float[Tensor, "N F"]:
+    def features(self, latent_mean: Float[Tensor, "batch k"],
+                 latent_max: Float[Tensor, "batch k"]) -> Float[Tensor, "batch d_in"]:
         """x: the reductions of the monitor's latents, block by block."""
         blocks = {"mean": latent_mean, "max": latent_max}
         return torch.cat([blocks[r].float() for r in self.reduce], dim=1)
 
-    def probability(self, x: Float[Tensor, "N F"]) -> Float[Tensor, " N"]:
+    def probability(self, x: Float[Tensor, "batch d_in"]) -> Float[Tensor, " batch"]:
         return torch.sigmoid(x.float() @ self.weight.float() + self.bias)
 
     def header(self) -> dict[str, Any]:

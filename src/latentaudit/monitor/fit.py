@@ -40,12 +40,12 @@ class Fit(NamedTuple):
     """Of the cross-validated scores, at the target recall (threshold on the logit)."""
 
 
-def fit_scores(red: Reductions, labels: Bool[Tensor, " N"], groups: Sequence[str],
+def fit_scores(red: Reductions, labels: Bool[Tensor, " batch"], groups: Sequence[str],
                reduce: Sequence[str], recall: float, folds: int = 5,
                l2s: Sequence[float] = L2_GRID) -> Fit:
     """Fit on reductions that hold only the monitor's latents, in the monitor's order."""
     blocks = {"mean": red.latent_mean, "max": red.latent_max}
-    x = torch.cat([blocks[r] for r in reduce], dim=1)  # (N, F)
+    x = torch.cat([blocks[r] for r in reduce], dim=1)  # (B, d_in)
     model, choice = fit_chosen(x, labels, groups, l2s, folds)
     # held-out scores are centred: add the final fit's intercept to put them on its scale
     return Fit(model, choice, precision_at_recall(choice.scores + model.intercept, labels,

@@ -24,7 +24,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 
-def average_ranks(x: Float[Tensor, " N"]) -> Float[Tensor, " N"]:
+def average_ranks(x: Float[Tensor, " batch"]) -> Float[Tensor, " batch"]:
     """1-based ranks of ``x``, tied values sharing the mean of their ranks (float64)."""
     order = x.argsort(stable=True)
     _, inverse, counts = torch.unique_consecutive(x[order], return_inverse=True,
@@ -35,7 +35,7 @@ def average_ranks(x: Float[Tensor, " N"]) -> Float[Tensor, " N"]:
     return ranks
 
 
-def roc_auc(scores: Float[Tensor, " N"], labels: Bool[Tensor, " N"]) -> float:
+def roc_auc(scores: Float[Tensor, " batch"], labels: Bool[Tensor, " batch"]) -> float:
     """Area under the ROC curve (NaN when one class is missing)."""
     labels = labels.bool()
     n_pos = int(labels.sum())
@@ -49,9 +49,9 @@ def roc_auc(scores: Float[Tensor, " N"], labels: Bool[Tensor, " N"]) -> float:
 class Curve(NamedTuple):
     """A ROC curve: one point per distinct threshold, from the highest down."""
 
-    fpr: Float[Tensor, " M"]
-    tpr: Float[Tensor, " M"]
-    thresholds: Float[Tensor, " M"]
+    fpr: Float[Tensor, " thresholds"]
+    tpr: Float[Tensor, " thresholds"]
+    thresholds: Float[Tensor, " thresholds"]
     """Threshold of each point (the first, (0, 0), has +inf)."""
 
 
@@ -66,7 +66,7 @@ def _cumulative(scores: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]
     return tp, fp, s[last]
 
 
-def roc_curve(scores: Float[Tensor, " N"], labels: Bool[Tensor, " N"]) -> Curve:
+def roc_curve(scores: Float[Tensor, " batch"], labels: Bool[Tensor, " batch"]) -> Curve:
     """The ROC curve of ``scores`` (both classes must be present)."""
     tp, fp, t = _cumulative(scores, labels)
     zero = torch.zeros(1, dtype=torch.float64)
@@ -82,7 +82,7 @@ class OperatingPoint(NamedTuple):
     recall: float
 
 
-def precision_at_recall(scores: Float[Tensor, " N"], labels: Bool[Tensor, " N"],
+def precision_at_recall(scores: Float[Tensor, " batch"], labels: Bool[Tensor, " batch"],
                         recall: float) -> OperatingPoint:
     """The highest-threshold operating point whose recall is at least ``recall``."""
     tp, fp, t = _cumulative(scores, labels)
@@ -93,7 +93,7 @@ def precision_at_recall(scores: Float[Tensor, " N"], labels: Bool[Tensor, " N"],
     return OperatingPoint(float(t[i]), float(tp[i] / (tp[i] + fp[i])), float(tp[i] / n_pos))
 
 
-def bootstrap_indices(groups: Sequence[str], n: int, seed: int = 0) -> list[Int[Tensor, " M"]]:
+def bootstrap_indices(groups: Sequence[str], n: int, seed: int = 0) -> list[Int[Tensor, " rows"]]:
     """``n`` resamples of whole groups with replacement: the completion indices of each."""
     distinct = sorted(set(groups))
     members: dict[str, list[int]] = {g: [] for g in distinct}
@@ -114,8 +114,8 @@ class Interval(NamedTuple):
     """Resamples it was computed from (those where the statistic is defined)."""
 
 
-def bootstrap_ci(stat: Callable[[Tensor, Tensor], float], scores: Float[Tensor, " N"],
-                 labels: Bool[Tensor, " N"], resamples: Sequence[Tensor],
+def bootstrap_ci(stat: Callable[[Tensor, Tensor], float], scores: Float[Tensor, " batch"],
+                 labels: Bool[Tensor, " batch"], resamples: Sequence[Tensor],
                  level: float = 0.95) -> Interval:
     """Percentile interval of ``stat(scores[idx], labels[idx])`` over the resamples."""
     values = torch.tensor([stat(scores[idx], labels[idx]) for idx in resamples],

@@ -64,7 +64,7 @@ class Labelled:
     """The labelled completions of one file."""
 
     completions: list[Completion]
-    labels: Bool[Tensor, " N"]
+    labels: Bool[Tensor, " batch"]
     """True = positive (shows the behaviour)."""
     excluded: int
     path: Path

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+from jaxtyping import Float
+from torch import Tensor
 
 from latentaudit._io import complete_lines, iter_json_lines
 from latentaudit.errors import LatentAuditError
@@ -91,7 +93,8 @@ def rows_done(out: Path, mon: Monitor, lines: list[int]) -> int:
 
 
 def scored_rows(mon: Monitor, rows: list[dict[str, Any]], lines: list[int],
-                latent_mean: torch.Tensor, latent_max: torch.Tensor) -> list[dict[str, Any]]:
+                latent_mean: Float[Tensor, "batch k"],
+                latent_max: Float[Tensor, "batch k"]) -> list[dict[str, Any]]:
     """Each input row with its ``monitor`` object."""
     p = mon.probability(mon.features(latent_mean, latent_max))
     ident = mon.digest()

@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 
 from latentaudit.errors import LatentAuditError
+from latentaudit.options import config_key
 from latentaudit.pipeline.config import RunConfig
 
 
@@ -119,12 +120,8 @@ def check_upstream(cfg: RunConfig, sae: str) -> None:
 
     paths = [sae_path(u, cfg.settings.model) for u in cfg.circuit_options.upstream_sae]
     run_sae = _load(sae)
-    (layer, _), = saes_by_layer([run_sae], cfg.settings.layer).items()
-    try:
-        upstream_saes(paths, cfg.circuit_options.upstream_layer, layer, run_sae)
-    except LatentAuditError as err:  # name the config's keys, not the command's flags
-        raise LatentAuditError(str(err).replace("--upstream-layer", "upstream_layer")
-                               .replace("--upstream-sae", "upstream_sae")) from None
+    (layer, _), = saes_by_layer([run_sae], cfg.settings.layer, name=config_key).items()
+    upstream_saes(paths, cfg.circuit_options.upstream_layer, layer, run_sae, name=config_key)
 
 
 def _rubric(name: str):

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from latentaudit.errors import LatentAuditError
-from latentaudit.options import OptionError
+from latentaudit.options import OptionError, config_key
 from latentaudit.pipeline.options import (
     CircuitOptions,
     JudgeOptions,
@@ -182,18 +182,10 @@ def _build(cls: type, values: dict[str, Any], section: str, loc: Located,
     try:
         return cls(**mine)
     except OptionError as err:  # names its field: reported at that key
-        problems.append(f"{loc.where((section, err.field))}: {err.named(err.field).rstrip('.')}")
+        problems.append(f"{loc.where((section, err.field))}: {err.named(config_key).rstrip('.')}")
         return None
     except LatentAuditError as err:
-        message = str(err)
-        for key in sorted(mine, key=len, reverse=True):
-            flag = "--" + key.replace("_", "-")
-            if flag in message:
-                problems.append(f"{loc.where((section, key))}: "
-                                + message.replace(flag, key).rstrip("."))
-                break
-        else:
-            problems.append(f"{loc.path}: [{section}] {message}")
+        problems.append(f"{loc.path}: [{section}] {err}")
         return None
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from latentaudit.errors import LatentAuditError
+from latentaudit.options import at_least
 
 
 @dataclass
@@ -68,12 +69,10 @@ class JudgeOptions:
     stops so that a rerun can retry them."""
 
     def __post_init__(self) -> None:
-        for flag, value, low in (("--batch-size", self.batch_size, 1),
-                                 ("--judge-workers", self.judge_workers, 1),
-                                 ("--judge-retries", self.judge_retries, 0),
-                                 ("--judge-timeout", self.judge_timeout, 1e-9)):
-            if value is not None and value < low:
-                raise LatentAuditError(f"{flag} must be at least {low:g}, got {value!r}.")
+        for name, low in (("batch_size", 1), ("judge_workers", 1), ("judge_retries", 0),
+                          ("judge_timeout", 1e-9)):
+            if getattr(self, name) is not None:
+                at_least(name, getattr(self, name), low)
 
 
 @dataclass

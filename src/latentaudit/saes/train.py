@@ -40,6 +40,7 @@ from torch import Tensor
 from latentaudit._io import save_safetensors, write_json
 from latentaudit._progress import progress
 from latentaudit.errors import LatentAuditError
+from latentaudit.options import OptionError
 from latentaudit.saes.harvest import ChunkSource, iter_batches
 from latentaudit.saes.sae import SAE, SAEInfo
 
@@ -95,12 +96,13 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.d_sae < 1 or not 1 <= self.k <= self.d_sae:
-            raise LatentAuditError(f"--k {self.k} must be between 1 and --d-sae {self.d_sae}.")
+            raise OptionError("k", f"{{}} {self.k} must be between 1 and {{d_sae}} {self.d_sae}.")
         if self.tokens < self.batch_size or self.batch_size < 2:
-            raise LatentAuditError(
-                f"--tokens {self.tokens} must be at least --batch-size {self.batch_size} (>= 2).")
+            raise OptionError(
+                "tokens", f"{{}} {self.tokens} must be at least {{batch_size}} {self.batch_size} "
+                          "(>= 2).")
         if self.lr is not None and self.lr <= 0:
-            raise LatentAuditError(f"--lr {self.lr} must be positive.")
+            raise OptionError("lr", f"{{}} {self.lr} must be positive.")
         if not (0 <= self.warmup_frac < 1 and 0 <= self.decay_frac <= 1
                 and self.warmup_frac + self.decay_frac <= 1):
             raise LatentAuditError("warmup_frac and decay_frac must lie in [0, 1] and sum to <= 1.")

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from latentaudit.errors import LatentAuditError
-from latentaudit.options import whole
+from latentaudit.options import OptionError, whole
 from latentaudit.runfolder import ConditionKey
 
 METHODS = ("attribution", "activation", "random", "model-diff", "given")
@@ -27,7 +26,7 @@ class SteerConfig:
     strengths: tuple[float, ...] = (0.5,)
     """Steering strengths |α|, a fraction of the mean residual norm at the layer (relative
     scale) or raw (absolute scale). With --search: the ladder searched per latent."""
-    scale: str = "relative"
+    scale: str = field(default="relative", metadata={"choices": SCALES})
     """relative: α is a multiple of the mean residual norm at the layer; absolute: raw α."""
     search: bool = False
     """Per latent and direction, take the largest strength of the ladder whose incoherence
@@ -84,30 +83,30 @@ class SteerConfig:
         for name, low in (("top_k", 1), ("n", 1), ("max_new_tokens", 1), ("batch_size", 0),
                           ("search_n", 1), ("n_boot", 100), ("logodds_top", 0)):
             whole(name, getattr(self, name), low)
-        for flag, value in (("--max-prompts", self.max_prompts),
-                            ("--logodds-prompts", self.logodds_prompts)):
+        for name in ("max_prompts", "logodds_prompts"):
+            value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or value < 1):
-                raise LatentAuditError(f"{flag} must be ≥ 1, got {value!r}.")
-        for flag, values, allowed in (("--methods", self.methods, METHODS),
-                                      ("--directions", self.directions, DIRECTIONS)):
+                raise OptionError(name, f"{{}} must be ≥ 1, got {value!r}.")
+        for name, allowed in (("methods", METHODS), ("directions", DIRECTIONS)):
+            values = getattr(self, name)
             bad = [v for v in values if v not in allowed]
             if bad or not values or len(set(values)) != len(values):
-                raise LatentAuditError(f"{flag} takes distinct values among "
-                                       f"{', '.join(allowed)}, got {','.join(values)!r}.")
+                raise OptionError(name, f"{{}} takes distinct values among "
+                                        f"{', '.join(allowed)}, got {','.join(values)!r}.")
         if self.scale not in SCALES:
-            raise LatentAuditError(f"--scale must be relative or absolute, got {self.scale!r}.")
+            raise OptionError("scale", f"{{}} must be relative or absolute, got {self.scale!r}.")
         if not self.strengths or not all(s > 0 for s in self.strengths):
-            raise LatentAuditError(f"--strengths must be positive numbers (the direction sets "
-                                   f"the sign), got {list(self.strengths)}.")
+            raise OptionError("strengths", f"{{}} must be positive numbers (the direction sets "
+                                           f"the sign), got {list(self.strengths)}.")
         if not 0 <= self.max_incoherence <= 1:
-            raise LatentAuditError("--max-incoherence must be in [0, 1].")
+            raise OptionError("max_incoherence", "{} must be in [0, 1].")
         if not self.temperature >= 0 or not 0 < self.top_p <= 1:
-            raise LatentAuditError("--temperature must be ≥ 0 and --top-p in (0, 1].")
+            raise OptionError("temperature", "{} must be ≥ 0 and {top_p} in (0, 1].")
         if self.logodds_only and not self.logodds:
-            raise LatentAuditError("--logodds-only and --no-logodds contradict each other.")
+            raise OptionError("logodds_only", "{} and --no-logodds contradict each other.")
         if not 0.5 <= self.level < 1:
-            raise LatentAuditError("--level must be in [0.5, 1).")
+            raise OptionError("level", "{} must be in [0.5, 1).")
 
 
 @dataclass(frozen=True)
