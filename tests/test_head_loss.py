@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import latentaudit.models.head as H
+import latentaudit.attribution.loss as H
 from latentaudit.attribution.math import completion_losses
 from latentaudit.models.forward import keep_logits
 from latentaudit.models.hooks import capture_resid

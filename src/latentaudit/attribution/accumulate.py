@@ -33,11 +33,11 @@ from torch import Tensor
 
 from latentaudit._progress import progress
 from latentaudit.attribution.config import AttributionConfig
+from latentaudit.attribution.loss import completion_losses_of
 from latentaudit.attribution.math import _wide, batch_moments
 from latentaudit.attribution.plan import Plan
 from latentaudit.batching import guard_for
 from latentaudit.data.tokens import Batch, collate
-from latentaudit.models.head import completion_losses_of
 from latentaudit.models.hooks import capture_resid, layer_device
 from latentaudit.models.load import LoadedModel
 from latentaudit.saes.sae import SAE

@@ -30,12 +30,12 @@ from torch import Tensor
 
 from latentaudit._progress import progress
 from latentaudit.attribution.accumulate import Accumulators
+from latentaudit.attribution.loss import completion_losses_of
 from latentaudit.attribution.math import batch_moments
 from latentaudit.attribution.plan import Plan
 from latentaudit.circuit.config import CircuitConfig
 from latentaudit.circuit.math import edge_moments
 from latentaudit.data.tokens import Batch, collate
-from latentaudit.models.head import completion_losses_of
 from latentaudit.models.hooks import capture_layer_inputs, capture_resid
 from latentaudit.models.upper import REPLAY_ERRORS, repeat_calls, run_layers
 

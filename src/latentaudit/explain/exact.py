@@ -26,9 +26,9 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from latentaudit._progress import progress
+from latentaudit.attribution.loss import frozen_head, upper_completion_losses
 from latentaudit.attribution.math import completion_losses
 from latentaudit.models.forward import keep_logits
-from latentaudit.models.head import frozen_head, upper_completion_losses
 from latentaudit.models.hooks import capture_layer_inputs, capture_resid, layer_list, resid_hooks
 from latentaudit.models.upper import replay_matches, upper_logits
 

@@ -27,6 +27,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
+from latentaudit.attribution.math import completion_losses
 from latentaudit.errors import LatentAuditError
 from latentaudit.models.forward import keep_logits
 
@@ -116,7 +117,6 @@ def completion_losses_of(model: nn.Module, k: int, targets: Int[Tensor, "batch k
                          mask: Bool[Tensor, "batch k"], **inputs) -> Float[Tensor, " batch"]:
     """ℓ of every row: the mean cross-entropy of its last k tokens (where ``mask``), given the
     forward's ``inputs`` (steps 1–4); differentiable through the model."""
-    from latentaudit.attribution.math import completion_losses
     from latentaudit.models.upper import final_norm
 
     try:
