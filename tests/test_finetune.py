@@ -355,6 +355,7 @@ def test_an_adapter_by_hub_id_is_read_from_the_hub_cache_offline(base, trained, 
 
 
 @pytest.mark.embedded
+@pytest.mark.slow  # loads the 0.5B model and merges each organism's adapter (minutes on 2 cores)
 @pytest.mark.parametrize("name", ["qwen2.5-0.5b-instruct-insecure", "qwen2.5-0.5b-instruct-secure"])
 def test_a_shipped_organism_loads_by_its_short_name(name):
     """A shipped organism is a small LoRA adapter of the default model with its card, and it

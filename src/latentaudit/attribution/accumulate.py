@@ -33,11 +33,11 @@ from torch import Tensor
 
 from latentaudit._progress import progress
 from latentaudit.attribution.config import AttributionConfig
-from latentaudit.attribution.math import _wide, batch_moments, completion_losses
+from latentaudit.attribution.loss import completion_losses_of
+from latentaudit.attribution.math import _wide, batch_moments
 from latentaudit.attribution.plan import Plan
 from latentaudit.batching import guard_for
 from latentaudit.data.tokens import Batch, collate
-from latentaudit.models.forward import keep_logits
 from latentaudit.models.hooks import capture_resid, layer_device
 from latentaudit.models.load import LoadedModel
 from latentaudit.saes.sae import SAE
@@ -201,12 +201,11 @@ def forward_backward(model, batch: Batch, layers: list[int], points: dict[int, s
     The explain stage reuses this for its per-token attribution maps.
     """
     k = batch.n_completion
-    kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                  position_ids=batch.position_ids, use_cache=False, **keep_logits(model, k + 1))
     with capture_resid(model, layers, grad_from=min(layers), point=points or {}) as store:
-        logits = model(**kwargs).logits[:, -(k + 1):-1]  # (B, k, V)
-    targets = batch.input_ids[:, -k:]  # (B, k)
-    losses = completion_losses(logits, targets, batch.completion_mask[:, -k:])  # (B,)
+        losses = completion_losses_of(  # (B,) without every position's logits
+            model, k, batch.input_ids[:, -k:], batch.completion_mask[:, -k:],
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids, use_cache=False)
     grads = torch.autograd.grad(losses.sum(), [store[L] for L in layers])
     return losses.detach(), {L: (store[L].detach(), g) for L, g in zip(layers, grads, strict=True)}
 

@@ -30,12 +30,12 @@ from torch import Tensor
 
 from latentaudit._progress import progress
 from latentaudit.attribution.accumulate import Accumulators
-from latentaudit.attribution.math import batch_moments, completion_losses
+from latentaudit.attribution.loss import completion_losses_of
+from latentaudit.attribution.math import batch_moments
 from latentaudit.attribution.plan import Plan
 from latentaudit.circuit.config import CircuitConfig
 from latentaudit.circuit.math import edge_moments
 from latentaudit.data.tokens import Batch, collate
-from latentaudit.models.forward import keep_logits
 from latentaudit.models.hooks import capture_layer_inputs, capture_resid
 from latentaudit.models.upper import REPLAY_ERRORS, repeat_calls, run_layers
 
@@ -82,13 +82,13 @@ def batch_products(model, batch: Batch, lower: int, upper: int, targets: list[in
                    ) -> BatchProducts:
     """Steps 1–2 for one batch: a¹, g¹ and every target's vector-Jacobian product at a¹."""
     k = batch.n_completion
-    kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                  position_ids=batch.position_ids, use_cache=False, **keep_logits(model, k + 1))
     between = list(range(lower + 1, upper + 1))
     with capture_resid(model, [lower, upper], grad_from=lower) as store, \
             capture_layer_inputs(model, between) as calls:
-        logits = model(**kwargs).logits[:, -(k + 1):-1]  # (B, k, V)
-    losses = completion_losses(logits, batch.input_ids[:, -k:], batch.completion_mask[:, -k:])
+        losses = completion_losses_of(  # (B,) without every position's logits
+            model, k, batch.input_ids[:, -k:], batch.completion_mask[:, -k:],
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids, use_cache=False)
     a1, a2 = store[lower], store[upper]
     g2, g1 = torch.autograd.grad(losses.sum(), [a2, a1], retain_graph=True)
     V = cotangents(a2.detach(), g2, batch, targets).to(a2.dtype)  # (K, B, T, D)

@@ -140,3 +140,10 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> LeftPadded:
             ids[b, T - len(s):] = torch.tensor(s, dtype=torch.long)
             mask[b, T - len(s):] = 1
     return LeftPadded(ids, mask, (mask.cumsum(dim=1) - 1).clamp_min(0))
+
+
+def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices of ``lengths`` sorted by length (stable), cut into batches of ``batch_size``: a
+    forward pads each batch only to its own longest row."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]

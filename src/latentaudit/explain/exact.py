@@ -26,6 +26,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from latentaudit._progress import progress
+from latentaudit.attribution.loss import frozen_head, upper_completion_losses
 from latentaudit.attribution.math import completion_losses
 from latentaudit.models.forward import keep_logits
 from latentaudit.models.hooks import capture_layer_inputs, capture_resid, layer_list, resid_hooks
@@ -114,11 +115,14 @@ def exact_changes(model, layer: int, seqs: Sequence[tuple[list[int], list[int]]]
         for s in range(0, len(directions), batch):
             dirs = directions[s:s + batch].to(dev)
             h = ablate(hidden[0], a_bar.to(dev), dirs, mask)  # (n, T, D)
-            if route == "upper-layers":
-                out = upper_logits(model, layer, h, calls, k + 1)[:, :-1]  # (n, k, V)
+            if route == "upper-layers" and frozen_head(model) is not None:
+                lost = upper_completion_losses(model, layer, h, calls, targets[0])  # no logits
             else:
-                out = full_forward_logits(model, layer, ids, h, k, point)
-            lost = completion_losses(out, targets.expand(len(h), -1), ones.expand(len(h), -1))
+                out = (upper_logits(model, layer, h, calls, k + 1)[:, :-1]
+                       if route == "upper-layers"
+                       else full_forward_logits(model, layer, ids, h, k, point))  # (n, k, V)
+                lost = completion_losses(out, targets.expand(len(h), -1),
+                                         ones.expand(len(h), -1))
             change[c, s:s + len(h)] = lost.double().cpu() - clean[c]
     return ExactChange(clean, change, route or ROUTES[0])
 

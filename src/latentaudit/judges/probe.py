@@ -41,7 +41,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from latentaudit._io import load_tagged_safetensors, named_or_file
-from latentaudit.data.tokens import as_ids, chat_messages, collate
+from latentaudit.data.tokens import as_ids, chat_messages, collate, length_batches
 from latentaudit.errors import LatentAuditError
 from latentaudit.judges.base import JudgeItem, Verdict, check_model_options
 from latentaudit.judges.rubrics import Rubric
@@ -218,11 +218,11 @@ def read_features(lm: LoadedModel, prompts: Sequence[tuple[list[int], tuple[int,
     device = next(lm.model.parameters()).device
     pad = pad_id(lm.tokenizer)
     out = []
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i][0]))  # similar lengths
+    batches = length_batches([len(ids) for ids, _ in prompts], batch_size)
     with progress(total=len(prompts), desc=desc or "", unit="item",
                   disable=True if desc is None else None) as bar:
-        for start in range(0, len(order), batch_size):
-            part = [prompts[i] for i in order[start:start + batch_size]]
+        for idx in batches:
+            part = [prompts[i] for i in idx]
             batch = collate([(ids, []) for ids, _ in part], pad).to(device)
             acts = run_until(lm.model, layers, input_ids=batch.input_ids,
                              attention_mask=batch.attention_mask,
@@ -233,7 +233,7 @@ def read_features(lm: LoadedModel, prompts: Sequence[tuple[list[int], tuple[int,
             bar.update(len(part))
     feats = torch.cat(out)  # (B, d_in) in length order
     result = torch.empty_like(feats)
-    result[torch.tensor(order)] = feats
+    result[torch.tensor([i for idx in batches for i in idx])] = feats
     return result
 
 

@@ -144,17 +144,18 @@ def read_reductions(lm, sae, layer: int, seqs: list[tuple[list[int], list[int]]]
     ``desc``: the progress bar's title; None shows none (the caller shows its own).
     """
     from latentaudit._progress import progress
-    from latentaudit.data.tokens import collate
+    from latentaudit.data.tokens import collate, length_batches
     from latentaudit.models.hooks import run_until
 
     device = lm.device
     pad = pad_id(lm.tokenizer)
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]) + len(seqs[i][1]))
+    batches = length_batches([len(p) + len(q) for p, q in seqs], batch_size)
+    order = [i for idx in batches for i in idx]
     parts: list[Reductions] = []
     with progress(total=len(seqs), desc=desc or "", unit="completion",
                   disable=True if desc is None else None) as bar:
-        for s in range(0, len(order), batch_size):
-            batch = collate([seqs[i] for i in order[s:s + batch_size]], pad).to(device)
+        for idx in batches:
+            batch = collate([seqs[i] for i in idx], pad).to(device)
             acts = run_until(lm.model, [layer], input_ids=batch.input_ids,
                              attention_mask=batch.attention_mask,
                              position_ids=batch.position_ids)[layer]  # (B, T, D)

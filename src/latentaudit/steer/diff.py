@@ -18,7 +18,7 @@ from torch import Tensor
 
 from latentaudit._io import save_safetensors
 from latentaudit._progress import progress
-from latentaudit.data.tokens import left_pad
+from latentaudit.data.tokens import left_pad, length_batches
 from latentaudit.errors import LatentAuditError
 from latentaudit.models.forward import pad_id
 from latentaudit.models.hooks import run_until
@@ -31,8 +31,8 @@ def mean_completion_activation(loaded, sae, layer: int, seqs: list[tuple[list[in
     pad = pad_id(loaded.tokenizer)
     total, count = torch.zeros(sae.d_sae, dtype=torch.float64), 0
     with progress(total=len(seqs), desc=f"activations ({loaded.name})", unit="completion") as bar:
-        for start in range(0, len(seqs), batch_size):
-            part = seqs[start:start + batch_size]
+        for idx in length_batches([len(p) + len(q) for p, q in seqs], batch_size):
+            part = [seqs[i] for i in idx]
             batch = left_pad([p + q for p, q in part], pad)
             dev = loaded.device
             h = run_until(loaded.model, [layer], input_ids=batch.input_ids.to(dev),

@@ -17,7 +17,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from latentaudit._progress import progress
-from latentaudit.data.tokens import left_pad
+from latentaudit.data.tokens import left_pad, length_batches
 from latentaudit.models.forward import pad_id
 from latentaudit.models.hooks import run_until
 from latentaudit.models.load import LoadedModel
@@ -49,8 +49,8 @@ def mean_resid_norm(loaded: LoadedModel, layer: int, sequences: Sequence[Sequenc
     pad = pad_id(loaded.tokenizer)
     total, count = 0.0, 0
     with progress(total=len(sequences), desc="residual norm", unit="seq") as bar:
-        for start in range(0, len(sequences), batch_size):
-            batch = left_pad([list(s) for s in sequences[start:start + batch_size]], pad)
+        for idx in length_batches([len(s) for s in sequences], batch_size):
+            batch = left_pad([list(sequences[i]) for i in idx], pad)
             dev = loaded.device
             h = run_until(loaded.model, [layer], input_ids=batch.input_ids.to(dev),
                           attention_mask=batch.attention_mask.to(dev),
