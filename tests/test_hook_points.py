@@ -150,15 +150,15 @@ def test_an_unknown_hook_point_is_one_clear_error():
 
 
 def test_a_run_at_mlp_out_and_the_stages_that_need_resid_post(tiny_model_dir, tmp_path, capsys):
-    """attribute reads an mlp_out SAE at mlp_out and says so in its manifest; explain, circuit,
-    steer, monitor and a run with those stages refuse it with one clear error."""
+    """attribute reads an mlp_out SAE at mlp_out and says so in its manifest; circuit, monitor
+    and a run with a circuit refuse it with one clear error (steering there:
+    test_steer_points.py)."""
     import json
     from pathlib import Path
 
     from latentaudit.cli import main
     from latentaudit.monitor.inputs import load_monitor_sae
     from latentaudit.pipeline.checks import check_resid_post
-    from latentaudit.steer.sweep import _sae_layer
 
     sae = random_sae(32, 24, layer=1)
     sae.info.hook = "mlp_out"
@@ -172,8 +172,7 @@ def test_a_run_at_mlp_out_and_the_stages_that_need_resid_post(tiny_model_dir, tm
                  str(data), "--out", str(tmp_path / "run2"), "--hook", "attn_out"]) == 2
     assert "reads the hook point mlp_out but --hook attn_out" in capsys.readouterr().err
     for refuse in (lambda: load_monitor_sae(str(folder), "m", None),
-                   lambda: _sae_layer(str(folder)),
-                   lambda: check_resid_post(str(folder), ["steer"])):
+                   lambda: check_resid_post(str(folder), ["circuit"])):
         with pytest.raises(LatentAuditError, match="reads the hook point mlp_out"):
             refuse()
     assert main(["circuit", "--from", str(tmp_path / "run"), "--upstream-sae", str(folder),

@@ -57,9 +57,8 @@ def check_inputs(cfg: RunConfig) -> str:
         from latentaudit.saes.evaluate import text_documents
 
         check(("explain", "corpus"), text_documents, cfg.explain.corpus)
-    later = [name for name in ("circuit", "steer") if getattr(cfg, name) is not None]
-    if later and sae is not None:
-        check(("sae",), check_resid_post, sae, later)
+    if cfg.circuit is not None and sae is not None:
+        check(("sae",), check_resid_post, sae, ["circuit"])
     if cfg.circuit is not None and sae is not None:
         check(("circuit", "upstream_sae"), check_upstream, cfg, sae)
     if problems:
