@@ -71,7 +71,8 @@ def graph_edges(hops: list[Hop]) -> list[dict[str, Any]]:
 
 def hop_rows(hops: list[Hop]) -> list[dict[str, Any]]:
     return [{"upstream_layer": h.upstream_layer, "target_layer": h.target_layer,
-             "upstream_sae": h.upstream_sae, "targets": h.targets, "route": h.route,
+             "upstream_sae": h.upstream_sae, "upstream_hook": h.upstream_hook,
+             "target_hook": h.target_hook, "targets": h.targets, "route": h.route,
              "abar_source": h.abar_source, "edges_kept": int(h.keep.sum()),
              "kept_share": [k / t if t else None for k, t in zip(h.kept, h.total, strict=True)]}
             for h in hops]

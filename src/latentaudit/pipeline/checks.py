@@ -58,8 +58,6 @@ def check_inputs(cfg: RunConfig) -> str:
 
         check(("explain", "corpus"), text_documents, cfg.explain.corpus)
     if cfg.circuit is not None and sae is not None:
-        check(("sae",), check_resid_post, sae, ["circuit"])
-    if cfg.circuit is not None and sae is not None:
         check(("circuit", "upstream_sae"), check_upstream, cfg, sae)
     if problems:
         head = f"{cfg.source} has {len(problems)} problem(s); fix them and rerun:\n  " \
@@ -97,18 +95,6 @@ def sae_path(value: str, model: str) -> str:
         raise LatentAuditError(f"{path}: no such SAE file or folder; give its path, a shipped "
                                "SAE's name or default.")
     return path
-
-
-def check_resid_post(sae: str, stages: list[str]) -> None:
-    """The stages after attribution read the SAE at resid_post only."""
-    from latentaudit.attribution.plan import HOOK, _load
-
-    loaded = _load(sae)
-    if loaded.info.hook != HOOK:
-        raise LatentAuditError(
-            f"{sae} reads the hook point {loaded.info.hook}, but {', '.join(stages)} read SAEs "
-            f"at {HOOK} only: attribute it alone (leave out the [{stages[0]}] table), or use "
-            f"an SAE trained at {HOOK}.")
 
 
 def check_upstream(cfg: RunConfig, sae: str) -> None:
