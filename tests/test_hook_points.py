@@ -144,8 +144,8 @@ def test_an_unknown_hook_point_is_one_clear_error():
     with pytest.raises(LatentAuditError, match="reads the hook point hook_z"):
         saes_by_layer([sae], None)
     lm = model_of("llama", layers=2)
-    with pytest.raises(LatentAuditError, match="'resid_mid' is not one of"):
-        with capture_resid(lm.model, [0], point="resid_mid"):
+    with pytest.raises(LatentAuditError, match="'resid_middle' is not one of"):
+        with capture_resid(lm.model, [0], point="resid_middle"):
             pass
 
 

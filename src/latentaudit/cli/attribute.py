@@ -45,7 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Skip the Δ-activation baseline (saves one SAE encoder pass).")
     p.add_argument("--top-k", type=int, default=100, help=doc["top_k"])
     p.add_argument("--hook", default="auto",
-                   choices=["auto", "resid_pre", "attn_out", "mlp_out", "resid_post"],
+                   choices=["auto", "resid_pre", "attn_out", "resid_mid", "mlp_out",
+                            "resid_post"],
                    help=doc["hook"])
     p.add_argument("--sae-chunk", type=int, default=0, metavar="N", help=doc["sae_chunk"])
     p.add_argument("--checkpoint-every-batches", type=int, default=20, metavar="N",

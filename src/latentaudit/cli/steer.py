@@ -54,7 +54,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sae", help="SAE path or 'default' (default: the run's).")
     p.add_argument("--layer", type=int, help="Layer (default: the run's, else the SAE's).")
     p.add_argument("--hook", default="auto",
-                   choices=["auto", "resid_pre", "attn_out", "mlp_out", "resid_post"],
+                   choices=["auto", "resid_pre", "attn_out", "resid_mid", "mlp_out",
+                            "resid_post"],
                    help="Hook point steered (α·d is added there): auto (the SAE's) or the "
                         "point its config records; another is an error.")
     p.add_argument("--prompts", help="Prompts to steer on: a suite name, JSONL or .txt file "
