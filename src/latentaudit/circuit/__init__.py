@@ -45,7 +45,8 @@ Files in ``<run>/circuit/`` (schema_version 1):
 
 - ``circuit.json``: ``schema_version``, ``stage`` ("circuit"), ``run``, ``model``, ``measure``,
   ``positions``, ``layers``, ``hops`` ([{upstream_layer, target_layer, upstream_sae,
-  upstream_hook, target_hook, targets, route, abar_source, edges_kept, kept_share}]), ``nodes``
+  upstream_hook and target_hook (where either is not resid_post), targets, route, abar_source,
+  edges_kept, kept_share}]), ``nodes``
   ([{id "layer:latent", layer, latent, role (target, intermediate, upstream), rank,
   delta_attribution, attribution_total, attribution_kept, logit_lens, top_examples
   ([{activation, max_index, tokens, activations}] or null when not cached)}]), ``edges``

@@ -9,12 +9,14 @@ handles it registered, in ``finally``.
 Other hook points of layer L (SAELens ``blocks.L.hook_<point>``) are found by :func:`hook_site`,
 the one place that knows them: ``resid_pre`` (the layer's input hidden state), ``attn_out`` and
 ``mlp_out`` (what the attention and the MLP add to the residual stream: their output, after the
-post-norm of Gemma-2-style blocks). ``resid_mid``, the residual stream between the attention and
-the MLP, is no module's output: it is resid_pre + attn_out, so its hook records the layer's input
-and, at the attention's output o, sees h = resid_pre + o and hands back h' − resid_pre, which
-makes the residual stream h' from there on (blocks whose attention and MLP read the same input,
-:data:`PARALLEL`, have no resid_mid). Every hook below takes ``point`` (one for all layers, or
-{layer: point}); a hook function sees and may replace the activation at that point.
+post-norm of Gemma-2-style blocks), ``mlp_in`` (what the MLP reads: its module's input, after
+the pre-MLP norm; a transcoder's encoder reads it). ``resid_mid``, the residual stream between
+the attention and the MLP, is no module's output: it is resid_pre + attn_out, so its hook records
+the layer's input and, at the attention's output o, sees h = resid_pre + o and hands back
+h' − resid_pre, which makes the residual stream h' from there on (blocks whose attention and
+MLP read the same input, :data:`PARALLEL`, have no resid_mid). Every hook below takes ``point``
+(one for all layers, or {layer: point}); a hook function sees and may replace the activation at
+that point.
 
 Steering (:class:`RowSteering`, :func:`steer_resid`) is one more residual hook: row b of the
 batch gets ``vectors[b]`` added at every position of every forward pass (a prefill over the
@@ -105,7 +107,7 @@ def layer_device(model: nn.Module, layer: int) -> torch.device:
     return param.device
 
 
-POINTS = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")
+POINTS = ("resid_pre", "attn_out", "resid_mid", "mlp_in", "mlp_out", "resid_post")
 """Hook points of a decoder layer, in the order the forward pass reaches them."""
 PARALLEL: dict[str, str | None] = {"gpt_neox": "use_parallel_residual", "gptj": None,
                                    "falcon": "parallel_attn", "phi": None, "cohere": None,
@@ -127,9 +129,9 @@ def hook_site(model: nn.Module, layer: int, point: str = "resid_post") -> tuple[
         return block.post_attention_layernorm, False
     if point == "mlp_out" and hasattr(block, "post_feedforward_layernorm"):
         return block.post_feedforward_layernorm, False
-    for name in {"attn_out": _ATTN, "mlp_out": _MLP}.get(point, ()):
+    for name in {"attn_out": _ATTN, "mlp_out": _MLP, "mlp_in": _MLP}.get(point, ()):
         if isinstance(getattr(block, name, None), nn.Module):
-            return getattr(block, name), False
+            return getattr(block, name), point == "mlp_in"
     if point not in POINTS:
         raise LatentAuditError(f"hook point '{point}' is not one of {', '.join(POINTS)}.")
     raise LatentAuditError(

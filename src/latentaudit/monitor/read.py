@@ -159,7 +159,7 @@ def read_reductions(lm, sae, layer: int, seqs: list[tuple[list[int], list[int]]]
             acts = run_until(lm.model, [layer], input_ids=batch.input_ids,
                              attention_mask=batch.attention_mask,
                              position_ids=batch.position_ids,
-                             point=sae.info.hook)[layer]  # (B, T, D)
+                             point=sae.read_point)[layer]  # (B, T, D)
             red = reduce_completions(acts, batch.completion_mask, sae, latents)
             parts.append(Reductions(*(t.cpu() for t in red)))
             bar.update(batch.input_ids.shape[0])

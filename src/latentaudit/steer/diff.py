@@ -39,7 +39,7 @@ def mean_completion_activation(loaded, sae, layer: int, seqs: list[tuple[list[in
             h = run_until(loaded.model, [layer], input_ids=batch.input_ids.to(dev),
                           attention_mask=batch.attention_mask.to(dev),
                           position_ids=batch.position_ids.to(dev),
-                          point=sae.info.hook)[layer]  # (B, T, D)
+                          point=sae.read_point)[layer]  # (B, T, D)
             T = h.shape[1]
             mask = torch.zeros(len(part), T, dtype=torch.bool)
             for b, (_, q) in enumerate(part):
