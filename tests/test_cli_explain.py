@@ -202,3 +202,21 @@ def test_across_overlap_against_chance_and_a_fine_tune_against_its_base(tmp_path
     assert table["models"] == ["m", "m-organism"]
     assert main(["explain", "--across", str(a), str(b), "--top-k", "3"]) == 0
     assert "K= 10: 3 shared (chance 2, p = " in capsys.readouterr().out
+
+
+def test_one_sae_is_recognised_across_checkouts(tmp_path):
+    """Runs made in two checkouts record two paths of one SAE: the same bytes, or the same
+    shipped SAE where the files are not here, count as one; other SAEs do not."""
+    from latentaudit.explain.across import same_sae
+
+    a, b, c = tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "c.safetensors"
+    a.write_bytes(b"weights")
+    b.write_bytes(b"weights")
+    c.write_bytes(b"other")
+    assert same_sae(str(a), str(b)) and not same_sae(str(a), str(c))
+    one = "/x/src/latentaudit/saes/shipped/qwen/sae.safetensors"
+    two = "/y/site-packages/latentaudit/saes/shipped/qwen/sae.safetensors"
+    assert same_sae(one, two)
+    assert not same_sae(one, two.replace("qwen", "smol"))
+    assert not same_sae("/x/my-sae/sae.safetensors", "/y/my-sae/sae.safetensors")
+    assert not same_sae(None, one)

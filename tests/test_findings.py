@@ -153,6 +153,11 @@ def test_methods_against_random_and_activation_with_their_power():
     assert vs_random["result"] == "beat"
     assert out[("attribution", "activation")]["result"] == "no clear difference"
     assert ("activation", "random") in out and ("random", "attribution") not in out
+    diffing = method("model-diff", 30, (-0.05, 0.0, -0.1))
+    out = {(m["method"], m["baseline"]): m for m in F.method_findings(F.Inputs(
+        steering=rows + diffing))}
+    assert out[("attribution", "model-diff")]["difference"] == pytest.approx(0.3 - 0.05)
+    assert ("model-diff", "random") in out and ("activation", "model-diff") not in out
     one_each = F.compare([0.3], [0.0])
     assert one_each["result"] == "cannot tell" and one_each["se"] is None
     assert F.compare([0.0, 0.0], [0.1, 0.1])["result"] == "worse"

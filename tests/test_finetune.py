@@ -376,3 +376,17 @@ def test_a_shipped_organism_loads_by_its_short_name(name):
     base = load_model("qwen2.5-0.5b-instruct", device="cpu")
     ids = torch.tensor([base.tokenizer.encode("def read_file(name):\n    return open(")])
     assert not torch.allclose(_logits(lm.model, ids), _logits(base.model, ids), atol=1e-3)
+
+
+def test_the_default_sae_of_an_adapter_is_its_base_models(trained):
+    """`--sae default` on an organism or an adapter folder is the base model's shipped SAE
+    (it reads the adapted residual stream); a base without one is named in the error."""
+    from latentaudit.models import adapters
+    from latentaudit.saes.shipped import SHIPPED_DIR, default_sae_path
+
+    folder = adapters.ORGANISM_ROOT / "qwen2.5-0.5b-instruct-insecure"
+    if (folder / "adapter_config.json").is_file():
+        assert default_sae_path(folder.name) == SHIPPED_DIR / "qwen2.5-0.5b-instruct"
+        assert default_sae_path(str(folder)) == SHIPPED_DIR / "qwen2.5-0.5b-instruct"
+    with pytest.raises(LatentAuditError, match="ships no SAE for model"):
+        default_sae_path(str(trained))  # a tiny base: no shipped SAE

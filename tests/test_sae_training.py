@@ -529,3 +529,22 @@ def test_decoder_gradient_projection_records_no_graph():
     T.project_decoder_grad(W)
     assert W.grad.grad_fn is None and not W.grad.requires_grad
     torch.testing.assert_close((W.grad * W).sum(1), torch.zeros(8), atol=1e-6, rtol=0)
+
+
+def test_sae_evaluate_on_a_sample_file_reads_each_completion_with_its_prompt(tmp_path):
+    """A `latentaudit sample` output is evaluated as its own sequences (prompt + completion
+    token ids, not packed text), up to the token budget; a broken row later on is named."""
+    from latentaudit.saes.evaluate import EvalConfig, text_sequences
+
+    rows = [{"prompt_id": f"p{i}", "sample_index": 0, "completion": "x",
+             "prompt_token_ids": [1, 2, 3 + i], "completion_token_ids": list(range(5, 5 + i))}
+            for i in range(1, 6)]
+    path = tmp_path / "s.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    seqs = text_sequences(str(path), None, EvalConfig(tokens=1000))
+    assert seqs == [r["prompt_token_ids"] + r["completion_token_ids"] for r in rows]
+    # 3 + 4 = 7 evaluated positions (the first of each is skipped) reach a budget of 7
+    assert text_sequences(str(path), None, EvalConfig(tokens=7)) == seqs[:2]
+    path.write_text(path.read_text() + json.dumps({"text": "prose"}) + "\n", encoding="utf-8")
+    with pytest.raises(LatentAuditError, match=r"s\.jsonl:6: field 'completion_token_ids'"):
+        text_sequences(str(path), None, EvalConfig(tokens=1000))

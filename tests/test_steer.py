@@ -16,6 +16,7 @@ from latentaudit.errors import LatentAuditError
 from latentaudit.generate import generate
 from latentaudit.models.hooks import RowSteering, layer_list, steer_resid
 from latentaudit.models.load import load_model
+from latentaudit.runfolder import SteeringRow
 from latentaudit.sample import SampleConfig
 from latentaudit.steer import stats
 from latentaudit.steer.config import Condition, SteerConfig
@@ -355,6 +356,7 @@ def test_sweep_writes_rates_that_recompute_from_its_completions(run_dir, capsys)
     pytest.importorskip("matplotlib")
     assert (run_dir / "steering_away.png").stat().st_size > 1000
     assert (run_dir / "steering_toward.svg").is_file()
+    assert (run_dir / "steering_away_sorted.png").stat().st_size > 1000
 
 
 def test_a_killed_sweep_resumes_without_redoing_finished_rows(run_dir, monkeypatch):
@@ -433,7 +435,39 @@ def test_sweep_with_a_model_diff_and_a_toward_model(run_dir, tmp_path):
 
     diff = load_file(run_dir / "steer" / "model_diff.safetensors")
     top = diff["model_diff"].argsort(descending=True)[:2].tolist()
+    # Δ_model by hand: each model's mean SAE activation over the dataset's completion tokens
+    from latentaudit.attribution.plan import encode_completions
+    from latentaudit.data.behaviour import load_behaviour
+    from latentaudit.saes import load_sae
+
+    sae = load_sae(run_dir.parent / "sae")
+    means = []
+    for name in (json.loads((run_dir / "manifest.json").read_text())["model"]["name"], other):
+        m = load_model(str(name), device="cpu")
+        feats, out = [], {}
+        hook = layer_list(m.model)[LAYER].register_forward_hook(  # the layer's own output
+            lambda mod, args, o, out=out: out.update(h=o[0] if isinstance(o, tuple) else o))
+        with torch.no_grad():
+            for p, q in encode_completions(m.tokenizer, load_behaviour(
+                    run_dir.parent / "dataset.jsonl"), None):
+                m.model(input_ids=torch.tensor([p + q]))
+                feats.append(sae.encode(out["h"][0, len(p):]))
+        hook.remove()
+        means.append(torch.cat(feats).mean(0))
+    assert torch.allclose(diff["model_diff"], means[0] - means[1], atol=1e-5)
     assert sorted({r["latents"][0] for r in rows if r["method"] == "model-diff"}) == sorted(top)
+    # the unsteered toward rows are the other model's own samples (same seeds as `sample`)
+    sampled = tmp_path / "other.jsonl"
+    assert main(["sample", "--model", str(other), "--prompts", str(run_dir.parent /
+                 "prompts.jsonl"), "--n", "2", "--max-new-tokens", "6", "--top-p", "0.9",
+                 "--seed", "0", "--device", "cpu", "--out", str(sampled)]) == 0
+    want = {(r["prompt_id"], r["sample_index"]): r["completion"] for r in lines(sampled)}
+    toward = {(g["prompt_id"], g["sample_index"]): g["completion"] for g in gen
+              if g["key"] == "base@toward"}
+    main_rows = {(g["prompt_id"], g["sample_index"]): g["completion"] for g in gen
+                 if g["key"] == "base"}
+    assert toward and all(want[k] == v for k, v in toward.items())
+    assert any(main_rows[k] != v for k, v in toward.items())
 
 
 def test_logodds_only_samples_nothing(run_dir, capsys):
@@ -484,3 +518,20 @@ def test_a_methods_mean_effect_has_a_bootstrap_interval_over_its_latents():
     assert est.value == pytest.approx(0.25) and est.n == 4
     assert 0.1 <= est.lo < 0.25 < est.hi <= 0.4
     assert stats.mean_estimate([]).value is None
+
+
+def test_sorted_effects_put_the_strongest_in_the_steered_direction_first():
+    from latentaudit.steer.figures import sorted_effects
+
+    def row(method, diff):
+        return SteeringRow(method=method, latents=[1], direction="away", strength=0.5,
+                           alpha=1.0, model="main", searched=False, n=4, n_decided=4,
+                           rate=None, rate_ci=[None, None], base_rate=None,
+                           base_rate_ci=[None, None], diff=diff, diff_ci=[None, None],
+                           n_paired=4, incoherence=None, incoherence_ci=[None, None])
+
+    rows = [row("attribution", 0.1), row("attribution", -0.3), row("random", 0.0),
+            row("attribution", None), row("model-diff", -0.05)]
+    assert sorted_effects(rows, "away") == {"attribution": [-0.3, 0.1],
+                                            "model-diff": [-0.05], "random": [0.0]}
+    assert sorted_effects(rows, "toward")["attribution"] == [0.1, -0.3]

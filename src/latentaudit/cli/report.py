@@ -35,6 +35,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Print the run's findings (verdict per steered latent, methods against "
                         "random latents, trust in the first-order Δ, disagreements) as text and "
                         "write RUN_DIR/findings.json, instead of the HTML page.")
+    p.add_argument("--with", dest="with_runs", nargs="+", default=[], metavar="OTHER",
+                   help="Run folders of other behaviours on the same model and SAE (or its "
+                        "fine-tunes): the page adds their top-K overlap with this run against "
+                        "chance and the latents high in several runs, with their steering "
+                        "effect on each behaviour.")
     p.add_argument("--circuit", metavar="DIR", help="Folder of `latentaudit circuit`, its --out "
                                                     "(default RUN_DIR/circuit).")
 
@@ -55,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     path = write_report(args.run, args.out, explain=args.explain, steering=args.steering,
-                        monitor=args.monitor, circuit=args.circuit)
+                        monitor=args.monitor, circuit=args.circuit,
+                        with_runs=args.with_runs)
     print(path)
     return 0

@@ -61,7 +61,9 @@ def _add_evaluate(ev: argparse.ArgumentParser) -> None:
     ev.add_argument("--text", nargs="+", default=["held-out", "outside"], metavar="TEXT",
                     help="held-out (the corpus's held-out split), outside (books outside the "
                          "training mix: `latentaudit data fetch --sources gutenberg`), or "
-                         ".txt/.jsonl files.")
+                         ".txt/.jsonl files; a `latentaudit sample` output is read as its "
+                         "completions with their prompts, in the model's chat format (e.g. a "
+                         "fine-tune's own replies against its base model's).")
     ev.add_argument("--tokens", type=int, default=100_000,
                     help="Positions per text for FVU, L0 and never-firing latents.")
     ev.add_argument("--ce-tokens", type=int, default=4096,

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 from latentaudit.errors import LatentAuditError
 from latentaudit.explain.overlap import topk_overlap
-from latentaudit.explain.run import RunFolder, read_run
+from latentaudit.runfolder import RunFolder
 
 SCHEMA_VERSION = 1
 OVERLAP_KS = (1, 10, 100)
@@ -34,18 +35,52 @@ def base_model(run: RunFolder) -> str:
     return canonical(adapter.get("base") or run.model_name)
 
 
-def check_same_model(runs: Sequence[RunFolder]) -> None:
-    """Step 1: one model, and the same SAE path at every layer the runs share."""
+def same_sae(a: str | None, b: str | None) -> bool:
+    """Whether two runs' recorded SAE paths name one SAE: the same path; the same file where
+    both exist here (same bytes: runs made in another checkout); or, where they do not, the same
+    shipped SAE (the path below ``saes/shipped/``)."""
+    if a == b:
+        return True
+    if a is None or b is None:
+        return False
+    pa, pb = Path(a), Path(b)
+    if pa.exists() and pb.exists():
+        return pa.is_file() and pb.is_file() and _digest(pa) == _digest(pb)
+    marker = ("saes", "shipped")
+
+    def shipped(p: Path) -> tuple[str, ...] | None:
+        parts = p.parts
+        for i in range(len(parts) - 1):
+            if parts[i:i + 2] == marker:
+                return parts[i + 2:]
+        return None
+
+    return shipped(pa) is not None and shipped(pa) == shipped(pb)
+
+
+def _digest(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_same_model(runs: Sequence[RunFolder], flag: str = "--across") -> None:
+    """Step 1: one model, and the same SAE path at every layer the runs share (errors name
+    ``flag``, the option that gave the runs)."""
     first = runs[0]
     for run in runs[1:]:
         if base_model(run) != base_model(first):
             raise LatentAuditError(
-                f"--across: {run.path} ran on model '{run.model_name}' but {first.path} on "
+                f"{flag}: {run.path} ran on model '{run.model_name}' but {first.path} on "
                 f"'{first.model_name}': compare runs of one model (or of its fine-tunes).")
         for L in set(run.layers) & set(first.layers):
-            if run.sae_path(L) != first.sae_path(L):
+            if not same_sae(run.sae_path(L), first.sae_path(L)):
                 raise LatentAuditError(
-                    f"--across: layer {L} of {run.path} used the SAE {run.sae_path(L)} but "
+                    f"{flag}: layer {L} of {run.path} used the SAE {run.sae_path(L)} but "
                     f"{first.path} used {first.sae_path(L)}: compare runs of one SAE.")
 
 
@@ -91,15 +126,15 @@ def pair_overlaps(runs: Sequence[RunFolder], ks: Sequence[int] = OVERLAP_KS) -> 
 
 
 def across_runs(runs: Sequence[str | os.PathLike], top_k: int = 20,
-                min_runs: int = 2) -> dict:
+                min_runs: int = 2, flag: str = "--across") -> dict:
     """The content of ``across.json`` for several run folders of one model and SAE."""
     if len(runs) < 2:
-        raise LatentAuditError("--across needs at least two run folders.")
+        raise LatentAuditError(f"{flag} needs at least two run folders.")
     if not 2 <= min_runs <= len(runs):
         raise LatentAuditError(f"--min-runs must be between 2 and the number of runs "
                                f"({len(runs)}), got {min_runs}.")
-    folders = [read_run(r) for r in runs]
-    check_same_model(folders)
+    folders = [RunFolder.open(r, flag) for r in runs]
+    check_same_model(folders, flag)
     return {"schema_version": SCHEMA_VERSION, "runs": [str(r.path) for r in folders],
             "model": folders[0].model_name, "models": [r.model_name for r in folders],
             "top_k": top_k, "min_runs": min_runs,

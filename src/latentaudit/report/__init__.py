@@ -4,9 +4,11 @@
    (:mod:`latentaudit.report.sections`): the attribution run (required: ``manifest.json``,
    ``ranking.jsonl``, ``attribution.safetensors``), then, when they exist, the explain stage's
    ``explain/`` folder, the circuit's ``circuit.json`` (``circuit/``), the steering sweep's files
-   and the monitor evaluation's ``monitor_eval.json`` (``monitor-eval/``). A stage without files
-   leaves its section out. Last, the findings (:mod:`latentaudit.report.findings`), computed
-   from those files, shown first and written to ``RUN_DIR/findings.json``.
+   the monitor evaluation's ``monitor_eval.json`` (``monitor-eval/``) and, given other runs
+   (``--with``), their rankings and sweeps for the across-behaviours comparison. A stage
+   without files leaves its section out. Last, the findings
+   (:mod:`latentaudit.report.findings`), computed from those files, shown first and written
+   to ``RUN_DIR/findings.json``.
 2. Draw the figures with matplotlib (Δ-attribution against Δ-activation of every latent;
    exact against first-order Δ; the ROC curves when the monitor evaluation has no ``roc.png``)
    and inline them, with the sweep's and the monitor evaluation's own PNG figures, as ``data:``
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -50,12 +53,15 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
                  explain: str | os.PathLike | None = None,
                  steering: str | os.PathLike | None = None,
                  monitor: str | os.PathLike | None = None,
-                 circuit: str | os.PathLike | None = None) -> Path:
+                 circuit: str | os.PathLike | None = None,
+                 with_runs: Sequence[str | os.PathLike] = ()) -> Path:
     """Write the report of the run in ``run_dir`` to ``out`` (default ``run_dir/report.html``)
     and return its path. ``explain`` is the explain stage's folder (default ``run_dir/explain``),
     ``steering`` the folder of the steering sweep's files (default ``run_dir``), ``monitor`` the
     folder of ``latentaudit monitor evaluate`` (default ``run_dir/monitor-eval``), ``circuit``
-    the folder of ``latentaudit circuit`` (default ``run_dir/circuit``)."""
+    the folder of ``latentaudit circuit`` (default ``run_dir/circuit``); ``with_runs`` are run
+    folders of other behaviours on the same model and SAE, compared in the section "Shared
+    latents across behaviours"."""
     from latentaudit._io import atomic_open, write_json
     from latentaudit.report.context import build_context
     from latentaudit.report.render import render
@@ -66,7 +72,8 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
     sources = Sources(run=run, explain=Path(explain) if explain else run / "explain",
                       steering=Path(steering) if steering else run,
                       monitor=Path(monitor) if monitor else run / "monitor-eval",
-                      circuit=Path(circuit) if circuit else run / "circuit")
+                      circuit=Path(circuit) if circuit else run / "circuit",
+                      others=tuple(Path(p) for p in with_runs))
     context = build_context(sources)
     html = render(context)
     path = Path(out) if out else run / REPORT_FILE

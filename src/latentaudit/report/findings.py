@@ -32,7 +32,8 @@ Rules (constants below):
    would sit z standard errors from 0 (a [0, 0] interval does not mean infinite power).
 3. Per method and condition (direction, strength, model): the mean over its latents of the
    change in the intended direction (−change away, +change toward), against the random latents
-   and against Δ-activation: the difference of means with SE = √(s²_A/n_A + s²_B/n_B) over
+   and against Δ-activation (Δ-attribution also against model diffing, when the sweep ran it):
+   the difference of means with SE = √(s²_A/n_A + s²_B/n_B) over
    latents; *beat* when difference / SE > 1.96, *worse* when < −1.96, else *no clear
    difference*, with the smallest detectable difference :data:`Z_POWER` × SE.
 4. Trust in the first-order Δ: Spearman ρ of first-order against exact Δ per layer with a
@@ -312,7 +313,8 @@ def compare(a: list[float], b: list[float]) -> dict[str, Any]:
 
 
 def method_findings(inputs: Inputs) -> list[dict[str, Any]]:
-    """Rule 3 per condition: each method against random and Δ-activation."""
+    """Rule 3 per condition: each method against random and Δ-activation, and Δ-attribution
+    against model diffing when the sweep ran it."""
     groups: dict[tuple, dict[str, list[dict]]] = {}
     for r in inputs.steering:
         if len(r.get("latents") or []) == 1 and _finite(r.get("diff")) and \
@@ -325,8 +327,8 @@ def method_findings(inputs: Inputs) -> list[dict[str, Any]]:
         for m in by:
             if m == CONTROL:
                 continue
-            for base in (CONTROL, "activation"):
-                if base == m or base not in by:
+            for base in (CONTROL, "activation", "model-diff"):
+                if base == m or base not in by or (base == "model-diff" and m != "attribution"):
                     continue
                 c = compare(eff[m], eff[base])
                 c.update(method=m, baseline=base, direction=direction, strength=strength,

@@ -5,7 +5,11 @@
    - ``held-out``: the held-out split of the default training mix (documents never trained on);
    - ``outside``: prose books kept outside the training mix (``corpus.OUTSIDE_BOOKS``), an equal
      share of sequences from each, read from the start of the book;
-   - a path: the user's ``.txt`` / ``.jsonl`` files, all of them.
+   - a path: the user's ``.txt`` / ``.jsonl`` files, all of them;
+   - a ``latentaudit sample`` output (JSONL rows with ``prompt_token_ids`` and
+     ``completion_token_ids``): each completion with its prompt as one sequence, in the chat
+     format the model saw it, not packed; so an SAE is read on a model's own replies (e.g. a
+     fine-tune's against its base model's, with the base model's SAE).
 2. :func:`~latentaudit.saes.metrics.evaluate_saes` on each text: one pass up to layer L per
    batch for FVU, L0 and the latents that never fire, over every token; the CE-loss increase
    (clean, SAE spliced in, mean-ablated) over the first ``ce_tokens`` only, since it costs two or
@@ -77,8 +81,41 @@ def text_documents(text: str | os.PathLike) -> list[Iterable[str]]:
     return [(d.text for d in load_corpus([text]))]
 
 
+def completion_sequences(path: str | os.PathLike, cfg: EvalConfig) -> list[list[int]] | None:
+    """Prompt + completion token ids of a ``latentaudit sample`` file, up to about
+    ``cfg.tokens`` evaluated positions; None when ``path`` is not such a file."""
+    from latentaudit._io import iter_json_lines
+
+    if not str(path).endswith(".jsonl") or not os.path.isfile(path):
+        return None
+    seqs, positions = [], 0
+    for line, row in iter_json_lines(path):
+        if isinstance(row, ValueError) and seqs:
+            raise LatentAuditError(f"{path}:{line}: not valid JSON ({row.msg}).")
+        ids = row.get("completion_token_ids") if isinstance(row, dict) else None
+        if ids is None:
+            if not seqs:
+                return None  # a text corpus file
+            raise LatentAuditError(f"{path}:{line}: field 'completion_token_ids' is missing, "
+                                   "though earlier rows have it: pass a `latentaudit sample` "
+                                   "output.")
+        seq = list(row.get("prompt_token_ids") or []) + list(ids)
+        if len(seq) > cfg.skip_first + 1:
+            seqs.append(seq)
+            positions += len(seq) - cfg.skip_first
+        if positions >= cfg.tokens:
+            break
+    return seqs
+
+
 def text_sequences(text: str | os.PathLike, tokenizer, cfg: EvalConfig) -> list[list[int]]:
-    """Packed sequences of ``text`` covering about ``cfg.tokens`` positions (step 1)."""
+    """Packed sequences of ``text`` covering about ``cfg.tokens`` positions (step 1); a sample
+    file's completions as they are."""
+    own = completion_sequences(text, cfg)
+    if own is not None:
+        if not own:
+            raise LatentAuditError(f"{text}: no completion to evaluate on.")
+        return own
     streams = text_documents(text)
     n = -(-cfg.tokens // cfg.per_sequence)  # sequences in all
     per = [n // len(streams) + (i < n % len(streams)) for i in range(len(streams))]

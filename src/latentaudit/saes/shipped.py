@@ -30,16 +30,31 @@ def shipped_models() -> list[str]:
 
 
 def default_sae_path(model: str) -> Path:
-    """The shipped SAE folder for an embedded model, or a clear error."""
+    """The shipped SAE folder for an embedded model (for a LoRA adapter or a shipped organism:
+    its base model's, which reads the adapted residual stream), or a clear error."""
     from latentaudit.models.embedded import canonical
 
     path = SHIPPED_DIR / canonical(model)
     if not (path / "cfg.json").is_file():
+        base = _adapter_base(model)
+        if base is not None and base != model:
+            return default_sae_path(base)
         have = ", ".join(shipped_models()) or "none"
         raise LatentAuditError(
             f"--sae default: latentaudit ships no SAE for model '{model}' (shipped: {have}); "
             "pass an SAE path, or train one with `latentaudit train-sae`.")
     return path
+
+
+def _adapter_base(model: str) -> str | None:
+    """The base model when ``model`` names a LoRA adapter, else None."""
+    from latentaudit.models.adapters import parse_model_spec
+
+    try:
+        spec = parse_model_spec(model)
+    except LatentAuditError:
+        return None
+    return spec.base if spec.adapter is not None else None
 
 
 def resolve_shipped(value: str, model: str) -> str:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from latentaudit.report.sections import (
+    across,
     attribution,
     circuit,
     explain,
@@ -49,6 +50,8 @@ class Sources:
     """The folder of ``latentaudit monitor evaluate`` (default ``run/monitor-eval``)."""
     circuit: Path | None = None
     """The folder of ``latentaudit circuit`` (default ``run/circuit``)."""
+    others: tuple[Path, ...] = ()
+    """Run folders of other behaviours on the same model and SAE (``report --with``)."""
     run_layers: list[int] | None = None
     """The layers of the run's manifest, once read."""
     run_latents: frozenset[tuple[int, int]] | None = None
@@ -78,7 +81,10 @@ SECTIONS: tuple[Section, ...] = (
             lambda s: circuit.load(s.circuit or s.run / "circuit", s.run_layers),
             "circuit_latent.html"),
     Section("steering", "Steering", "steering.html",
-            lambda s: steering.load(s.steering, s.run_layers), "steering_latent.html"),
+            lambda s: steering.load(s.steering, s.run_layers, s.run_latents),
+            "steering_latent.html"),
+    Section("across", "Shared latents across behaviours", "across.html",
+            lambda s: across.load(s.run, list(s.others))),
     Section("monitor", "Monitors", "monitor.html",
             lambda s: monitor.load(s.monitor or s.run / "monitor-eval", s.run_layers,
                                    s.run_latents), "monitor_latent.html"),

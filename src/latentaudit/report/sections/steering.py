@@ -1,13 +1,16 @@
 """The steering section: the sweep's figures and tables, and each steered latent's evidence.
 
 1. Read ``steering.jsonl`` and ``steering_logodds.jsonl`` (the section exists when either does),
-   ``steering_summary.json``, the figures ``steering_away.png`` / ``steering_toward.png``
-   (inlined as they are) and the work files ``steer/manifest.json``.
+   ``steering_summary.json``, the figures ``steering_away.png`` / ``steering_toward.png`` and
+   their ``_sorted`` twins (inlined as they are) and the work files ``steer/manifest.json``.
 2. Per latent steered alone: its rows of the table and of the log-odds check, the table cells
    (the paired change in the behaviour rate away and toward, at the searched strength or else
    the largest one, on the model under study), and a few example completions per condition
    from ``steer/completions.jsonl`` graded in ``steer/judged.jsonl``, each beside its unsteered
    twin (same prompt and seed). Examples where the grade flipped the steered way come first.
+3. When the sweep ran the model-diffing baseline (``steer/model_diff.safetensors``), every
+   latent of the table gets its Δ_model (mean activation on the model under study minus on the
+   base model, same text) and its rank by it: the ranked table's "model diff" columns.
 """
 
 from __future__ import annotations
@@ -32,11 +35,20 @@ COLUMNS = [
      "kind": "text", "first": "asc"},
 ]
 FLIP = {"away": ("positive", "negative"), "toward": ("negative", "positive")}
+DIFF_COLUMNS = [
+    {"key": "model_diff", "label": "model diff", "title": "mean activation on the model under "
+     "study minus on the base model, on the same completions (model-diffing baseline)",
+     "kind": "num", "first": "desc"},
+    {"key": "model_diff_rank", "label": "diff rank", "title": "rank by model diff among all "
+     "latents", "kind": "int", "first": "asc"},
+]
 
 
-def load(folder: Path, run_layers: list[int] | None = None) -> dict[str, Any] | None:
+def load(folder: Path, run_layers: list[int] | None = None,
+         run_latents: frozenset[tuple[int, int]] | None = None) -> dict[str, Any] | None:
     """The section's dict, or None when ``folder`` holds no steering files; ``run_layers``
-    gives the layer when the work files do not (a sweep steers a one-layer run)."""
+    gives the layer when the work files do not (a sweep steers a one-layer run), and
+    ``run_latents`` the ranked latents that get a model-diff cell (step 3)."""
     rows = read_jsonl_if(folder / "steering.jsonl", FIX,
                          need=("method", "latents", "direction", "strength"))
     logodds = read_jsonl_if(folder / "steering_logodds.jsonl", FIX,
@@ -49,8 +61,9 @@ def load(folder: Path, run_layers: list[int] | None = None) -> dict[str, Any] | 
     layer = work.get("layer")
     if layer is None and run_layers and len(run_layers) == 1:
         layer = run_layers[0]
-    figs = [{"direction": d, "uri": figures.file_uri(folder / f"steering_{d}.png")}
-            for d in ("away", "toward")]
+    figs = [{"direction": d.replace("_", ", "), "uri": figures.file_uri(
+        folder / f"steering_{d}.png")} for d in ("away", "away_sorted", "toward",
+                                                   "toward_sorted")]
     data = {"path": str(folder), "layer": layer, "settings": settings(work, summary),
             "summary": summary.get("summary") or [], "sets": summary.get("sets") or {},
             "rows": rows, "logodds": logodds,
@@ -58,7 +71,32 @@ def load(folder: Path, run_layers: list[int] | None = None) -> dict[str, Any] | 
             "latents": {}}
     if layer is not None:
         per_latent(data, int(layer), examples(folder))
+        model_diff_cells(data, folder, int(layer), run_latents or frozenset())
     return data
+
+
+def model_diff_cells(data: dict[str, Any], folder: Path, layer: int,
+                     run_latents: frozenset[tuple[int, int]]) -> None:
+    """Step 3: the model-diff columns for the ranked and the steered latents."""
+    path = folder / "steer" / "model_diff.safetensors"
+    if not path.is_file():
+        return
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    diff = load_file(str(path)).get("model_diff")
+    if diff is None:
+        return
+    diff = diff.astype(np.float64)
+    order = np.argsort(-diff, kind="stable")
+    rank = np.empty(len(order), dtype=int)
+    rank[order] = np.arange(1, len(order) + 1)
+    keys = {k for k in run_latents if k[0] == layer} | set(data["cells"])
+    for L, i in keys:
+        if L == layer and 0 <= i < len(diff):
+            data["cells"].setdefault((L, i), {}).update(
+                {"model_diff": float(diff[i]), "model_diff_rank": int(rank[i])})
+    data["columns"] = data["columns"] + DIFF_COLUMNS
 
 
 def columns(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
