@@ -144,21 +144,19 @@ def test_an_unknown_hook_point_is_one_clear_error():
     with pytest.raises(LatentAuditError, match="reads the hook point hook_z"):
         saes_by_layer([sae], None)
     lm = model_of("llama", layers=2)
-    with pytest.raises(LatentAuditError, match="'resid_mid' is not one of"):
-        with capture_resid(lm.model, [0], point="resid_mid"):
+    with pytest.raises(LatentAuditError, match="'resid_middle' is not one of"):
+        with capture_resid(lm.model, [0], point="resid_middle"):
             pass
 
 
-def test_a_run_at_mlp_out_and_the_stages_that_need_resid_post(tiny_model_dir, tmp_path, capsys):
-    """attribute reads an mlp_out SAE at mlp_out and says so in its manifest; explain, circuit,
-    steer, monitor and a run with those stages refuse it with one clear error."""
+def test_a_run_at_mlp_out_is_explained_there(tiny_model_dir, tmp_path, capsys):
+    """attribute reads an mlp_out SAE at mlp_out and says so in its manifest; a --hook that
+    disagrees is one clear error; explain works on the run (steering, circuits and monitors
+    there: test_steer_points.py, test_stage_points.py)."""
     import json
     from pathlib import Path
 
     from latentaudit.cli import main
-    from latentaudit.monitor.inputs import load_monitor_sae
-    from latentaudit.pipeline.checks import check_resid_post
-    from latentaudit.steer.sweep import _sae_layer
 
     sae = random_sae(32, 24, layer=1)
     sae.info.hook = "mlp_out"
@@ -171,14 +169,6 @@ def test_a_run_at_mlp_out_and_the_stages_that_need_resid_post(tiny_model_dir, tm
     assert main(["attribute", "--model", str(tiny_model_dir), "--sae", str(folder), "--data",
                  str(data), "--out", str(tmp_path / "run2"), "--hook", "attn_out"]) == 2
     assert "reads the hook point mlp_out but --hook attn_out" in capsys.readouterr().err
-    for refuse in (lambda: load_monitor_sae(str(folder), "m", None),
-                   lambda: _sae_layer(str(folder)),
-                   lambda: check_resid_post(str(folder), ["steer"])):
-        with pytest.raises(LatentAuditError, match="reads the hook point mlp_out"):
-            refuse()
-    assert main(["circuit", "--from", str(tmp_path / "run"), "--upstream-sae", str(folder),
-                 "--device", "cpu"]) == 2
-    assert "reads the hook point mlp_out" in capsys.readouterr().err
     (tmp_path / "corpus.txt").write_text("Water boils at one hundred degrees at sea level. " * 20)
     assert main(["explain", "--from", str(tmp_path / "run"), "--corpus",
                  str(tmp_path / "corpus.txt"), "--corpus-tokens", "200", "--context-len", "40",

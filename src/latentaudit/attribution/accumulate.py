@@ -19,6 +19,7 @@ losses are copied back only at checkpoints and at the end.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -153,15 +154,20 @@ def batch_sums(model: LoadedModel, saes: dict[int, SAE], plan: Plan, rows: list[
     batch = cpu_batch.to(model.device)
     w = torch.tensor([plan.weights[j] for j in rows])  # (B,)
     positive = torch.tensor([plan.positive[j] for j in rows])  # (B,)
-    batch_losses, per_layer = forward_backward(model.model, batch, list(saes),
-                                               points={L: s.info.hook for L, s in saes.items()})
+    # a transcoder's encoder reads another point (the MLP's input) than attribution does
+    reads = {L: s.read_point for L, s in saes.items()
+             if cfg.delta_activation and s.read_point != s.info.hook}
+    with (capture_resid(model.model, list(reads), point=reads) if reads
+          else contextlib.nullcontext({})) as read:
+        batch_losses, per_layer = forward_backward(
+            model.model, batch, list(saes), points={L: s.info.hook for L, s in saes.items()})
     out = {}
     for L, (a, g) in per_layer.items():
         mask = (batch.attention_mask.bool() if cfg.positions == "all"
                 else batch.completion_mask)
         sae = saes[L] if cfg.delta_activation else None
         out[L] = layer_sums(sae, a, g, w, mask, batch, positive, comp_idx,
-                            (chunks or {}).get(L))
+                            (chunks or {}).get(L), read[L].detach() if L in read else None)
     return BatchSums(list(rows), batch_losses, out)
 
 
@@ -211,10 +217,11 @@ def forward_backward(model, batch: Batch, layers: list[int], points: dict[int, s
 
 
 def layer_sums(sae: SAE | None, a: Tensor, g: Tensor, w: Tensor, mask: Tensor, batch: Batch,
-               positive: Tensor, comp_idx: Tensor | None = None, chunk: int | None = None
-               ) -> dict[str, Tensor | None]:
+               positive: Tensor, comp_idx: Tensor | None = None, chunk: int | None = None,
+               encoded: Tensor | None = None) -> dict[str, Tensor | None]:
     """One batch's sums at one layer, on the layer's device (named as
-    :attr:`Accumulators.NAMES`; f_pos and f_neg are None without an SAE).
+    :attr:`Accumulators.NAMES`; f_pos and f_neg are None without an SAE). ``encoded``: what the
+    SAE's encoder reads when it is not ``a`` (a transcoder's MLP input), (B, T, D).
 
     ``comp_idx``: flat indices of the completion positions (computed on the host, so selecting
     them does not wait for the device; None: from ``batch``).
@@ -235,7 +242,8 @@ def layer_sums(sae: SAE | None, a: Tensor, g: Tensor, w: Tensor, mask: Tensor, b
         if comp_idx is None:
             comp_idx = batch.completion_mask.reshape(-1).nonzero().squeeze(1)
         comp_idx = comp_idx.to(dev, non_blocking=True)
-        acts = a.reshape(-1, a.shape[-1]).index_select(0, comp_idx)  # (N, D)
+        x = a if encoded is None else encoded.to(dev)
+        acts = x.reshape(-1, x.shape[-1]).index_select(0, comp_idx)  # (N, D)
         side = side_bt.reshape(-1).index_select(0, comp_idx)  # (N,)
         with torch.no_grad():
             out["f_pos"], out["f_neg"] = _latent_sums(sae, acts, side, chunk)

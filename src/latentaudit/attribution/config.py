@@ -14,7 +14,7 @@ from latentaudit.saes.sae import SAEInfo
 
 ABAR_SOURCES = ("auto", "sae", "dataset", "zero")
 POSITIONS = ("all", "completion")
-HOOKS = ("auto", "resid_pre", "attn_out", "mlp_out", "resid_post")
+HOOKS = ("auto", "resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")
 
 
 @dataclass
@@ -46,8 +46,8 @@ class AttributionConfig:
     time)."""
     hook: str = field(default="auto", metadata={"choices": HOOKS})
     """Hook point the SAEs read: auto (the one each SAE's config records; resid_post when it
-    records none), resid_pre, attn_out, mlp_out or resid_post. An SAE that records another is an
-    error."""
+    records none), resid_pre, attn_out, resid_mid, mlp_out or resid_post. An SAE that records
+    another is an error."""
 
     def __post_init__(self) -> None:
         at_least("batch_size", self.batch_size, 0)

@@ -31,7 +31,7 @@ Data = str | os.PathLike | Sequence[Completion]
 HOOK = "resid_post"
 """The hook point the stages that replay the layers above one (explain's exact check, circuits,
 steering's log-odds, monitors) read SAEs at: the output of its decoder layer."""
-POINTS = ("resid_pre", "attn_out", "mlp_out", "resid_post")
+POINTS = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")
 """Hook points attribution reads (see :func:`latentaudit.models.hooks.hook_site`)."""
 """A behaviour dataset: a JSONL path, or completions built in code."""
 

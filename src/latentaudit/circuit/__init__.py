@@ -7,8 +7,10 @@ latents i at L2 (the top ``top_k`` of an attribution run's ranking, or given ids
    and targets, the run's SAE and dataset (paired as the run paired them), the upstream SAEs and
    their layers, the options.
 2. For each batch of the run's paired completions (:mod:`.passes`), one forward and one
-   backward of ℓ_C as attribution does, giving a¹_t = resid_post of L1 and, at L2, a²_t and
-   g²_t = ∂ℓ_C/∂a²_t.
+   backward of ℓ_C as attribution does, giving a¹_t at the upstream SAE's hook point of L1 and,
+   at the target SAE's hook point of L2, a²_t and g²_t = ∂ℓ_C/∂a²_t (each point is the one its
+   SAE reads: resid_post, resid_pre, attn_out or mlp_out; every point of L1 lies upstream of
+   every point of L2, so the steps below hold at any pair).
 3. The target's measure y_i and its cotangent at L2 (:mod:`.math`): ``loss``, the target's
    contribution to the loss, y_i = Σ_t (g²_t·d_i)((a²_t − ā²)·d_i) = −δ_i(C) with g² held at its
    clean value, cotangent (g²_t·d_i) d_i; or ``pre-activation``, the SAE encoder's
@@ -42,12 +44,14 @@ latents i at L2 (the top ``top_k`` of an attribution run's ranking, or given ids
 Files in ``<run>/circuit/`` (schema_version 1):
 
 - ``circuit.json``: ``schema_version``, ``stage`` ("circuit"), ``run``, ``model``, ``measure``,
-  ``positions``, ``layers``, ``hops`` ([{upstream_layer, target_layer, upstream_sae, targets,
-  route, abar_source, edges_kept, kept_share}]), ``nodes`` ([{id "layer:latent", layer, latent,
-  role (target, intermediate, upstream), rank, delta_attribution, attribution_total,
-  attribution_kept, logit_lens, top_examples ([{activation, max_index, tokens, activations}] or
-  null when not cached)}]), ``edges`` ([{source, target, weight (Δ-edge), share (|weight| over
-  the target's total)}]), ``dataset``, ``counts``, ``options`` and ``versions``.
+  ``positions``, ``layers``, ``hops`` ([{upstream_layer, target_layer, upstream_sae,
+  upstream_hook and target_hook (where either is not resid_post), targets, route, abar_source,
+  edges_kept, kept_share}]), ``nodes``
+  ([{id "layer:latent", layer, latent, role (target, intermediate, upstream), rank,
+  delta_attribution, attribution_total, attribution_kept, logit_lens, top_examples
+  ([{activation, max_index, tokens, activations}] or null when not cached)}]), ``edges``
+  ([{source, target, weight (Δ-edge), share (|weight| over the target's total)}]),
+  ``dataset``, ``counts``, ``options`` and ``versions``.
 - ``circuit.safetensors``: per hop ``L{L1}_L{L2}``: float32 ``edges_…`` [targets, d_sae] (every
   Δ-edge, unpruned), int64 ``targets_…``, float32 ``upstream_delta_…`` [d_sae] and ``a_bar_…``.
 """

@@ -98,6 +98,10 @@ class Hop:
     """How the vector-Jacobian products were taken: stacked or one-at-a-time."""
     upstream_sae: str
     """The upstream SAE's file."""
+    upstream_hook: str = "resid_post"
+    """The hook point of ``upstream_layer`` the upstream SAE reads (a¹ is taken there)."""
+    target_hook: str = "resid_post"
+    """The hook point of ``target_layer`` the targets' SAE reads (a² and g² are taken there)."""
 
 
 @dataclass

@@ -116,11 +116,12 @@ def one_hop(model: LoadedModel, plan, lower: int, sae: SAE, upper: int, upper_sa
         cotangents = partial(_loss_cotangents, dirs, positions)
     else:
         cotangents = partial(_pre_cotangents, upper_sae)
+    points = (sae.info.hook, upper_sae.info.hook)
     key = hop_key(model.name, f"{sae_fingerprint(sae)}:{sae_fingerprint(upper_sae)}", lower,
-                  upper, targets, plan, cfg, positions)
+                  upper, targets, plan, cfg, positions, points)
     checkpoint = out / f"L{lower}_L{upper}.checkpoint.safetensors" if out else None
     sums, route = run_hop(model, plan, lower, upper, targets, sae.d_sae, cotangents, cfg,
-                          positions, key, checkpoint)
+                          positions, key, checkpoint, points)
     a_bar, source = choose_abar(cfg.abar, sae, sums.node)
     dirs_up = sae.decoder_directions().to(sums.M_raw.device)  # (S, D)
     edges = edges_from_moments(center_stacked(sums.M_raw, sums.u_sum, a_bar), dirs_up).cpu()
@@ -129,7 +130,8 @@ def one_hop(model: LoadedModel, plan, lower: int, sae: SAE, upper: int, upper_sa
     return Hop(upstream_layer=lower, target_layer=upper, targets=list(targets), edges=edges,
                keep=pruned.keep, total=pruned.total.tolist(), kept=pruned.kept.tolist(),
                upstream_delta=node_delta.cpu(), a_bar=a_bar.float().cpu(), abar_source=source,
-               route=route, upstream_sae=sae.info.source_path or "")
+               route=route, upstream_sae=sae.info.source_path or "", upstream_hook=points[0],
+               target_hook=points[1])
 
 
 def _loss_cotangents(directions, positions: str, a2, g2, batch, targets):

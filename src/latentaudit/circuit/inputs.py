@@ -58,7 +58,6 @@ def check_inputs(run: str | os.PathLike, upstream: Upstream,
                  sae: SAESource | None = None, data: str | os.PathLike | None = None,
                  model_name: str | None = None) -> Inputs:
     """Read the run and every input of the stage, with one clear error for any problem."""
-    from latentaudit.attribution.plan import HOOK
     from latentaudit.explain.engine import _load_sae
     from latentaudit.models.embedded import canonical
 
@@ -71,7 +70,7 @@ def check_inputs(run: str | os.PathLike, upstream: Upstream,
     (target_layer, ids), = chosen.items()
     if sae is not None and not isinstance(sae, SAE):
         sae = str(sae)
-    target_sae = _load_sae(folder, target_layer, sae, points=(HOOK,))
+    target_sae = _load_sae(folder, target_layer, sae)
     ups = upstream_saes(upstream, upstream_layers, target_layer, target_sae)
     rows, pairing, dataset = folder.pairs(data, "pass --data.", "the circuit")
     pairing = first_prompts(rows, pairing, cfg.max_prompts)
@@ -83,10 +82,11 @@ def check_inputs(run: str | os.PathLike, upstream: Upstream,
 
 def upstream_saes(upstream: Upstream, layers: int | Sequence[int] | None, target_layer: int,
                   target_sae: SAE, *, name: Naming = flag) -> dict[int, SAE]:
-    """{layer: SAE}, highest layer first, each below the target layer and fitting its d_model.
+    """{layer: SAE}, highest layer first, each below the target layer and fitting its d_model
+    (at any hook point attribution reads: :data:`~latentaudit.attribution.plan.POINTS`).
 
     Errors call the options ``upstream_sae`` and ``upstream_layer`` by ``name(field)``."""
-    from latentaudit.attribution.plan import HOOK, _load
+    from latentaudit.attribution.plan import _load
 
     if isinstance(upstream, Mapping):
         if layers is not None:
@@ -101,7 +101,6 @@ def upstream_saes(upstream: Upstream, layers: int | Sequence[int] | None, target
     by_layer = saes_by_layer([_load(s) for s in upstream], layers,
                              fields=("upstream_layer", "upstream_sae"), name=name)
     for L, s in by_layer.items():
-        s.check_hook(HOOK)
         if L >= target_layer:
             raise LatentAuditError(
                 f"{name('upstream_layer')} {L} ({config_file(s)}) is not below the targets' layer "

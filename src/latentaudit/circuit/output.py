@@ -71,10 +71,17 @@ def graph_edges(hops: list[Hop]) -> list[dict[str, Any]]:
 
 def hop_rows(hops: list[Hop]) -> list[dict[str, Any]]:
     return [{"upstream_layer": h.upstream_layer, "target_layer": h.target_layer,
-             "upstream_sae": h.upstream_sae, "targets": h.targets, "route": h.route,
-             "abar_source": h.abar_source, "edges_kept": int(h.keep.sum()),
+             "upstream_sae": h.upstream_sae, **_points(h), "targets": h.targets,
+             "route": h.route, "abar_source": h.abar_source, "edges_kept": int(h.keep.sum()),
              "kept_share": [k / t if t else None for k, t in zip(h.kept, h.total, strict=True)]}
             for h in hops]
+
+
+def _points(hop: Hop) -> dict[str, str]:
+    """The hop's hook points, named where either is not resid_post (the default)."""
+    if (hop.upstream_hook, hop.target_hook) == ("resid_post", "resid_post"):
+        return {}
+    return {"upstream_hook": hop.upstream_hook, "target_hook": hop.target_hook}
 
 
 def label(nodes: list[dict[str, Any]], lens: dict[tuple[int, int], list[str]],

@@ -1,13 +1,16 @@
 """One hop of a circuit: the batch loop from the layer of the targets down to the upstream layer.
 
-1. Per batch, one forward of the model (recording resid_post a¹ of the upstream layer as a leaf,
-   resid_post a² of the target layer and the calls of the layers between) and one backward of
-   Σ_C ℓ_C to a² and a¹ (g², g¹), as the attribution stage does.
+1. Per batch, one forward of the model (recording a¹ at the upstream SAE's hook point of the
+   upstream layer as a leaf, a² at the target SAE's hook point of the target layer, and the
+   calls of the layers between) and one backward of Σ_C ℓ_C to a² and a¹ (g², g¹), as the
+   attribution stage does. Any hook point of a lower layer lies upstream of any of a higher
+   one, so the products below are the same whatever the two points are.
 2. The cotangent of each target at a²: ∂y_i/∂a²_t (:mod:`.math`), then its vector-Jacobian
    product down to a¹, u^(i)_t = ∂y_i/∂a¹_t. Stacked route (``route = stacked``, and ``auto`` off
    the CPU): the layers between are replayed on ``target_batch`` copies of the batch stacked in
    the batch dimension and one backward takes all their products; the replay must reproduce the
-   clean a² (else, and with ``route = one-at-a-time``, ``auto`` on the CPU, one backward per
+   clean a² (else, and with ``route = one-at-a-time``, ``auto`` on the CPU, or when either point
+   is not resid_post, which a replay of whole layers does not pass through, one backward per
    target through the clean pass).
 3. Accumulate per target M^(i)_raw = Σ_C w_C Σ_t u^(i)_t a¹_tᵀ and s^(i) = Σ_C w_C Σ_t u^(i)_t,
    and for the upstream latents' own Δ-attribution Σ w g¹ a¹ᵀ, Σ w g¹, plus Σ a¹ for a dataset ā.
@@ -79,11 +82,13 @@ class BatchProducts(NamedTuple):
 
 def batch_products(model, batch: Batch, lower: int, upper: int, targets: list[int],
                    cotangents: Cotangents, target_batch: int, stacked: bool = True,
-                   ) -> BatchProducts:
-    """Steps 1–2 for one batch: a¹, g¹ and every target's vector-Jacobian product at a¹."""
+                   points: tuple[str, str] = ("resid_post", "resid_post")) -> BatchProducts:
+    """Steps 1–2 for one batch: a¹, g¹ and every target's vector-Jacobian product at a¹
+    (``points``: the hook points of ``lower`` and ``upper``)."""
     k = batch.n_completion
     between = list(range(lower + 1, upper + 1))
-    with capture_resid(model, [lower, upper], grad_from=lower) as store, \
+    with capture_resid(model, [lower, upper], grad_from=lower,
+                       point={lower: points[0], upper: points[1]}) as store, \
             capture_layer_inputs(model, between) as calls:
         losses = completion_losses_of(  # (B,) without every position's logits
             model, k, batch.input_ids[:, -k:], batch.completion_mask[:, -k:],
@@ -130,12 +135,15 @@ def _stacked(model, lower: int, upper: int, a1: Tensor, a2: Tensor, calls, V: Te
 
 def run_hop(model, plan: Plan, lower: int, upper: int, targets: list[int], d_sae: int,
             cotangents: Cotangents, cfg: CircuitConfig, positions: str, key: str,
-            checkpoint: str | os.PathLike | None = None) -> tuple[HopSums, str]:
-    """Steps 1–4 over every batch of ``plan``; returns the sums and the route taken."""
+            checkpoint: str | os.PathLike | None = None,
+            points: tuple[str, str] = ("resid_post", "resid_post")) -> tuple[HopSums, str]:
+    """Steps 1–4 over every batch of ``plan``; returns the sums and the route taken.
+    ``points``: the hook points a¹ and a² are taken at."""
     lm, device = model.model, model.device
     sums = HopSums(len(targets), model.d_model, d_sae, device)
     start, route = _resume(checkpoint, key, sums)
-    stacked = stacked_route(cfg.route, device) and route != "one-at-a-time"
+    stacked = (stacked_route(cfg.route, device) and route != "one-at-a-time"
+               and points == ("resid_post", "resid_post"))
     every_n, every_s = cfg.checkpoint_every_batches, cfg.checkpoint_every_seconds
     last_save = monotonic()
     with progress(total=len(plan.batches), desc=f"circuit L{lower}→L{upper}", unit="batch",
@@ -145,7 +153,7 @@ def run_hop(model, plan: Plan, lower: int, upper: int, targets: list[int], d_sae
             batch = collate([plan.seqs[j] for j in idx], plan.pad_id).to(device)
             w = torch.tensor([plan.weights[j] for j in idx], device=device)  # (B,)
             got = batch_products(lm, batch, lower, upper, targets, cotangents, cfg.target_batch,
-                                 stacked)
+                                 stacked, points)
             if stacked and not got.stacked:
                 log.info("the layers between %d and %d do not replay here: one backward per "
                          "target from now on", lower, upper)
@@ -182,10 +190,12 @@ def add_batch(sums: HopSums, got: BatchProducts, w: Tensor, batch: Batch, positi
 
 
 def hop_key(model_name: str, saes: str, lower: int, upper: int, targets: list[int],
-            plan: Plan, cfg: CircuitConfig, positions: str) -> str:
+            plan: Plan, cfg: CircuitConfig, positions: str,
+            points: tuple[str, str] = ("resid_post", "resid_post")) -> str:
     """What a checkpoint must match to be resumed (``saes``: fingerprints of the upstream and
-    the target SAE)."""
-    blob = json.dumps({"model": model_name, "saes": saes, "layers": [lower, upper],
+    the target SAE; ``points``: their hook points)."""
+    where = {} if points == ("resid_post", "resid_post") else {"points": list(points)}
+    blob = json.dumps({"model": model_name, "saes": saes, "layers": [lower, upper], **where,
                        "targets": targets, "measure": cfg.measure, "positions": positions,
                        "batch_size": cfg.batch_size, "n": len(plan.used),
                        "weights": plan.weights,

@@ -41,6 +41,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="Model (default: the run's).")
     p.add_argument("--sae", help="SAE path or 'default' (default: the run's).")
     p.add_argument("--layer", type=int, help="Layer (default: the run's, else the SAE's).")
+    p.add_argument("--hook", default="auto",
+                   choices=["auto", "resid_pre", "attn_out", "resid_mid", "mlp_out",
+                            "resid_post"],
+                   help="Hook point steered (α·d is added there): auto (the SAE's) or the "
+                        "point its config records; another is an error.")
     p.add_argument("--prompts", help="Prompts to steer on: a suite name, JSONL or .txt file "
                                      "(default: the suite named like the rubric). Prompts the "
                                      "run's dataset used are left out.")
@@ -75,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
                          layer=args.layer, prompts=args.prompts, rubric=args.rubric,
                          judge=args.judge, coherence_judge=coherence, out=args.out,
                          data=args.data, toward_model=args.toward_model,
-                         base_model=args.base_model,
+                         base_model=args.base_model, hook=args.hook,
                          judge_options=judge_options(args.judge, args))
     print(f"steering on {len(plan.prompts)} held-out prompts ({plan.excluded_prompts} used by "
           f"attribution left out), {cfg.n} completions each per condition")

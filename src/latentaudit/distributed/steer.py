@@ -37,7 +37,8 @@ class RemoteRows:
         self.pool.__exit__(*exc)
 
     def generate_rows(self, loaded, layer: int, todo: Sequence[tuple], prompt_ids: dict,
-                      vectors: dict, cfg, path: Path, desc: str = "steer") -> int:
+                      vectors: dict, cfg, path: Path, desc: str = "steer",
+                      point: str = "resid_post") -> int:
         """Generate ``todo`` rows (condition, prompt_id, sample_index) into ``path``."""
         if not todo:
             return 0
@@ -45,7 +46,7 @@ class RemoteRows:
         batches = [list(todo[k:k + step]) for k in range(0, len(todo), step)]
         tasks = [(b, {pid: prompt_ids[pid] for _, pid, _ in b},
                   {c.key: vectors[c.key] for c, _, _ in b}) for b in batches]
-        shared = self.pool.share((loaded.name, layer, cfg))
+        shared = self.pool.share((loaded.name, layer, point, cfg))
         with open(path, "a", encoding="utf-8") as f:
             self.pool.run(_rows, tasks, shared=shared,
                           on_result=lambda _, rows: append_jsonl(f, rows),
@@ -56,5 +57,5 @@ class RemoteRows:
 def _rows(worker, shared, batch, prompt_ids, vectors) -> list[dict]:
     from latentaudit.steer.generation import steered_rows
 
-    model, layer, cfg = shared
-    return steered_rows(worker.model(model), layer, batch, prompt_ids, vectors, cfg)
+    model, layer, point, cfg = shared
+    return steered_rows(worker.model(model), layer, batch, prompt_ids, vectors, cfg, point)

@@ -249,7 +249,7 @@ def merge_batch(model, sae: SAE, layer: int, ids, mask, first: int, top: TopK,
                  ) -> tuple[TopK, Density, int]:
     """Step 2 for one batch, in row blocks and latent chunks that keep the latent tensor near
     128 MB; returns new state (``top`` and ``density`` are not changed)."""
-    hidden = run_until(model, [layer], sae.info.hook, input_ids=ids,
+    hidden = run_until(model, [layer], sae.read_point, input_ids=ids,
                        attention_mask=mask)[layer]  # (B, T, D)
     B, T = ids.shape
     dev = top.values.device

@@ -9,8 +9,14 @@ handles it registered, in ``finally``.
 Other hook points of layer L (SAELens ``blocks.L.hook_<point>``) are found by :func:`hook_site`,
 the one place that knows them: ``resid_pre`` (the layer's input hidden state), ``attn_out`` and
 ``mlp_out`` (what the attention and the MLP add to the residual stream: their output, after the
-post-norm of Gemma-2-style blocks). Every hook below takes ``point`` (one for all layers, or
-{layer: point}); a hook function sees and may replace the activation at that point.
+post-norm of Gemma-2-style blocks), ``mlp_in`` (what the MLP reads: its module's input, after
+the pre-MLP norm; a transcoder's encoder reads it). ``resid_mid``, the residual stream between
+the attention and the MLP, is no module's output: it is resid_pre + attn_out, so its hook records
+the layer's input and, at the attention's output o, sees h = resid_pre + o and hands back
+h' − resid_pre, which makes the residual stream h' from there on (blocks whose attention and
+MLP read the same input, :data:`PARALLEL`, have no resid_mid). Every hook below takes ``point``
+(one for all layers, or {layer: point}); a hook function sees and may replace the activation at
+that point.
 
 Steering (:class:`RowSteering`, :func:`steer_resid`) is one more residual hook: row b of the
 batch gets ``vectors[b]`` added at every position of every forward pass (a prefill over the
@@ -102,8 +108,13 @@ def layer_device(model: nn.Module, layer: int) -> torch.device:
     return param.device
 
 
-POINTS = ("resid_pre", "attn_out", "mlp_out", "resid_post")
+POINTS = ("resid_pre", "attn_out", "resid_mid", "mlp_in", "mlp_out", "resid_post")
 """Hook points of a decoder layer, in the order the forward pass reaches them."""
+PARALLEL: dict[str, str | None] = {"gpt_neox": "use_parallel_residual", "gptj": None,
+                                   "falcon": "parallel_attn", "phi": None, "cohere": None,
+                                   "cohere2": None}
+"""model_type -> the config flag that makes its blocks parallel (attention and MLP both read the
+layer's input), or None where they always are: these blocks have no resid_mid."""
 _ATTN = ("self_attn", "attn", "attention", "self_attention")
 _MLP = ("mlp", "feed_forward", "ffn")
 
@@ -119,9 +130,9 @@ def hook_site(model: nn.Module, layer: int, point: str = "resid_post") -> tuple[
         return block.post_attention_layernorm, False
     if point == "mlp_out" and hasattr(block, "post_feedforward_layernorm"):
         return block.post_feedforward_layernorm, False
-    for name in {"attn_out": _ATTN, "mlp_out": _MLP}.get(point, ()):
+    for name in {"attn_out": _ATTN, "mlp_out": _MLP, "mlp_in": _MLP}.get(point, ()):
         if isinstance(getattr(block, name, None), nn.Module):
-            return getattr(block, name), False
+            return getattr(block, name), point == "mlp_in"
     if point not in POINTS:
         raise LatentAuditError(f"hook point '{point}' is not one of {', '.join(POINTS)}.")
     raise LatentAuditError(
@@ -159,6 +170,44 @@ def _input_hook(fn: ResidFn) -> Callable:
     return hook
 
 
+def parallel_blocks(model: nn.Module) -> bool:
+    """Whether the model's attention and MLP read the same input (see :data:`PARALLEL`)."""
+    cfg = model.config
+    model_type = getattr(cfg, "model_type", "")
+    if model_type not in PARALLEL:
+        return False
+    flag = PARALLEL[model_type]
+    return flag is None or bool(getattr(cfg, flag, False)) or (
+        model_type == "falcon" and bool(getattr(cfg, "new_decoder_architecture", False)))
+
+
+def _mid_hooks(model: nn.Module, layer: int, fn: ResidFn) -> list:
+    """resid_mid of ``layer``: the layer's input recorded by a pre-hook, then resid_pre + o seen
+    at the attention's output o (step in the module docstring)."""
+    if parallel_blocks(model):
+        raise LatentAuditError(
+            f"hook point 'resid_mid' does not exist in {type(model).__name__}: its attention "
+            "and MLP both read the layer's input (parallel blocks); use resid_pre, attn_out, "
+            "mlp_out or resid_post.")
+    block = layer_module(model, layer)
+    attn, _ = hook_site(model, layer, "attn_out")
+    pre: list[Tensor] = []
+
+    def record(hidden: Tensor) -> None:
+        pre[:] = [hidden]
+
+    def mid(out: Tensor) -> Tensor | None:
+        h = pre[0] + out  # (B, T, D)
+        new = fn(h)
+        if new is None:
+            # observed only: keep the forward exact, unless a gradient must reach h
+            return h - pre[0] if torch.is_grad_enabled() and h.requires_grad else None
+        return new - pre[0]
+
+    return [block.register_forward_pre_hook(_input_hook(record), with_kwargs=True),
+            attn.register_forward_hook(_resid_hook(mid))]
+
+
 @contextlib.contextmanager
 def resid_hooks(model: nn.Module, fns: dict[int, ResidFn],
                 point: str | Mapping[int, str] = "resid_post") -> Iterator[None]:
@@ -167,7 +216,11 @@ def resid_hooks(model: nn.Module, fns: dict[int, ResidFn],
     handles = []
     try:
         for layer, fn in fns.items():
-            module, is_input = hook_site(model, layer, _point_of(point, layer))
+            where = _point_of(point, layer)
+            if where == "resid_mid":
+                handles.extend(_mid_hooks(model, layer, fn))
+                continue
+            module, is_input = hook_site(model, layer, where)
             handles.append(
                 module.register_forward_pre_hook(_input_hook(fn), with_kwargs=True) if is_input
                 else module.register_forward_hook(_resid_hook(fn)))

@@ -237,6 +237,7 @@ def run_evaluation(completions, out, cfg: EvalConfig, *, run=None, latents=None,
     results = evaluate(ev, latent_sets(cfg, the_sae.d_sae, r, latents), cfg, tr)
     results = {"schema_version": SCHEMA_VERSION, "stage": "monitor-evaluate",
                "model": lm.name, "d_model": lm.d_model, "layer": layer,
+               "hook": the_sae.info.hook,
                "sae": {"path": the_sae.info.source_path, "digest": sae_digest(the_sae),
                        "d_sae": the_sae.d_sae},
                "run": str(r.path) if r else None, "config": _config(cfg), **results}

@@ -165,6 +165,11 @@ def check_identity(mon: Monitor, where: str, model: str | None = None, sae=None,
                 f"{where} reads layer {mon.layer} but the SAE {sae.info.source_path} was "
                 f"trained on layer {recorded}: pass the SAE the monitor was fit with "
                 f"({mon.sae.get('path')}).")
+        if sae.info.hook != mon.hook:
+            raise LatentAuditError(
+                f"{where} reads the hook point {mon.hook} (field 'hook') but the SAE "
+                f"{sae.info.source_path} reads {sae.info.hook}: pass the SAE the monitor was "
+                f"fit with ({mon.sae.get('path')}).")
         digest = sae_digest(sae)
         if digest != mon.sae.get("digest"):
             raise LatentAuditError(

@@ -107,6 +107,7 @@ def run_fit(completions, out, *, run=None, top_k: int | None = None, by: str = "
                   threshold=threshold, model={"name": lm.name, "d_model": lm.d_model},
                   sae={"path": the_sae.info.source_path, "digest": sae_digest(the_sae),
                        "d_sae": the_sae.d_sae, "d_model": the_sae.d_model}, layer=layer,
+                  hook=the_sae.info.hook,
                   fit={"completions": counts(data), "latents_from": source, "l2": fit.model.l2,
                        "folds": folds, "cv_auc": fit.choice.auc, "target_recall": recall,
                        "cv_precision": fit.point.precision, "cv_recall": fit.point.recall})

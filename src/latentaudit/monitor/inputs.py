@@ -12,7 +12,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from latentaudit.attribution.plan import HOOK
+from latentaudit.attribution.plan import POINTS
 from latentaudit.attribution.select import top_latents
 from latentaudit.errors import LatentAuditError
 from latentaudit.runfolder import RunFolder
@@ -84,14 +84,20 @@ def check_held_out(prompts: set[str] | None, used: list[str], flag: str, what: s
 
 
 def load_monitor_sae(value: str, model: str, layer: int | None):
-    """Load an ``--sae`` value (a path, a shipped name or ``default``) in float32 on the CPU."""
+    """Load an ``--sae`` value (a path, a shipped name or ``default``) in float32 on the CPU; it
+    must read one of the hook points the monitor reads (:data:`POINTS`)."""
     from latentaudit.saes import load_sae
     from latentaudit.saes.shipped import resolve_sae_path
 
     path = resolve_sae_path(value, model)
     if not Path(path).exists():
         raise LatentAuditError(f"--sae {value}: no such file or folder.")
-    return load_sae(path, dtype="fp32", layer=layer, hook=HOOK)
+    sae = load_sae(path, dtype="fp32", layer=layer)
+    if sae.info.hook not in POINTS:
+        raise LatentAuditError(
+            f"--sae {value} reads the hook point {sae.info.hook}, which the monitor does not "
+            f"read: use an SAE trained at one of {', '.join(POINTS)}.")
+    return sae
 
 
 def check_latents(latents: list[int], d_sae: int, flag: str = "--latents") -> torch.Tensor:

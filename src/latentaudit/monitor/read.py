@@ -5,9 +5,10 @@
    :class:`~latentaudit.data.behaviour.Completion` so it is tokenised exactly as attribution
    tokenises it (:func:`~latentaudit.attribution.plan.encode_completions`: the row's token ids
    when it has them, else the chat template).
-2. The model runs up to layer L (:func:`~latentaudit.models.hooks.run_until`, left-padded
-   batches of similar length); at the positions holding completion tokens the SAE encodes the
-   residual stream a_t into latent activations f_t.
+2. The model runs up to the SAE's hook point of layer L (resid_post, resid_pre, attn_out or
+   mlp_out; :func:`~latentaudit.models.hooks.run_until`, left-padded batches of similar length);
+   at the positions holding completion tokens the SAE encodes the activation a_t there into
+   latent activations f_t.
 3. Per completion C with completion positions T_C:
    mean_i(C) = (1/|T_C|) Σ_{t∈T_C} f_{t,i}, max_i(C) = max_{t∈T_C} f_{t,i}, and the residual's
    mean (1/|T_C|) Σ_t a_t (the linear probe's input).
@@ -158,7 +159,8 @@ def read_reductions(lm, sae, layer: int, seqs: list[tuple[list[int], list[int]]]
             batch = collate([seqs[i] for i in idx], pad).to(device)
             acts = run_until(lm.model, [layer], input_ids=batch.input_ids,
                              attention_mask=batch.attention_mask,
-                             position_ids=batch.position_ids)[layer]  # (B, T, D)
+                             position_ids=batch.position_ids,
+                             point=sae.read_point)[layer]  # (B, T, D)
             red = reduce_completions(acts, batch.completion_mask, sae, latents)
             parts.append(Reductions(*(t.cpu() for t in red)))
             bar.update(batch.input_ids.shape[0])
@@ -183,9 +185,11 @@ def encode(tokenizer, completions: list[Completion], max_len: int | None
 
 
 def reading_key(model: str, sae_digest: str, layer: int,
-                seqs: list[tuple[list[int], list[int]]]) -> str:
-    """What a cached reading must match: model, SAE, layer and every token sequence."""
-    blob = json.dumps({"model": model, "sae": sae_digest, "layer": layer,
+                seqs: list[tuple[list[int], list[int]]], hook: str = "resid_post") -> str:
+    """What a cached reading must match: model, SAE, layer, hook point and every token
+    sequence."""
+    where = {"layer": layer} if hook == "resid_post" else {"layer": layer, "hook": hook}
+    blob = json.dumps({"model": model, "sae": sae_digest, **where,
                        "seqs": hashlib.sha256(repr(seqs).encode()).hexdigest()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -218,7 +222,7 @@ def read_cached(lm, sae, layer: int, completions: list[Completion], cache: Path 
     from latentaudit.monitor.file import sae_digest
 
     seqs = encode(lm.tokenizer, completions, max_len(lm))
-    key = reading_key(lm.name, sae_digest(sae), layer, seqs)
+    key = reading_key(lm.name, sae_digest(sae), layer, seqs, sae.info.hook)
     if cache is not None and (red := load_cached(cache, key)) is not None:
         return red
     red = read_reductions(lm, sae, layer, seqs, None, batch_size, desc)

@@ -64,9 +64,6 @@ def check_inputs(cfg: RunConfig) -> str:
         check(("explain", "corpus"), text_documents, cfg.explain.corpus)
     if sae is not None:
         check(("attribute",), check_attribution, sae, cfg.attribute)
-    later = [name for name in ("circuit", "steer") if getattr(cfg, name) is not None]
-    if later and sae is not None:
-        check(("sae",), check_resid_post, sae, later)
     if cfg.circuit is not None and sae is not None:
         check(("circuit", "upstream_sae"), check_upstream, cfg, sae)
     if problems:
@@ -118,18 +115,6 @@ def check_attribution(sae: str, cfg) -> None:
     from latentaudit.attribution.plan import _load, check_sae_options
 
     check_sae_options(_load(sae), cfg)
-
-
-def check_resid_post(sae: str, stages: list[str]) -> None:
-    """The stages after attribution read the SAE at resid_post only."""
-    from latentaudit.attribution.plan import HOOK, _load
-
-    loaded = _load(sae)
-    if loaded.info.hook != HOOK:
-        raise LatentAuditError(
-            f"{sae} reads the hook point {loaded.info.hook}, but {', '.join(stages)} read SAEs "
-            f"at {HOOK} only: attribute it alone (leave out the [{stages[0]}] table), or use "
-            f"an SAE trained at {HOOK}.")
 
 
 def check_upstream(cfg: RunConfig, sae: str) -> None:

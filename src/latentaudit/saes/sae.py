@@ -112,6 +112,12 @@ class SAE(nn.Module):
     def d_sae(self) -> int:
         return self.W_dec.shape[0]
 
+    @property
+    def read_point(self) -> str:
+        """The hook point the encoder reads: ``extra["input_hook"]`` for a transcoder (the MLP's
+        input, mlp_in), else ``info.hook``, where the decoder writes and attribution reads."""
+        return self.info.extra.get("input_hook") or self.info.hook
+
     # -- encode / decode -------------------------------------------------------------------
     def _normalise(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
         if self.info.input_norm == "none":

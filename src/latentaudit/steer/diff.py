@@ -2,7 +2,7 @@
 the model under study and a base model (e.g. before and after a fine-tune), on the same text.
 
 1. Text: every completion of the attribution run's dataset (prompt + completion tokens).
-2. For each model, the SAE's mean activation over the completion tokens at the layer.
+2. For each model, the SAE's mean activation over the completion tokens at its hook point.
 3. Δ_model = mean_main − mean_base per latent; its top-K is one more selection method.
    Stored in ``steer/model_diff.safetensors`` (with the base model and dataset hash), so a
    rerun does not recompute it.
@@ -27,7 +27,8 @@ from latentaudit.models.hooks import run_until
 @torch.no_grad()
 def mean_completion_activation(loaded, sae, layer: int, seqs: list[tuple[list[int], list[int]]],
                                batch_size: int) -> Float[Tensor, " d_sae"]:
-    """Mean SAE activation over the completion tokens of ``seqs`` (prompt ids, completion ids)."""
+    """Mean SAE activation over the completion tokens of ``seqs`` (prompt ids, completion ids),
+    read at the SAE's hook point of ``layer``."""
     pad = pad_id(loaded.tokenizer)
     total, count = torch.zeros(sae.d_sae, dtype=torch.float64), 0
     with progress(total=len(seqs), desc=f"activations ({loaded.name})", unit="completion") as bar:
@@ -37,7 +38,8 @@ def mean_completion_activation(loaded, sae, layer: int, seqs: list[tuple[list[in
             dev = loaded.device
             h = run_until(loaded.model, [layer], input_ids=batch.input_ids.to(dev),
                           attention_mask=batch.attention_mask.to(dev),
-                          position_ids=batch.position_ids.to(dev))[layer]  # (B, T, D)
+                          position_ids=batch.position_ids.to(dev),
+                          point=sae.read_point)[layer]  # (B, T, D)
             T = h.shape[1]
             mask = torch.zeros(len(part), T, dtype=torch.bool)
             for b, (_, q) in enumerate(part):

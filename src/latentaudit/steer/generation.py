@@ -56,8 +56,10 @@ def read_rows(path: Path) -> dict[Row, dict[str, Any]]:
 
 def generate_rows(loaded: LoadedModel, layer: int, todo: Sequence[tuple[Condition, str, int]],
                   prompt_ids: dict[str, list[int]], vectors: dict[str, Float[Tensor, " d_model"]],
-                  cfg: SampleConfig, path: Path, desc: str = "steer") -> int:
-    """Generate ``todo`` rows (condition, prompt_id, sample_index) into ``path``; returns count."""
+                  cfg: SampleConfig, path: Path, desc: str = "steer",
+                  point: str = "resid_post") -> int:
+    """Generate ``todo`` rows (condition, prompt_id, sample_index) into ``path``, steering at
+    hook point ``point`` of ``layer``; returns the count."""
     if not todo:
         return 0
     longest = max(len(prompt_ids[pid]) for _, pid, _ in todo)
@@ -66,17 +68,19 @@ def generate_rows(loaded: LoadedModel, layer: int, todo: Sequence[tuple[Conditio
             progress(total=len(todo), desc=desc, unit="completion") as bar:
         for start in range(0, len(todo), size):
             batch = todo[start:start + size]
-            append_jsonl(f, steered_rows(loaded, layer, batch, prompt_ids, vectors, cfg))
+            append_jsonl(f, steered_rows(loaded, layer, batch, prompt_ids, vectors, cfg, point))
             bar.update(len(batch))
     return len(todo)
 
 
 def steered_rows(loaded: LoadedModel, layer: int, batch: Sequence[tuple[Condition, str, int]],
                  prompt_ids: dict[str, list[int]],
-                 vectors: dict[str, Float[Tensor, " d_model"]], cfg: SampleConfig) -> list[dict]:
-    """The rows of one batch of (condition, prompt_id, sample_index), each with its vector."""
+                 vectors: dict[str, Float[Tensor, " d_model"]], cfg: SampleConfig,
+                 point: str = "resid_post") -> list[dict]:
+    """The rows of one batch of (condition, prompt_id, sample_index), each with its vector
+    added at hook point ``point`` of ``layer``."""
     seeds = [sample_seed(cfg.seed, pid, i) for _, pid, i in batch]
-    steering = RowSteering(layer, torch.stack([vectors[c.key] for c, _, _ in batch]))
+    steering = RowSteering(layer, torch.stack([vectors[c.key] for c, _, _ in batch]), point)
     gens = generate(loaded, [prompt_ids[pid] for _, pid, _ in batch], seeds, cfg,
                     steering=steering)
     return [{"key": c.key, "prompt_id": pid, "sample_index": i, "completion": g.text,
@@ -123,7 +127,7 @@ def generate_missing(ctx: Context, conds: Sequence[Condition],
         todo.sort(key=lambda row: (rank[row[0].key], len(ctx.enc[name][row[1]])))
         gen = ctx.remote.generate_rows if ctx.remote is not None else generate_rows
         n += gen(loaded, ctx.plan.layer, todo, ctx.enc[name], vecs, ctx.scfg, ctx.path,
-                 desc="steer" if name == "main" else f"steer ({name})")
+                 desc="steer" if name == "main" else f"steer ({name})", point=ctx.plan.hook)
     return n
 
 

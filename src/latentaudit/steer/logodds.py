@@ -11,11 +11,12 @@ quite"), one forward pass per prompt, with no sampling, tells which way a steeri
    reply position, from the logits of the last prompt token.
 3. Change = log-odds steered − log-odds unsteered, per prompt; a condition's value is the mean
    over prompts with a prompt-bootstrap interval.
-4. Cost: steering at layer L changes nothing below it, so per prompt one clean forward records
-   resid_post of L and the calls of the layers above (:mod:`latentaudit.models.upper`); each
-   condition then reruns only those layers on resid + v, conditions stacked in the batch
-   dimension. Where replaying the layers does not reproduce the clean logits (checked once per
-   model), every row is a full forward with the steering hook instead.
+4. Cost: steering at a hook point of layer L (resid_pre, attn_out, mlp_out, resid_post) changes
+   nothing below L, so per prompt one clean forward records resid_pre of L (the layer's input)
+   and the calls of layer L and those above (:mod:`latentaudit.models.upper`); each condition
+   then reruns only those layers, with the steering hook adding v at the point, conditions
+   stacked in the batch dimension. Where replaying the layers does not reproduce the clean
+   logits (checked once per model), every row is a full forward with the steering hook instead.
 """
 
 from __future__ import annotations
@@ -101,56 +102,63 @@ def next_token_logits(loaded: LoadedModel, prompts: Sequence[Sequence[int]],
 @torch.no_grad()
 def prompt_log_odds(loaded: LoadedModel, layer: int, prompt: Sequence[int],
                     vectors: Float[Tensor, "cond d_model"], sig: Signature, batch_size: int,
-                    check: bool = False) -> Float[Tensor, " cond"] | None:
-    """Log-odds of one prompt under each steering vector, rerunning only the layers above
-    ``layer`` (step 4). With ``check``: None when the replay does not match a clean forward."""
+                    check: bool = False, point: str = "resid_post"
+                    ) -> Float[Tensor, " cond"] | None:
+    """Log-odds of one prompt under each steering vector added at ``point`` of ``layer``,
+    rerunning only layer ``layer`` and those above (step 4). With ``check``: None when the
+    replay does not match a clean forward."""
     from latentaudit.models.upper import replay_matches, upper_logits
 
     model, dev = loaded.model, loaded.device
-    above = range(layer + 1, num_layers(model))
+    replayed = range(layer, num_layers(model))
     x = torch.tensor([list(prompt)], device=dev)
-    with capture_resid(model, [layer]) as store, capture_layer_inputs(model, above) as calls:
+    with capture_resid(model, [layer], point="resid_pre") as store, \
+            capture_layer_inputs(model, replayed) as calls:
         clean = model(input_ids=x, use_cache=False, **last_logits_only(model)).logits[:, -1:]
-    h = store[layer]  # (1, T, D)
-    if check and not replay_matches(model, layer, h, calls, clean):
+    h = store[layer]  # (1, T, D) the input of layer L
+    if check and not replay_matches(model, layer - 1, h, calls, clean):
         return None
     out = []
     for start in range(0, len(vectors), batch_size):
         v = vectors[start:start + batch_size].to(h.device, h.dtype)  # (c, D)
-        logits = upper_logits(model, layer, h + v[:, None, :], calls, 1)[:, -1]  # (c, V)
+        with steer_resid(model, RowSteering(layer, v, point)):
+            logits = upper_logits(model, layer - 1, h.expand(len(v), -1, -1), calls, 1)[:, -1]
         out.append(log_odds(logits.float().cpu(), sig.positive, sig.negative))
     return torch.cat(out)
 
 
 def log_odds_grid(loaded: LoadedModel, layer: int, prompts: Sequence[Sequence[int]],
                   vectors: Float[Tensor, "cond d_model"], sig: Signature,
-                  batch_size: int) -> Float[Tensor, "cond prompt"]:
+                  batch_size: int, point: str = "resid_post") -> Float[Tensor, "cond prompt"]:
     """Log-odds of every (condition, prompt): the upper-layers route, or full forwards."""
     C, P = len(vectors), len(prompts)
-    first = prompt_log_odds(loaded, layer, prompts[0], vectors, sig, batch_size, check=True)
+    first = prompt_log_odds(loaded, layer, prompts[0], vectors, sig, batch_size, check=True,
+                            point=point)
     if first is None:
-        log.info("replaying the layers above %d does not match a full forward here: the "
+        log.info("replaying layer %d and those above does not match a full forward here: the "
                  "log-odds check runs full forwards", layer)
         rows = log_odds_rows(loaded, layer, prompts, vectors.repeat(P, 1),
-                             torch.arange(P).repeat_interleave(C), sig, batch_size)
+                             torch.arange(P).repeat_interleave(C), sig, batch_size, point)
         return rows.view(P, C).T
     cols = [first]
     with progress(total=P, desc="log-odds check", unit="prompt", initial=1) as bar:
         for p in prompts[1:]:
-            cols.append(prompt_log_odds(loaded, layer, p, vectors, sig, batch_size))
+            cols.append(prompt_log_odds(loaded, layer, p, vectors, sig, batch_size, point=point))
             bar.update(1)
     return torch.stack(cols, dim=1)  # (C, P)
 
 
 def log_odds_rows(loaded: LoadedModel, layer: int, prompts: Sequence[Sequence[int]],
                   vectors: Float[Tensor, "rows d_model"], prompt_index: Int[Tensor, " rows"],
-                  sig: Signature, batch_size: int) -> Float[Tensor, " rows"]:
-    """Log-odds of every (prompt_index[r], vectors[r]) row, ``batch_size`` rows per forward."""
+                  sig: Signature, batch_size: int, point: str = "resid_post"
+                  ) -> Float[Tensor, " rows"]:
+    """Log-odds of every (prompt_index[r], vectors[r]) row, ``batch_size`` rows per forward,
+    each vector added at ``point`` of ``layer``."""
     out = []
     with progress(total=len(prompt_index), desc="log-odds check", unit="row") as bar:
         for start in range(0, len(prompt_index), batch_size):
             idx = prompt_index[start:start + batch_size]
-            steering = RowSteering(layer, vectors[start:start + batch_size])
+            steering = RowSteering(layer, vectors[start:start + batch_size], point)
             logits = next_token_logits(loaded, [prompts[int(i)] for i in idx], steering)
             out.append(log_odds(logits, sig.positive, sig.negative))
             bar.update(len(idx))
@@ -187,7 +195,7 @@ def check(ctx, conds, ranking: Sequence[int], previous: Sequence[dict] = ()) -> 
         vecs = condition_vectors(mine, ctx.dirs)  # (C, D)
         P = len(pids)
         grid = log_odds_grid(loaded, plan.layer, [ctx.enc[name][p] for p in pids], vecs, sig,
-                             cfg.forward_batch)  # (C, P)
+                             cfg.forward_batch, plan.hook)  # (C, P)
         for c, row in zip(mine[1:], grid[1:] - grid[0], strict=True):
             sums, counts = row.numpy(), torch.ones(P, dtype=torch.float64).numpy()
             est = stats.ratio_estimate(sums, counts, stats.draw_weights(P, cfg.n_boot, cfg.seed),

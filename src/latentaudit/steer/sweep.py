@@ -4,8 +4,9 @@ by steering").
 1. Plan (no model loaded): read the attribution run, the SAE, the rubric, the judge spec and the
    prompts; keep the held-out prompts (never seen by attribution); refuse an output folder made
    with other sampling settings.
-2. Load the model(s) and the SAE; measure r̄, the mean residual norm at the layer on the held-out
-   prompts (stored in ``steer/resid_norm.json``, measured once).
+2. Load the model(s) and the SAE; measure r̄, the mean norm of the activation at the SAE's hook
+   point (resid_post, resid_pre, attn_out or mlp_out of the layer) on the held-out prompts
+   (stored in ``steer/resid_norm.json``, measured once). Steering adds α·d at that same point.
 3. Latent sets per selection method and the conditions: each latent × direction × strength
    (and each whole set with ``joint``), plus the unsteered baseline per model.
 4. Optional per-latent strength search: the ladder's strengths on the first ``search_n`` units;
@@ -34,7 +35,7 @@ import torch
 
 from latentaudit import runfolder as rf
 from latentaudit._io import write_json, write_jsonl
-from latentaudit.attribution.plan import HOOK
+from latentaudit.attribution.plan import POINTS
 from latentaudit.errors import LatentAuditError
 from latentaudit.executor import as_executor
 from latentaudit.judges.rubrics import Rubric, load_rubric
@@ -48,8 +49,10 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 WORK = rf.STEER_DIR
-MATCHED = ("schema_version", "model", "toward_model", "sae", "layer", "scale",
+MATCHED = ("schema_version", "model", "toward_model", "sae", "layer", "hook", "scale",
            "temperature", "top_p", "max_new_tokens", "seed", "system")
+ABSENT = {"hook": "resid_post"}
+"""What a manifest written before a field existed meant by it."""
 
 
 @dataclass
@@ -73,6 +76,8 @@ class SteerPlan:
     judge_options: dict[str, Any] = field(default_factory=dict)
     dataset: Path | None = None
     """The behaviour dataset the run attributed on (its prompts are held out)."""
+    hook: str = "resid_post"
+    """The hook point of ``layer`` steered (the SAE's)."""
 
     @property
     def work(self) -> Path:
@@ -86,7 +91,7 @@ class SteerPlan:
             for p in self.prompts}
         return {"schema_version": SCHEMA_VERSION, "model": self.model,
                 "toward_model": self.toward_model, "base_model": self.base_model,
-                "sae": self.sae_path, "layer": self.layer,
+                "sae": self.sae_path, "layer": self.layer, "hook": self.hook,
                 "prompts_sha256": hashlib.sha256(canon.encode()).hexdigest(),
                 "prompt_ids": [p.prompt_id for p in self.prompts], "prompt_sha256": each,
                 "scale": c.scale,
@@ -104,7 +109,7 @@ def plan_steering(cfg: SteerConfig, *, run: str | os.PathLike | None = None,
                   judge: str = "auto", coherence_judge: str | None = "rules",
                   out: str | os.PathLike | None = None, data: str | os.PathLike | None = None,
                   toward_model: str | None = None, base_model: str | None = None,
-                  judge_options: dict[str, Any] | None = None) -> SteerPlan:
+                  judge_options: dict[str, Any] | None = None, hook: str = "auto") -> SteerPlan:
     """Check every input of a sweep (step 1 of the module docstring)."""
     from latentaudit.judges import JudgeSpec
     from latentaudit.saes.shipped import resolve_sae_path
@@ -128,8 +133,11 @@ def plan_steering(cfg: SteerConfig, *, run: str | os.PathLike | None = None,
     if sae_path is None:
         raise LatentAuditError("--sae is needed when there is no --from run.")
     layer = layer if layer is not None else (info.layers[0] if info else None)
-    if layer is None:
-        layer = _sae_layer(sae_path)
+    recorded, hook = _sae_site(sae_path, hook)
+    if layer is None and recorded is None:
+        raise LatentAuditError(f"--sae {sae_path}: the SAE does not record its layer; pass "
+                               "--layer.")
+    layer = recorded if layer is None else layer
     source = prompts if prompts is not None else rub.name
     all_prompts = read_prompts(source)
     used: set[str] = set()
@@ -155,18 +163,25 @@ def plan_steering(cfg: SteerConfig, *, run: str | os.PathLike | None = None,
                      prompts=held, rubric=rub, judge=judge, coherence_judge=coherence_judge,
                      run=info, given=latents, toward_model=toward_model, base_model=base_model,
                      excluded_prompts=n_used, dataset=dataset if info is not None else None,
-                     judge_options=judge_options or {})
+                     judge_options=judge_options or {}, hook=hook)
     _check_previous(plan)
     return plan
 
 
-def _sae_layer(path: str) -> int:
+def _sae_site(path: str, hook: str = "auto") -> tuple[int | None, str]:
+    """(layer, hook point) the SAE records; ``hook`` other than auto must be its hook point."""
     from latentaudit.saes import load_sae
 
-    sae = load_sae(path, hook=HOOK)
-    if sae.info.layer is None:
-        raise LatentAuditError(f"--sae {path}: the SAE does not record its layer; pass --layer.")
-    return sae.info.layer
+    sae = load_sae(path)
+    if sae.info.hook not in POINTS:
+        raise LatentAuditError(
+            f"--sae {path} reads the hook point {sae.info.hook}, where latentaudit does not "
+            f"steer: use an SAE trained at one of {', '.join(POINTS)}.")
+    if hook not in ("auto", sae.info.hook):
+        raise LatentAuditError(
+            f"--sae {path} reads the hook point {sae.info.hook} but --hook {hook} was given: "
+            f"pass --hook {sae.info.hook} (or auto), or an SAE trained at {hook}.")
+    return sae.info.layer, sae.info.hook
 
 
 def _check_previous(plan: SteerPlan) -> None:
@@ -180,7 +195,7 @@ def _check_previous(plan: SteerPlan) -> None:
                                "start the sweep again.") from None
     new = plan.settings()
     for key in MATCHED:
-        if old.get(key) != new[key]:
+        if old.get(key, ABSENT.get(key)) != new[key]:
             raise LatentAuditError(
                 f"{mpath}: the completions there were made with {key}={old.get(key)!r}, this "
                 f"sweep has {key}={new[key]!r}; use the same settings or another --out.")
@@ -240,7 +255,7 @@ def _run_steering(plan: SteerPlan, model=None, *, device: str = "auto", dtype: s
     models = {"main": loaded}
     if plan.toward_model:
         models["toward"] = load_model(plan.toward_model, device=device, dtype=dtype)
-    sae = load_sae(plan.sae_path, dtype=torch.float32, layer=plan.layer, hook=HOOK)
+    sae = load_sae(plan.sae_path, dtype=torch.float32, layer=plan.layer, hook=plan.hook)
     for m in models.values():
         sae.check_fits(m.d_model, plan.layer, m.name)
     dirs = sae.decoder_directions()  # (d_sae, d_model) unit rows
@@ -346,9 +361,11 @@ def _resid_norm(plan: SteerPlan, loaded, enc: dict[str, list[int]]) -> float:
     if path.is_file():
         return float(json.loads(path.read_text(encoding="utf-8"))["resid_norm"])
     seqs = list(enc.values())
-    value = mean_resid_norm(loaded, plan.layer, seqs, batch_size=plan.cfg.forward_batch)
+    value = mean_resid_norm(loaded, plan.layer, seqs, batch_size=plan.cfg.forward_batch,
+                            point=plan.hook)
     write_json(path, {"resid_norm": value, "model": plan.model, "layer": plan.layer,
+                      "hook": plan.hook,
                       "text": "held-out prompts (chat template), first position left out",
                       "sequences": len(seqs), "tokens": sum(len(s) - 1 for s in seqs)})
-    log.info("mean residual norm at layer %d: %.3f", plan.layer, value)
+    log.info("mean norm at %s of layer %d: %.3f", plan.hook, plan.layer, value)
     return value

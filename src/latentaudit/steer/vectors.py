@@ -1,11 +1,12 @@
 """Steering vectors: α times the sum of the steered latents' unit decoder directions.
 
 1. d_i = W_dec[i] / ‖W_dec[i]‖ (the direction attribution scores, METHOD.md).
-2. A condition steering latents S with signed strength s adds v = α Σ_{i∈S} d_i to resid_post at
-   every position, with α = s (absolute scale) or α = s · r̄ (relative scale, the default), where
-   r̄ is the mean residual norm at the layer: the mean of ‖h_t‖ over the tokens of reference text,
+2. A condition steering latents S with signed strength s adds v = α Σ_{i∈S} d_i at the SAE's
+   hook point (resid_post, resid_pre, attn_out or mlp_out of layer L) at every position, with
+   α = s (absolute scale) or α = s · r̄ (relative scale, the default), where r̄ is the mean norm
+   of the activation at that same point: the mean of ‖h_t‖ over the tokens of reference text,
    leaving out each sequence's first position (its norm is an outlier in many models). So a
-   strength means the same share of the residual stream across models and layers.
+   strength means the same share of what flows through that point across models and layers.
 """
 
 from __future__ import annotations
@@ -44,8 +45,9 @@ def norm_sums(hidden: Float[Tensor, "batch pos d_model"], mask: Tensor) -> tuple
 
 @torch.no_grad()
 def mean_resid_norm(loaded: LoadedModel, layer: int, sequences: Sequence[Sequence[int]],
-                    batch_size: int = 8) -> float:
-    """r̄: the mean ‖resid_post‖ at ``layer`` over ``sequences`` (first positions left out)."""
+                    batch_size: int = 8, point: str = "resid_post") -> float:
+    """r̄: the mean norm of hook point ``point`` (default resid_post) of ``layer`` over
+    ``sequences`` (first positions left out)."""
     pad = pad_id(loaded.tokenizer)
     total, count = 0.0, 0
     with progress(total=len(sequences), desc="residual norm", unit="seq") as bar:
@@ -54,7 +56,7 @@ def mean_resid_norm(loaded: LoadedModel, layer: int, sequences: Sequence[Sequenc
             dev = loaded.device
             h = run_until(loaded.model, [layer], input_ids=batch.input_ids.to(dev),
                           attention_mask=batch.attention_mask.to(dev),
-                          position_ids=batch.position_ids.to(dev))[layer]
+                          position_ids=batch.position_ids.to(dev), point=point)[layer]
             s, n = norm_sums(h.cpu(), batch.attention_mask)
             total, count = total + s, count + n
             bar.update(len(batch.input_ids))

@@ -14,6 +14,8 @@ Formats (``format="auto"`` detects them from the files), one module each:
    ``layer``.
 4. ``gemma_scope`` (:mod:`.gemma_scope`): ``params.npz`` or ``params.safetensors``.
 5. ``openai`` (:mod:`.openai`, openai/sparse_autoencoder): a ``.pt`` state dict.
+6. ``llama_scope`` (:mod:`.llama_scope`, OpenMOSS Llama Scope): ``hyperparams.json`` +
+   ``checkpoints/final.safetensors``; the dataset-wise input and output norms are folded in.
 
 ``path`` may also be a public name (:mod:`latentaudit.saes.hub`): ``org/repo/sub/folder``,
 ``org/repo:hookpoint`` or ``saelens:RELEASE/ID``, fetched into the hub cache first; an SAE read
@@ -32,7 +34,7 @@ import torch
 
 from latentaudit.errors import LatentAuditError, ShapeMismatchError
 from latentaudit.saes import hub, releases
-from latentaudit.saes.formats import gemma_scope, native, openai, saelens, sparsify
+from latentaudit.saes.formats import gemma_scope, llama_scope, native, openai, saelens, sparsify
 from latentaudit.saes.formats._read import parse_hook, read_cfg
 from latentaudit.saes.sae import CONFIG_FILE, FORMAT_NAME, SAE, WEIGHTS_FILE
 
@@ -46,11 +48,13 @@ FORMATS = {
     "sparsify": "cfg.json + sae.safetensors, or a folder of hookpoint folders such as layers.12/",
     "gemma_scope": "params.npz or params.safetensors (W_enc, W_dec, b_enc, b_dec, threshold)",
     "openai": "a .pt state dict (encoder.weight, decoder.weight, pre_bias, latent_bias)",
+    "llama_scope": "hyperparams.json + checkpoints/final.safetensors",
 }
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
           "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 _LOADERS = {"latentaudit": native.load, "saelens": saelens.load, "sparsify": sparsify.load,
-            "gemma_scope": gemma_scope.load, "openai": openai.load}
+            "gemma_scope": gemma_scope.load, "openai": openai.load,
+            "llama_scope": llama_scope.load}
 
 
 def load_sae(path: str | Path, format: str = "auto", device: str | torch.device | None = None,
@@ -121,6 +125,8 @@ def detect_format(path: str | Path) -> str:
             fmt = "saelens"
         elif has_cfg and (path / WEIGHTS_FILE).is_file():
             fmt = "latentaudit" if read_cfg(path).get("format") == FORMAT_NAME else "sparsify"
+        elif (path / llama_scope.CONFIG).is_file():
+            fmt = "llama_scope"
     if fmt is None:
         expected = "; ".join(f"{name}: {files}" for name, files in FORMATS.items())
         raise LatentAuditError(f"{path} is not an SAE in a format latentaudit reads ({expected}).")

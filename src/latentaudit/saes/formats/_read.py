@@ -94,6 +94,8 @@ def cfg_int(file: Path, cfg: dict[str, Any], key: str) -> int:
 
 _HF_POINTS = {"mlp": "mlp_out", "feed_forward": "mlp_out", "self_attn": "attn_out",
               "attn": "attn_out", "attention": "attn_out"}
+_TL_POINTS = {"ln2.hook_normalized": "mlp_in"}
+"""TransformerLens names of a point latentaudit calls otherwise (the MLP's normalised input)."""
 
 
 def parse_hook(name: str) -> tuple[int | None, str | None]:
@@ -103,7 +105,7 @@ def parse_hook(name: str) -> tuple[int | None, str | None]:
         layer, hook = int(m[1]), m[2]
         if hook == "resid_pre":
             return (layer - 1, "resid_post") if layer > 0 else (0, "resid_pre")
-        return layer, hook
+        return layer, _TL_POINTS.get(hook, hook)
     if m := _HF_HOOK.search(name):
         return int(m[1]), _HF_POINTS.get(m[2], m[2]) if m[2] else "resid_post"
     return None, None
