@@ -94,7 +94,7 @@ def test_delta_activation_reading_equals_a_per_completion_full_forward(lm):
 
 
 def test_residual_norm_equals_a_per_sequence_full_forward(lm):
-    from latentaudit.steer.vectors import mean_resid_norm
+    from latentaudit.models.norm import mean_resid_norm
 
     full = [p + q for p, q in seqs(lm)]
     got = mean_resid_norm(lm, 1, full, batch_size=4)

@@ -162,8 +162,8 @@ def test_parallel_blocks_have_no_resid_mid_and_saelens_names_it():
 def test_the_log_odds_check_and_the_norm_at_resid_mid(lm):
     """The log-odds replay steering resid_mid equals full forwards; r̄ there is the mean norm
     of the MLP norm's input."""
+    from latentaudit.models.norm import mean_resid_norm
     from latentaudit.steer.logodds import Signature, log_odds_grid, log_odds_rows
-    from latentaudit.steer.vectors import mean_resid_norm
 
     texts = ["Is the earth flat?", "Tell me a story"]
     ids = [lm.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]

@@ -14,9 +14,9 @@ from latentaudit.cli import main
 from latentaudit.errors import LatentAuditError
 from latentaudit.generate import generate
 from latentaudit.models.hooks import RowSteering, layer_list, steer_resid
+from latentaudit.models.norm import mean_resid_norm
 from latentaudit.sample import SampleConfig
 from latentaudit.steer.logodds import Signature, log_odds_grid, log_odds_rows
-from latentaudit.steer.vectors import mean_resid_norm
 from test_hook_points import ARCHS, POINTS, model_of
 from test_steer import lines, run_dir, sweep_args  # noqa: F401  (run_dir is a fixture)
 from tiny import random_sae

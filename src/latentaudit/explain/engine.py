@@ -202,7 +202,7 @@ def _output_effects(model: LoadedModel, inputs: Inputs, cfg: ExplainConfig,
     from latentaudit.attribution.plan import encode_completions
     from latentaudit.explain.effect import moved_tokens, output_effects
     from latentaudit.explain.output import explained_latents
-    from latentaudit.steer.vectors import mean_resid_norm
+    from latentaudit.models.norm import mean_resid_norm
 
     rows = list(dict.fromkeys(i for pair in inputs.pairs for i in pair))[:cfg.effect_texts]
     max_len = getattr(model.model.config, "max_position_embeddings", None)

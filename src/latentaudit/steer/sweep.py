@@ -355,7 +355,7 @@ def _encode_all(loaded, plan: SteerPlan, scfg) -> dict[str, list[int]]:
 
 def _resid_norm(plan: SteerPlan, loaded, enc: dict[str, list[int]]) -> float:
     """r̄ on the held-out prompts, measured once and stored in ``steer/resid_norm.json``."""
-    from latentaudit.steer.vectors import mean_resid_norm
+    from latentaudit.models.norm import mean_resid_norm
 
     path = plan.work / "resid_norm.json"
     if path.is_file():

@@ -7,6 +7,7 @@
    of the activation at that same point: the mean of ‖h_t‖ over the tokens of reference text,
    leaving out each sequence's first position (its norm is an outlier in many models). So a
    strength means the same share of what flows through that point across models and layers.
+   r̄ is measured by :func:`latentaudit.models.norm.mean_resid_norm` (explain uses it too).
 """
 
 from __future__ import annotations
@@ -17,11 +18,6 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from latentaudit._progress import progress
-from latentaudit.data.tokens import left_pad, length_batches
-from latentaudit.models.forward import pad_id
-from latentaudit.models.hooks import run_until
-from latentaudit.models.load import LoadedModel
 from latentaudit.steer.config import Condition
 
 
@@ -33,36 +29,3 @@ def condition_vectors(conditions: Sequence[Condition],
         if c.latents and c.alpha:
             out[row] = c.alpha * directions[list(c.latents)].float().sum(0)
     return out
-
-
-def norm_sums(hidden: Float[Tensor, "batch pos d_model"], mask: Tensor) -> tuple[float, int]:
-    """Σ ‖h_t‖ and the count over the unmasked positions after each row's first real token."""
-    first = mask.float().cumsum(1) == 1  # (B, T) each row's first real token
-    keep = mask.bool() & ~first
-    norms = hidden.float().norm(dim=-1)  # (B, T)
-    return float(norms[keep].sum()), int(keep.sum())
-
-
-@torch.no_grad()
-def mean_resid_norm(loaded: LoadedModel, layer: int, sequences: Sequence[Sequence[int]],
-                    batch_size: int = 8, point: str = "resid_post") -> float:
-    """r̄: the mean norm of hook point ``point`` (default resid_post) of ``layer`` over
-    ``sequences`` (first positions left out)."""
-    pad = pad_id(loaded.tokenizer)
-    total, count = 0.0, 0
-    with progress(total=len(sequences), desc="residual norm", unit="seq") as bar:
-        for idx in length_batches([len(s) for s in sequences], batch_size):
-            batch = left_pad([list(sequences[i]) for i in idx], pad)
-            dev = loaded.device
-            h = run_until(loaded.model, [layer], input_ids=batch.input_ids.to(dev),
-                          attention_mask=batch.attention_mask.to(dev),
-                          position_ids=batch.position_ids.to(dev), point=point)[layer]
-            s, n = norm_sums(h.cpu(), batch.attention_mask)
-            total, count = total + s, count + n
-            bar.update(len(batch.input_ids))
-    if count == 0:
-        from latentaudit.errors import LatentAuditError
-
-        raise LatentAuditError("the reference text for the residual norm has no tokens after "
-                               "the first of each sequence; give longer text.")
-    return total / count
