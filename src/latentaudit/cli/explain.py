@@ -153,17 +153,17 @@ def _write_neuronpedia_list(result, path: str) -> None:
 
 
 def _across(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from latentaudit._io import write_json
     from latentaudit.explain import across_runs
+    from latentaudit.explain.across import run_names
 
     table = across_runs(args.across, top_k=args.top_k, min_runs=args.min_runs)
     rows = table["latents"]
     print(f"{len(rows)} latent(s) in the top {args.top_k} of at least {args.min_runs} of "
           f"{len(args.across)} runs")
     if rows:
-        names = [Path(r).name or str(r) for r in table["runs"]]
+        names = run_names(table["runs"])
         print(f"{'layer':>5} {'latent':>7}  " + "  ".join(f"{n[:12]:>12}" for n in names))
         for r in rows:
             print(f"{r['layer']:>5} {r['latent']:>7}  " + "  ".join(
@@ -176,9 +176,9 @@ def _across(args: argparse.Namespace) -> int:
 
 
 def _print_overlap(table: dict) -> None:
-    from pathlib import Path
+    from latentaudit.explain.across import run_names
 
-    names = [Path(r).name or str(r) for r in table["runs"]]
+    names = run_names(table["runs"])
     if not table.get("overlap"):
         return
     print("\ntop-K overlap against two unrelated rankings (expected K²/N, P(overlap ≥ seen)):")

@@ -35,6 +35,17 @@ def base_model(run: RunFolder) -> str:
     return canonical(adapter.get("base") or run.model_name)
 
 
+def run_names(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """The runs' names on the page: their folders' names, with as many parent folders as it
+    takes to tell them apart (``case-one/run`` and ``false-belief/run``)."""
+    parts = [Path(p).resolve().parts for p in paths]
+    for depth in range(1, max(len(x) for x in parts) + 1):
+        names = ["/".join(x[-depth:]) for x in parts]
+        if len(set(names)) == len(names):
+            return names
+    return [str(p) for p in paths]
+
+
 def same_sae(a: str | None, b: str | None) -> bool:
     """Whether two runs' recorded SAE paths name one SAE: the same path; the same file where
     both exist here (same bytes: runs made in another checkout); or, where they do not, the same

@@ -5,10 +5,10 @@ SAE) share the latents that cause them? Shown when the report is given ``--with 
    the model (a fine-tune counts as its base) and the SAE, and gives the overlap of the top-K
    lists at K = 1, 10, 100 against the overlap two unrelated rankings would give (exact
    hypergeometric p-value), and the latents in the top ``TOP_K`` of at least two runs.
-2. Each run is named by its folder (:func:`run_names`); each shared latent gets, per run, its
-   rank, its Δ-attribution, its steering effect in that run's sweep when it was steered there
-   (the paired change away and toward on the run's own model, from ``steering.jsonl``) and its
-   logit lens.
+2. Each run is named by its folder (:func:`~latentaudit.explain.across.run_names`); each
+   shared latent gets, per run, its rank, its Δ-attribution, its steering effect in that run's
+   sweep when it was steered there (the paired change away and toward on the run's own model,
+   from ``steering.jsonl``) and its logit lens.
 3. Table cell ``also`` of the ranked-latents table: the latent's rank in the other runs where
    it is in their top ``TOP_K``.
 """
@@ -18,6 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from latentaudit.explain.across import run_names
 from latentaudit.report.read import read_jsonl_if
 from latentaudit.runfolder import RunFolder
 
@@ -27,17 +28,6 @@ COLUMNS = [{"key": "also", "label": "other runs", "title": "rank of the latent i
             "runs given with --with, where it is in their top 100", "kind": "text",
             "first": "asc"}]
 FIX = "rerun `latentaudit steer` for that run, or leave it out of --with."
-
-
-def run_names(paths: list[Path]) -> list[str]:
-    """The runs' names on the page: their folders' names, with as many parent folders as it
-    takes to tell them apart (``case-one/run`` and ``false-belief/run``)."""
-    parts = [Path(p).resolve().parts for p in paths]
-    for depth in range(1, max(len(x) for x in parts) + 1):
-        names = ["/".join(x[-depth:]) for x in parts]
-        if len(set(names)) == len(names):
-            return names
-    return [str(p) for p in paths]
 
 
 def steering_effects(path: Path) -> dict[int, dict[str, float | None]]:
