@@ -221,3 +221,21 @@ def test_the_saelens_registry_is_used_when_installed(cache, monkeypatch):
         load_sae("saelens:some-release/other")
     # a release the registry lacks still resolves through latentaudit's table
     assert load_sae(f"saelens:gemma-scope-2b-pt-res-canonical/{GS_PATH}").info.layer == 1
+
+
+def test_digests_cover_the_files_of_subfolders(tmp_path):
+    """A Llama Scope folder keeps its weights in checkpoints/: the manifest digests them too."""
+    import hashlib
+
+    from latentaudit.saes.hub import origin
+
+    rev = "a" * 40
+    folder = tmp_path / "models--org--scope" / "snapshots" / rev / "L3R"
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "hyperparams.json").write_text("{}")
+    (folder / "checkpoints" / "final.safetensors").write_bytes(b"weights")
+    got = origin(folder)
+    assert (got["repo"], got["revision"], got["path"]) == ("org/scope", rev, "L3R")
+    assert got["files"] == {"L3R/checkpoints/final.safetensors":
+                            hashlib.sha256(b"weights").hexdigest(),
+                            "L3R/hyperparams.json": hashlib.sha256(b"{}").hexdigest()}

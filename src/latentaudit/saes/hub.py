@@ -139,13 +139,15 @@ def _truthy(value: str | None) -> bool:
 
 
 def origin(path: str | os.PathLike, files: list[Path] | None = None) -> dict[str, Any] | None:
-    """Repo, revision, path and file digests of an SAE in a hub cache, else None (step 3)."""
+    """Repo, revision, path and file digests of an SAE in a hub cache (every file of its folder,
+    subfolders included: a Llama Scope folder keeps its weights in ``checkpoints/``), else None
+    (step 3)."""
     path = Path(path).absolute()
     m = _CACHED.search(path.as_posix())
     if m is None:
         return None
     files = files if files is not None else (
-        sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path])
+        sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path])
     snapshot = Path(path.as_posix()[:m.start("path") - 1] if m["path"] else path)
     return {"repo": f"{m['org']}/{m['name']}", "revision": m["rev"], "path": m["path"] or "",
             "files": {p.absolute().relative_to(snapshot).as_posix(): sha256(p) for p in files}}
