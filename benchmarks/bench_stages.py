@@ -210,10 +210,10 @@ def stage_rows(lm, args, completions, device) -> list[Row]:
     from latentaudit.judges.base import JudgeItem
     from latentaudit.judges.probe import ProbeJudge, judge_prompt
     from latentaudit.judges.rubrics import load_rubric
+    from latentaudit.models.norm import mean_resid_norm
     from latentaudit.monitor.read import read_reductions
     from latentaudit.steer.diff import mean_completion_activation
     from latentaudit.steer.logodds import Signature, prompt_log_odds
-    from latentaudit.steer.vectors import mean_resid_norm
 
     B, rep = args.batch, args.repeat
     probe = probe_for(lm, lm.name)
