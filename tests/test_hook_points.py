@@ -16,7 +16,7 @@ from latentaudit.errors import LatentAuditError
 from latentaudit.models.hooks import RowSteering, capture_resid, resid_hooks, steer_resid
 from latentaudit.models.load import prepare
 from test_attribute import make_data
-from tiny import random_sae, tiny_config, tiny_tokenizer
+from tiny import hook_count, random_sae, tiny_config, tiny_tokenizer
 
 ARCHS = ["llama", "qwen2", "gemma2", "gpt2", "gpt_neox"]
 POINTS = ["resid_pre", "attn_out", "mlp_out", "resid_post"]
@@ -72,10 +72,7 @@ def test_steering_at_a_branch_output_moves_the_residual_stream(lm):
         with steer_resid(lm.model, RowSteering(layer, vec, point)), torch.no_grad():
             return lm.model(input_ids=ids).logits
 
-    def hooks():
-        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in lm.model.modules())
-
-    before = hooks()
+    before = hook_count(lm.model)
     with torch.no_grad():
         clean = lm.model(input_ids=ids).logits
     post = logits(0, "resid_post", v)
@@ -83,7 +80,7 @@ def test_steering_at_a_branch_output_moves_the_residual_stream(lm):
     torch.testing.assert_close(logits(1, "resid_pre", v), post)
     torch.testing.assert_close(logits(0, "attn_out", 0 * v), clean)
     assert not (logits(0, "attn_out", v) - clean).abs().max() < 1e-9
-    assert hooks() == before
+    assert hook_count(lm.model) == before
 
 
 def ablated_loss(lm, comp, layer, point, direction, a_bar, eps):

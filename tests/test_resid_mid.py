@@ -17,7 +17,7 @@ from latentaudit.models.load import prepare
 from latentaudit.saes.formats._read import parse_hook
 from test_attribute import make_data
 from test_hook_points import ablated_loss, ids_of, model_of, reference_delta
-from tiny import random_sae, tiny_config, tiny_tokenizer
+from tiny import hook_count, random_sae, seen_mean_norm, tiny_config, tiny_tokenizer
 
 ARCHS = ["llama", "qwen2", "gemma2", "gpt2", "gpt_neox_sequential"]
 
@@ -139,16 +139,13 @@ def test_steering_at_resid_mid_is_steering_the_attention_branch(lm):
         with steer_resid(lm.model, RowSteering(1, vec, point)), torch.no_grad():
             return lm.model(input_ids=ids).logits
 
-    def hooks():
-        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in lm.model.modules())
-
-    before = hooks()
+    before = hook_count(lm.model)
     with torch.no_grad():
         clean = lm.model(input_ids=ids).logits
     assert torch.equal(logits("resid_mid", 0 * v), clean)
     torch.testing.assert_close(logits("resid_mid", v), logits("attn_out", v))
     assert not torch.allclose(logits("resid_mid", v), logits("resid_pre", v))
-    assert hooks() == before
+    assert hook_count(lm.model) == before
 
 
 def test_parallel_blocks_have_no_resid_mid_and_saelens_names_it():
@@ -176,12 +173,5 @@ def test_the_log_odds_check_and_the_norm_at_resid_mid(lm):
     seen = []
     handle = mlp_norm(layer_list(lm.model)[1]).register_forward_pre_hook(
         lambda m, args: seen.append(args[0]))
-    try:
-        with torch.no_grad():
-            for p in ids:
-                lm.model(input_ids=torch.tensor([p]))
-    finally:
-        handle.remove()
-    norms = torch.cat([h[0, 1:].norm(dim=-1) for h in seen])
     assert mean_resid_norm(lm, 1, ids, batch_size=1, point="resid_mid") == pytest.approx(
-        norms.mean().item(), rel=1e-6)
+        seen_mean_norm(lm.model, handle, seen, ids), rel=1e-6)

@@ -19,7 +19,7 @@ from latentaudit.sample import SampleConfig
 from latentaudit.steer.logodds import Signature, log_odds_grid, log_odds_rows
 from test_hook_points import ARCHS, POINTS, model_of
 from test_steer import lines, run_dir, sweep_args  # noqa: F401  (run_dir is a fixture)
-from tiny import random_sae
+from tiny import random_sae, seen_mean_norm
 
 LAYER = 1
 
@@ -130,15 +130,9 @@ def test_the_resid_norm_is_measured_at_the_steered_point(lm, point):
                       if hasattr(block, n)))
         handle = module.register_forward_hook(
             lambda m, args, out: seen.append(out[0] if isinstance(out, tuple) else out))
-    try:
-        with torch.no_grad():
-            for p in ids:
-                lm.model(input_ids=torch.tensor([p]))
-    finally:
-        handle.remove()
-    norms = torch.cat([h[0, 1:].norm(dim=-1) for h in seen])
+    want = seen_mean_norm(lm.model, handle, seen, ids)
     got = mean_resid_norm(lm, LAYER, ids, batch_size=1, point=point)
-    assert got == pytest.approx(norms.mean().item(), rel=1e-6)  # summed in float32
+    assert got == pytest.approx(want, rel=1e-6)  # summed in float32
     if point != "resid_post":
         assert abs(got - mean_resid_norm(lm, LAYER, ids, batch_size=1)) > 1e-6
 

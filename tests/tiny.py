@@ -80,3 +80,22 @@ def random_sae(d_model: int, d_sae: int, *, seed: int = 0, activation: str = "re
     mean_act = torch.randn(d_model, generator=g) * 0.1 if mean else None
     info = SAEInfo(activation=activation, k=k, layer=layer)
     return SAE(W_enc, b_enc, W_dec, b_dec, info=info, threshold=thr, mean_activation=mean_act)
+
+
+def hook_count(model) -> int:
+    """Forward hooks and pre-hooks on every module (none may be left behind)."""
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def seen_mean_norm(model, handle, seen: list, ids) -> float:
+    """Run each of ``ids`` alone through ``model`` while ``handle`` appends what a raw hook sees
+    to ``seen``; remove the hook; the mean norm over every position but each sequence's first."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            for p in ids:
+                model(input_ids=torch.tensor([p]))
+    finally:
+        handle.remove()
+    return torch.cat([h[0, 1:].norm(dim=-1) for h in seen]).mean().item()
