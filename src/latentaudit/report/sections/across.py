@@ -32,20 +32,21 @@ FIX = "rerun `latentaudit steer` for that run, or leave it out of --with."
 
 def steering_effects(path: Path) -> dict[int, dict[str, float | None]]:
     """{latent: {"away": paired change, "toward": ...}} of the latents a run's sweep steered
-    alone on its own model, at the searched or else the largest strength."""
+    alone on its own model, at the searched or else the largest strength (the steering
+    section's table cell)."""
+    from latentaudit.report.sections.steering import headline
+
     rows = read_jsonl_if(path / "steering.jsonl", FIX,
                          need=("method", "latents", "direction", "strength")) or []
-    best: dict[tuple[int, str], dict] = {}
+    by_latent: dict[int, list[dict]] = {}
     for r in rows:
-        if len(r["latents"]) != 1 or r.get("model", "main") != "main" or r.get("diff") is None:
-            continue
-        key = (int(r["latents"][0]), r["direction"])
-        rank = (bool(r.get("searched")), r["strength"])
-        if key not in best or rank > (bool(best[key].get("searched")), best[key]["strength"]):
-            best[key] = r
-    out: dict[int, dict[str, float | None]] = {}
-    for (latent, direction), r in best.items():
-        out.setdefault(latent, {"away": None, "toward": None})[direction] = float(r["diff"])
+        if len(r["latents"]) == 1:
+            by_latent.setdefault(int(r["latents"][0]), []).append(r)
+    out = {}
+    for latent, mine in by_latent.items():
+        cells = {d: headline(mine, d) for d in ("away", "toward")}
+        if any(cells.values()):
+            out[latent] = {d: c and c["value"] for d, c in cells.items()}
     return out
 
 
