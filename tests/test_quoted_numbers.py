@@ -541,3 +541,61 @@ def test_finetune_benchmark_ratios():
                     r"step \| ([\d.]+) \| ([\d.]+) × the bare pass \|.*?\| inference, base \| "
                     r"([\d.]+) \| 1 \| \| \| inference, adapter merged \| ([\d.]+) \| ([\d.]+) ×")
     assert quotient_fits(m[3], m[2], m[1]) and quotient_fits(m[6], m[5], m[4])
+
+
+# -- evals/default-sae: the choice of the default SAE ---------------------------------------------
+
+DEFAULT_SAE = ROOT / "evals" / "default-sae"
+DSAE_README = DEFAULT_SAE / "README.md"
+
+
+def _default_sae_compare():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("default_sae_compare", DEFAULT_SAE / "compare.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_default_sae_comparison_as_committed():
+    """comparison.json, comparison.md and the README's table are what compare.py makes of the
+    committed run folders."""
+    cmp = _default_sae_compare()
+    result = cmp.compare()
+    assert list(result) == list(cmp.CANDIDATES)
+    committed = json.loads((DEFAULT_SAE / "comparison.json").read_text(encoding="utf-8"))
+    assert committed == json.loads(json.dumps(result))
+    table = cmp.table(result)
+    assert (DEFAULT_SAE / "comparison.md").read_text(encoding="utf-8") == table
+    for line in table.splitlines()[2:]:
+        says(DSAE_README, re.escape(line).replace(r"\ ", " "))
+    # every candidate was checked on the same pairs, latents and steering units
+    ex = [r["exactness"] for r in result.values()]
+    assert all(e["pair_lines"] == ex[0]["pair_lines"] and e["latents"] == 20 for e in ex)
+    assert {r["steering"]["units"] for r in result.values()} == {32}
+
+
+def test_default_sae_rho_as_the_runs_compute_it():
+    """compare.py's Spearman ρ reproduces the explain stage's own ρ of the pair means, and its
+    per-pair first-order Δ average to the explain stage's first-order Δ (checked inside)."""
+    cmp = _default_sae_compare()
+    for name in cmp.CANDIDATES:
+        e = next(iter(json.loads((DEFAULT_SAE / "runs" / name / "explain" / "exact.json")
+                                 .read_text(encoding="utf-8"))["layers"].values()))
+        assert cmp.spearman(e["exact_delta"], e["first_order_delta"]) == pytest.approx(
+            e["spearman"], abs=1e-9)
+        assert cmp.exactness(DEFAULT_SAE / "runs" / name)["rho_of_means"] == e["spearman"]
+    assert cmp.spearman([1, 2, 2, 4], [1, 3, 2, 4]) == pytest.approx(0.9486832980505138)
+
+
+def test_default_sae_wall_times():
+    """The README's wall times are the runs' stage times from pipeline.json."""
+    cmp = _default_sae_compare()
+    for name in cmp.CANDIDATES:
+        sec = cmp.stage_seconds(DEFAULT_SAE / "runs" / name)
+        m = says(DSAE_README, rf"\| {re.escape(name)} \| (\d+) \| (\d+) \| (\d+) \| (\d+) \| "
+                              rf"(\d+) min \|")
+        assert [int(x) for x in m.groups()[:4]] == [sec[k] for k in ("judge", "attribute",
+                                                                      "explain", "steer")]
+        assert int(m[5]) == round(sum(sec.values()) / 60)

@@ -8,9 +8,9 @@
    Δℓ_i(C) per completion) and ``explain/completions.jsonl`` (first-order δ_i(C) of the same
    completions, the per-token maps summed): per pair, Δ_i = Δℓ_i(C+) − Δℓ_i(C−) exact and first
    order, their Spearman ρ over the checked latents (mean and min over pairs) and the sign
-   flips over pairs × latents; and the run's own ρ of the pair-mean Δ with its Fisher-z
-   interval and flips (``findings.json`` ``trust``). The pair means recomputed here must equal
-   exact.json's, which checks that the two files are read in the same order.
+   flips over pairs × latents (large: exact |Δ| ≥ 10% of the pair's largest); and the run's own
+   ρ of the pair-mean Δ with its Fisher-z interval and flips (``findings.json`` ``trust``). The
+   pair means recomputed here must equal exact.json's: the two files are read in one order.
 3. Steering away (``steering_summary.json``): per method, the mean paired change of the
    behaviour rate over its latents with its bootstrap interval and the latents beyond the
    random band; ``findings.json``'s comparison of attribution against random and Δ-activation
@@ -37,6 +37,8 @@ CANDIDATES = {"l12-8k": "qwen2.5-0.5b-instruct", "l12-4k": "qwen2.5-0.5b-instruc
 """Run name → shipped SAE folder; l12-8k is the current default."""
 READ_TOP = 10
 DENSE = 0.10
+LARGE = 0.10
+"""A sign flip counts as large when the exact |Δ| is at least this share of its pair's largest."""
 METHODS = ("attribution", "activation", "random")
 
 
@@ -89,20 +91,24 @@ def exactness(run: Path) -> dict:
     first = {r["line"]: [r["delta"][c] for c in col]
              for r in jsonl(run / "explain" / "completions.jsonl")}
     change = dict(zip(e["completions"], e["exact_loss_change"], strict=True))
-    per_pair, flips, firsts = [], 0, []
+    per_pair, flips, large, firsts = [], 0, 0, []
     for pos, neg in e["pairs"]:
         ex = [a - b for a, b in zip(change[pos], change[neg], strict=True)]
         fo = [a - b for a, b in zip(first[pos], first[neg], strict=True)]
         per_pair.append(spearman(ex, fo))
         flips += sum(a * b < 0 for a, b in zip(ex, fo, strict=True))
+        top = max(abs(a) for a in ex)
+        large += sum(a * b < 0 and abs(a) >= LARGE * top for a, b in zip(ex, fo, strict=True))
         firsts.append(fo)
     mean_first = [statistics.fmean(v) for v in zip(*firsts, strict=True)]
     assert all(math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-6)
                for a, b in zip(mean_first, e["first_order_delta"], strict=True)), run
     trust = json.loads((run / "findings.json").read_text(encoding="utf-8"))["trust"][0]
     return {"layer": int(layer), "latents": len(e["latents"]), "pairs": len(e["pairs"]),
-            "rho_per_pair": per_pair, "rho_pair_mean": statistics.fmean(per_pair),
+            "pair_lines": e["pairs"], "rho_per_pair": per_pair,
+            "rho_pair_mean": statistics.fmean(per_pair),
             "rho_pair_min": min(per_pair), "sign_flips_per_pair": flips,
+            "large_sign_flips_per_pair": large,
             "checks_per_pair": len(e["pairs"]) * len(e["latents"]),
             "rho_of_means": e["spearman"], "rho_of_means_ci": trust["ci"],
             "sign_flips_of_means": trust["sign_flips"]}
@@ -179,6 +185,7 @@ def table(result: dict) -> str:
             f"| {name} (`{rec['sae']}`) | {rec['fvu_held_out']:.3f} / {rec['fvu_outside']:.3f} "
             f"| {ex['rho_pair_mean']:.2f} ({ex['rho_pair_min']:.2f}) "
             f"| {ex['sign_flips_per_pair']} of {ex['checks_per_pair']} "
+            f"({ex['large_sign_flips_per_pair']} large) "
             f"| {ex['rho_of_means']:.2f} "
             + (f"[{ci[0]:.2f}, {ci[1]:.2f}] " if ci else "")
             + "".join(f"| {_pp(m[k]['mean_diff'])} {_ci(m[k]['mean_diff_ci'])} "
