@@ -599,3 +599,46 @@ def test_default_sae_wall_times():
         assert [int(x) for x in m.groups()[:4]] == [sec[k] for k in ("judge", "attribute",
                                                                       "explain", "steer")]
         assert int(m[5]) == round(sum(sec.values()) / 60)
+
+
+def _rho_cell(e: dict) -> str:
+    ci = e["rho_of_means_ci"]
+    return f"{e['rho_of_means']:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
+def test_default_sae_choice_as_quoted():
+    """The ρ, flips and steering sizes the prose quotes, in the README and the evals' README."""
+    result = _default_sae_compare().compare()
+    ex = {n: r["exactness"] for n, r in result.items()}
+    m = says(README, r"with ρ ([\d.]+ \[[\d.]+, [\d.]+\]) for the default, ([\d.]+ \[[\d.]+, "
+                     r"[\d.]+\]) for `qwen2.5-0.5b-instruct-l12-4k` and ([\d.]+ \[[\d.]+, "
+                     r"[\d.]+\]) for `qwen2.5-0.5b-instruct-l6`")
+    assert list(m.groups()) == [_rho_cell(ex[n]) for n in ("l12-8k", "l12-4k", "l6-8k")]
+    m = says(DSAE_README, r"is ([\d.]+ \[[\d.]+, [\d.]+\]) for it against ([\d.]+ \[[\d.]+, "
+                          r"[\d.]+\]) for the default and ([\d.]+ \[[\d.]+, [\d.]+\]) for layer 6; "
+                          r"per pair, ([\d.]+) \(min ([\d.]+)\) against ([\d.]+) \(min ([\d.]+)\) "
+                          r"and ([\d.]+) \(min ([\d.]+)\), with (\d+) large sign flips against "
+                          r"(\d+) and (\d+)\.")
+    order = ("l12-4k", "l12-8k", "l6-8k")
+    assert list(m.groups()[:3]) == [_rho_cell(ex[n]) for n in order]
+    assert list(m.groups()[3:9]) == [f"{ex[n][k]:.2f}" for n in order
+                                     for k in ("rho_pair_mean", "rho_pair_min")]
+    assert [int(x) for x in m.groups()[9:]] == [ex[n]["large_sign_flips_per_pair"]
+                                                for n in order]
+    st = [r["steering"] for r in result.values()]
+    m = says(DSAE_README, r"could detect is (\d+)–(\d+) pp; .*? lowered the behaviour by "
+                          r"(\d+)–(\d+) pp on their own")
+    detect = [v["detectable"] for s in st for v in s["attribution_vs"].values()]
+    rand = [-s["methods"]["random"]["mean_diff"] for s in st]
+    assert [int(x) for x in m.groups()] == [round(100 * min(detect)), round(100 * max(detect)),
+                                            round(100 * min(rand)), round(100 * max(rand))]
+    rd = [r["readability"] for r in result.values()]
+    m = says(DSAE_README, r"(\d+)–(\d+) of the top 10 latents fire on the run's text and "
+                          r"(\d+)–(\d+) have a full set of examples; none is dense")
+    assert [int(x) for x in m.groups()] == [min(r["fire"] for r in rd), max(r["fire"] for r in rd),
+                                            min(r["full"] for r in rd), max(r["full"] for r in rd)]
+    assert all(r["dense"] == 0 for r in rd)
+    rec = {n: r["reconstruction"] for n, r in result.items()}
+    m = says(DSAE_README, r"fewer latents that never fire \(([\d.]+)% against ([\d.]+)% held-out\)")
+    assert list(m.groups()) == [f"{100 * rec[n]['never_firing_held_out']:.1f}"
+                                for n in ("l12-4k", "l12-8k")]

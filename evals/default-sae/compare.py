@@ -14,12 +14,15 @@
 3. Steering away (``steering_summary.json``): per method, the mean paired change of the
    behaviour rate over its latents with its bootstrap interval and the latents beyond the
    random band; ``findings.json``'s comparison of attribution against random and Δ-activation
-   (difference of means over latents, beat / worse / no clear difference) and its verdicts.
+   (difference of means over latents, beat / worse / no clear difference) and its verdicts on
+   the attribution and the Δ-activation latents.
 4. A readability proxy, not a reading of the latents: of the top 10 latents of the ranking
    (``explain/latents.jsonl``), how many fire on the run's own text (any top-activating
-   example), their median firing frequency, and how many fire on more than 10% of its tokens
-   (dense latents are rarely readable). No automatic descriptions are made (no explanation
-   model), so that column is not filled.
+   example; a latent that never fires can still rank high, since δ reads the residual's
+   projection on its direction, not its activation) and on at least 10 of its tokens (a full
+   set of examples to read), their median firing frequency, and how many fire on more than 10%
+   of its tokens (dense latents are rarely readable). The runs make no automatic descriptions
+   (no explanation model is configured), so none are counted.
 """
 
 from __future__ import annotations
@@ -37,9 +40,12 @@ CANDIDATES = {"l12-8k": "qwen2.5-0.5b-instruct", "l12-4k": "qwen2.5-0.5b-instruc
 """Run name → shipped SAE folder; l12-8k is the current default."""
 READ_TOP = 10
 DENSE = 0.10
+EXAMPLES = 10
+"""Top-activating examples the runs keep per latent ([explain] examples)."""
 LARGE = 0.10
 """A sign flip counts as large when the exact |Δ| is at least this share of its pair's largest."""
 METHODS = ("attribution", "activation", "random")
+VERDICTS = ("supported", "contradicted", "inconclusive")
 
 
 def jsonl(path: Path) -> list[dict]:
@@ -127,9 +133,13 @@ def steering(run: Path) -> dict:
                             "beyond_null": by[m]["beyond_null"],
                             "mean_incoherence": by[m]["mean_incoherence"]}
                         for m in METHODS},
-            "attribution_vs": {b: {k: vs[b][k] for k in ("difference", "se", "result")}
+            "attribution_vs": {b: {k: vs[b][k] for k in ("difference", "se", "detectable",
+                                                          "result")}
                                for b in ("random", "activation")},
-            "verdicts": found["verdicts"], "units": one["n"], "base_rate": one["base_rate"]}
+            "verdicts": {m: {v: sum(x["method"] == m and x["verdict"] == v
+                                    for x in found["latents"]) for v in VERDICTS}
+                         for m in ("attribution", "activation")},
+            "units": one["n"], "base_rate": one["base_rate"]}
 
 
 def readability(run: Path) -> dict:
@@ -138,8 +148,8 @@ def readability(run: Path) -> dict:
     rows = rows[:READ_TOP]
     freq = [r["density"]["frequency"] for r in rows]
     return {"latents": len(rows), "fire": sum(bool(r["top_examples"]) for r in rows),
+            "full": sum(len(r["top_examples"]) >= EXAMPLES for r in rows),
             "median_frequency": statistics.median(freq), "dense": sum(f > DENSE for f in freq),
-            "described": sum(bool(r.get("explanation")) for r in rows),
             "corpus_tokens": rows[0]["density"]["tokens"]}
 
 
@@ -171,29 +181,30 @@ def _ci(ci: list[float]) -> str:
 
 
 def table(result: dict) -> str:
-    """The markdown table of the comparison."""
+    """The markdown table of the comparison (steering: mean paired change of the behaviour rate
+    away, in percentage points, over each method's latents)."""
     head = ("| candidate | FVU held-out / outside | ρ per pair: mean (min) | sign flips per pair "
             "| ρ of pair means [95% CI] | attribution, pp [CI] | activation, pp [CI] "
-            "| random, pp [CI] | attribution vs random / activation | verdicts s/c/i "
-            "| top 10 fire / dense, median freq |")
-    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+            "| random, pp [CI] | attribution vs random / activation "
+            "| supported: attribution / activation "
+            "| top 10: fire / ≥ 10 examples / dense, median freq |")
+    lines = [head, "|" + "---|" * (head.count(" | ") + 1)]
     for name, r in result.items():
         rec, ex, st, rd = (r[k] for k in ("reconstruction", "exactness", "steering",
                                             "readability"))
         m, v, ci = st["methods"], st["verdicts"], ex["rho_of_means_ci"]
-        lines.append(
-            f"| {name} (`{rec['sae']}`) | {rec['fvu_held_out']:.3f} / {rec['fvu_outside']:.3f} "
-            f"| {ex['rho_pair_mean']:.2f} ({ex['rho_pair_min']:.2f}) "
-            f"| {ex['sign_flips_per_pair']} of {ex['checks_per_pair']} "
-            f"({ex['large_sign_flips_per_pair']} large) "
-            f"| {ex['rho_of_means']:.2f} "
-            + (f"[{ci[0]:.2f}, {ci[1]:.2f}] " if ci else "")
-            + "".join(f"| {_pp(m[k]['mean_diff'])} {_ci(m[k]['mean_diff_ci'])} "
-                      for k in METHODS)
-            + f"| {st['attribution_vs']['random']['result']} / "
-              f"{st['attribution_vs']['activation']['result']} "
-            f"| {v['supported']}/{v['contradicted']}/{v['inconclusive']} "
-            f"| {rd['fire']} / {rd['dense']}, {100 * rd['median_frequency']:.2f}% |")
+        cells = [f"{name} (`{rec['sae']}`)",
+                 f"{rec['fvu_held_out']:.3f} / {rec['fvu_outside']:.3f}",
+                 f"{ex['rho_pair_mean']:.2f} ({ex['rho_pair_min']:.2f})",
+                 f"{ex['sign_flips_per_pair']} of {ex['checks_per_pair']} "
+                 f"({ex['large_sign_flips_per_pair']} large)",
+                 f"{ex['rho_of_means']:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""),
+                 *(f"{_pp(m[k]['mean_diff'])} {_ci(m[k]['mean_diff_ci'])}" for k in METHODS),
+                 " / ".join(st["attribution_vs"][b]["result"] for b in ("random", "activation")),
+                 " / ".join(f"{v[k]['supported']} of {m[k]['latents']}" for k in METHODS[:2]),
+                 f"{rd['fire']} / {rd['full']} / {rd['dense']}, "
+                 f"{100 * rd['median_frequency']:.2f}%"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
