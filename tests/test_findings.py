@@ -360,6 +360,33 @@ def test_a_latent_is_described_from_its_top_examples_without_a_model():
     assert describe_examples([]) is None
 
 
+def test_a_description_says_when_no_peak_token_repeats():
+    from latentaudit.report.sections.explain import describe_examples
+
+    rows = [{"tokens": ["a", " b"], "max_index": 1, "position": 40},
+            {"tokens": [" c"], "max_index": 0, "position": 90},
+            {"tokens": [" d", "e"], "max_index": 1, "position": 3}]
+    assert describe_examples(rows) == ("Peaks on 3 different tokens, e.g. “ b”, “ c”, “e”; "
+                                       "strongest in “…a[ b]”.")
+
+
+def test_a_description_names_a_latent_that_fires_at_the_start_of_its_sequence():
+    from latentaudit.report.sections.explain import EARLY, describe_examples
+
+    def row(tok: str, position: int) -> dict:
+        return {"tokens": ["<|endoftext|>", tok], "max_index": 1, "position": position}
+
+    rows = [row("As", 1), row(",", 2), row(",", EARLY - 1), row(" the", 70)]
+    assert describe_examples(rows) == (
+        f"Fires early in its sequence (3 of 4 examples at positions 1–{EARLY - 1}); peaks on "
+        "“,” (2 of 4), “As” (1 of 4), “ the” (1 of 4); strongest in “…<|endoftext|>[As]”.")
+    half = [row("As", 1), row(",", 2), row(",", EARLY), row(" the", 70)]
+    assert describe_examples(half).startswith("Fires early in its sequence (2 of 4 examples at "
+                                              "positions 1–2); ")
+    fewer = [row("As", 1), row(",", EARLY), row(",", EARLY + 5), row(" the", 70)]
+    assert describe_examples(fewer).startswith("Peaks on “,” (2 of 4)")
+
+
 def test_a_set_whose_mean_log_odds_points_the_other_way_is_a_disagreement():
     summary = [{"method": "attribution", "direction": "away", "strength": 0.2, "model": "main",
                 "mean_logodds_change": 0.24, "mean_logodds_change_ci": [0.05, 0.52]},

@@ -314,6 +314,60 @@ def test_steering_prose():
 
 # -- the organism ------------------------------------------------------------------------------
 
+# -- the hand check of the descriptions --------------------------------------------------------
+
+HAND = ROOT / "evals" / "hand-check"
+HAND_README = HAND / "README.md"
+HAND_SETS = {"Δ-attribution top 10": "attribution", "Δ-activation top 10": "activation",
+             "random 10": "random"}
+
+
+def _hand_counts(rows: list[dict], field: str = "label") -> list[int]:
+    """match, partial, no, dead (by ``field``), lens agrees, effect agrees."""
+    labels = Counter(r[field] for r in rows)
+    return [labels[k] for k in ("match", "partial", "no", "dead")] + [
+        sum(r["lens_agrees"] for r in rows), sum(r["effect_agrees"] for r in rows)]
+
+
+def test_hand_check_labels_the_latents_the_sweep_steered_with_todays_description():
+    from latentaudit.report.sections.explain import describe_examples
+
+    labels = jsonl(HAND / "labels.jsonl")
+    sets = json.loads((SWEEP / "steering_summary.json").read_text(encoding="utf-8"))["sets"]
+    assert [(r["method"], r["rank"], r["latent"]) for r in labels] == [
+        (m, n, i) for m in HAND_SETS.values() for n, i in enumerate(sets[m], 1)]
+    explained = {r["latent"]: r for r in jsonl(HAND / "explain" / "latents.jsonl")}
+    for r in labels:
+        assert {r["label"], r["label_before"]} <= {"match", "partial", "no", "dead"}
+        assert r["description"] == describe_examples(explained[r["latent"]]["top_examples"])
+        assert (r["label"] == "dead") == (explained[r["latent"]]["density"]["fired"] == 0)
+
+
+def test_hand_check_counts_as_quoted():
+    labels = jsonl(HAND / "labels.jsonl")
+    for name, method in [*HAND_SETS.items(), ("all 30", None)]:
+        rows = [r for r in labels if method in (None, r["method"])]
+        m = says(HAND_README, rf"\| {name} " + r"\| (\d+) " * 6 + r"\|")
+        assert [int(x) for x in m.groups()] == _hand_counts(rows), name
+    match, partial, no, dead, lens, effect = _hand_counts(labels)
+    per_set = {_hand_counts([r for r in labels if r["method"] == s])[0]
+               for s in HAND_SETS.values()}
+    m = says(README, r"it names what they share for (\d+) of the (\d+) \((\d+) in each set\), part "
+                     r"of it for (\d+) and nothing for (\d+), none dead\. The output effect agrees "
+                     r"with the examples for (\d+) of the (\d+), the logit lens for (\d+)\.")
+    assert [int(x) for x in m.groups()] == [match, len(labels), *per_set, partial, no, effect,
+                                            len(labels), lens]
+    assert len(per_set) == 1 and dead == 0
+    before = _hand_counts(labels, "label_before")
+    m = says(HAND_README, r"the same examples earned (\d+) match, (\d+) partial and (\d+) no: "
+                          r"two latents \((\d+), Δ-attribution rank 1, and (\d+), Δ-activation "
+                          r"rank 10\)")
+    assert [int(x) for x in m.groups()[:3]] == before[:3]
+    changed = [(r["latent"], r["method"], r["rank"]) for r in labels
+               if r["label"] != r["label_before"]]
+    assert changed == [(int(m[4]), "attribution", 1), (int(m[5]), "activation", 10)]
+
+
 def _organism_module(name: str):
     import importlib.util
 

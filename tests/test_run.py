@@ -174,6 +174,17 @@ def test_a_run_from_prompts_writes_every_stage_and_its_record(finished):
         {"q4", "q5", "q6"}
 
 
+def test_memory_is_handed_back_after_every_stage_that_ran(project, calls, monkeypatch):
+    from latentaudit import batching
+
+    made = calls
+    monkeypatch.setattr(batching, "release_memory", lambda: made.append("release") or True)
+    edit(project, "strengths = [2.0]", "strengths = [2.0, 4.0]")
+    run_pipeline(project)
+    # steering and the report it reads ran again, each followed by a release; nothing else ran
+    assert calls == ["steer", "load_model", "release", "report", "release"]
+
+
 def test_a_rerun_runs_no_stage_and_loads_no_model(project, calls, capsys):
     assert main(["run", str(project)]) == 0
     assert calls == []

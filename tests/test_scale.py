@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import platform
+from pathlib import Path
 
 import pytest
 import torch
@@ -372,3 +374,21 @@ def test_uniforms_drawn_per_row_equal_one_draw_per_step():
         g = torch.Generator().manual_seed(seed)
         want = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for _ in range(40)])
         assert torch.equal(got[row], want)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists() or platform.libc_ver()[0] != "glibc",
+                    reason="malloc_trim is glibc's; resident memory is read from /proc")
+def test_release_memory_gives_freed_heap_pages_back_to_the_system():
+    def resident() -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS")
+
+    blocks = [bytearray(4000) for _ in range(50_000)]  # 200 MB of heap blocks
+    kept = blocks[::16]  # every 16th stays alive: the heap cannot shrink from its top
+    del blocks
+    before = resident()
+    assert batching.release_memory()
+    assert before - resident() > 100 * 2**20  # most of the 187 MB freed goes back
+    assert len(kept) == 3125

@@ -17,11 +17,19 @@ the explain scans) goes through this module.
    counted twice, and the merged result is that of the unsplit batch. The new limit is logged
    once and kept for the rest of the process (one guard per model and stage,
    :func:`guard_for`).
+4. Release (:func:`release_memory`): between the stages of a run, the memory a finished stage
+   freed goes back to the device and to the operating system (the allocator's caches and, with
+   glibc, the heap's free pages), so the next stage starts from the model's own footprint and
+   a run's peak is that of its largest stage, not the sum of what each one left behind.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import logging
+import sys
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -191,3 +199,20 @@ def resolve_batch_size(value: int, model: nn.Module, device: torch.device | str,
     return auto_batch_size(device, row_bytes(model_shape(model), kind, tokens, **kw), fallback,
                            what)
 
+
+
+def release_memory() -> bool:
+    """Step 4 of the module docstring: collect garbage, empty the CUDA cache and return the
+    heap's free pages to the system. True when the heap was trimmed (glibc only)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # musl and other C libraries have no malloc_trim
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return bool(trim(0))

@@ -14,12 +14,14 @@ folder (circuit only when the config has a [circuit] section).
    stage that reads it, and no other.
 4. Run the stages in order. The model loads once, when the first stage that needs it starts.
    The record is written, atomically, when a stage starts (partial) and when it ends (done), so
-   a run killed anywhere resumes from there.
+   a run killed anywhere resumes from there. What a stage freed is handed back before the next
+   one starts (:func:`~latentaudit.batching.release_memory`).
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -239,3 +241,7 @@ def _execute(cfg: RunConfig, sae: str, plan: StagePlan, record: Record,
     finally:
         rec.seconds += time.perf_counter() - start
         record.save()
+        if "torch" in sys.modules:  # a stage that ran torch: hand back what it freed
+            from latentaudit.batching import release_memory
+
+            release_memory()

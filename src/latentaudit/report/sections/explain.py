@@ -28,6 +28,8 @@ from latentaudit.report.render import visible
 FIX = "rerun `latentaudit explain` (or pass --explain with its --out folder)."
 EXAMPLES_SHOWN = 10
 MAPS_SHOWN = 4
+EARLY = 16
+"""Positions of a reference sequence that count as its start in :func:`describe_examples`."""
 TOP_TOKENS = 8
 COLUMNS = [
     {"key": "exact_delta", "label": "exact Δ", "title": "exact loss-gap change of mean-ablating "
@@ -169,21 +171,31 @@ def latent_view(row: dict[str, Any], edges: list[float], maps: dict | None) -> d
 
 def describe_examples(rows: list[dict[str, Any]], shown: int = 3) -> str | None:
     """A one-line description of a latent from its top-activating examples, by template and
-    with no model: the tokens it peaks on (with how many of the examples), and the context of
-    the strongest one (up to 4 tokens before the peak)."""
-    peaks = [(ex.get("tokens") or [], ex.get("max_index")) for ex in rows]
-    peaks = [(toks, i) for toks, i in peaks if isinstance(i, int) and 0 <= i < len(toks)]
+    with no model: the tokens it peaks on (with how many of the examples; "N different tokens"
+    when none repeats), and the context of the strongest one (up to 4 tokens before the peak).
+    When at least half the examples sit within the first EARLY positions of their reference
+    sequence, it says so first: such a latent tracks the position more than the text."""
+    peaks = [(ex.get("tokens") or [], ex.get("max_index"), ex.get("position")) for ex in rows]
+    peaks = [p for p in peaks if isinstance(p[1], int) and 0 <= p[1] < len(p[0])]
     if not peaks:
         return None
     counts: dict[str, int] = {}
-    for toks, i in peaks:
+    for toks, i, _ in peaks:
         counts[toks[i]] = counts.get(toks[i], 0) + 1
     top = sorted(counts.items(), key=lambda kv: -kv[1])[:shown]
-    toks, i = peaks[0]
-    context = "".join(toks[max(0, i - 4):i])
-    return ("Peaks on " + ", ".join(f"“{visible(t)}” ({n} of {len(peaks)})"
-                                    for t, n in top)
-            + f"; strongest in “…{visible(context)}[{visible(toks[i])}]”.")
+    n = len(peaks)
+    if top[0][1] == 1 and n > 1:
+        text = f"peaks on {n} different tokens, e.g. " + ", ".join(f"“{visible(t)}”"
+                                                                   for t, _ in top)
+    else:
+        text = "peaks on " + ", ".join(f"“{visible(t)}” ({k} of {n})" for t, k in top)
+    toks, i, _ = peaks[0]
+    text += f"; strongest in “…{visible(''.join(toks[max(0, i - 4):i]))}[{visible(toks[i])}]”."
+    early = [p for _, _, p in peaks if isinstance(p, int) and p < EARLY]
+    if 2 * len(early) >= n:
+        return (f"Fires early in its sequence ({len(early)} of {n} examples at positions "
+                f"{min(early)}–{max(early)}); {text}")
+    return text[0].upper() + text[1:]
 
 
 def output_effect(e: dict | None) -> dict[str, Any] | None:
