@@ -687,7 +687,7 @@ def test_default_sae_choice_as_quoted():
     assert [int(x) for x in m.groups()] == [round(100 * min(detect)), round(100 * max(detect)),
                                             round(100 * min(rand)), round(100 * max(rand))]
     rd = [r["readability"] for r in result.values()]
-    m = says(DSAE_README, r"(\d+)–(\d+) of the top 10 latents fire on the run's text and "
+    m = says(DSAE_README, r"(\d+)–(\d+) of the top 10 latents fire on the run's text .*? and "
                           r"(\d+)–(\d+) have a full set of examples; none is dense")
     assert [int(x) for x in m.groups()] == [min(r["fire"] for r in rd), max(r["fire"] for r in rd),
                                             min(r["full"] for r in rd), max(r["full"] for r in rd)]

@@ -21,8 +21,8 @@
    example; a latent that never fires can still rank high, since δ reads the residual's
    projection on its direction, not its activation) and on at least 10 of its tokens (a full
    set of examples to read), their median firing frequency, and how many fire on more than 10%
-   of its tokens (dense latents are rarely readable). The runs make no automatic descriptions
-   (no explanation model is configured), so none are counted.
+   of its tokens (dense latents are rarely readable). The report's template description is
+   made from the examples, so a latent that fires is one that gets a description.
 """
 
 from __future__ import annotations
