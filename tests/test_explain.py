@@ -210,6 +210,34 @@ def test_promoted_and_suppressed_by_hand():
     assert ps.suppressed_ids.tolist() == [[2, 1]] and ps.suppressed.tolist() == [[-2.0, 0.0]]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lens_in_chunks_equals_the_whole_computation(monkeypatch, dtype):
+    from latentaudit.models import lens
+
+    W = torch.randn(500, 16).to(dtype)
+    d = torch.randn(37, 16)
+    Wf = W.float()
+    cos = (d / d.norm(dim=1, keepdim=True)) @ (Wf / Wf.norm(dim=1, keepdim=True)).T  # (37, 500)
+    logits = d @ Wf.T
+    monkeypatch.setattr(lens, "CHUNK_BYTES", 4 * 16 * 7)  # 7 directions, 7 vocabulary rows
+    got = lens.logit_lens(d, W, k=5)
+    torch.testing.assert_close(got.cosines, cos.topk(5, dim=1).values)
+    assert got.token_ids.tolist() == cos.topk(5, dim=1).indices.tolist()
+    ps = lens.promoted_suppressed(d, W, k=3)
+    torch.testing.assert_close(ps.promoted, logits.topk(3, dim=1).values)
+    torch.testing.assert_close(ps.suppressed, logits.topk(3, dim=1, largest=False).values)
+    assert ps.suppressed_ids.tolist() == logits.topk(3, dim=1, largest=False).indices.tolist()
+
+
+def test_logprob_shift_in_chunks_by_hand(monkeypatch):
+    from latentaudit.explain import effect
+
+    clean, edited = torch.randn(9, 11), torch.randn(3, 9, 11)
+    want = (edited.double().log_softmax(-1) - clean.double().log_softmax(-1)).sum(1)  # (3, 11)
+    monkeypatch.setattr(effect, "SHIFT_BYTES", 8 * 11 * 2)  # 2 positions at a time
+    torch.testing.assert_close(effect.logprob_shift(clean, edited), want)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_final_norm_as_a_linear_map(arch):
     lm = loaded(arch, dtype=torch.float32, layers=2)

@@ -47,6 +47,10 @@ class OutputEffect(NamedTuple):
     """upper-layers or full-forward (step 3)."""
 
 
+SHIFT_BYTES = 1 << 24
+"""Bytes of each float64 (positions × vocabulary) temporary of :func:`logprob_shift`."""
+
+
 def add_direction(hidden: Float[Tensor, "pos d_model"], directions: Float[Tensor, "n d_model"],
                   alpha: float) -> Float[Tensor, "n pos d_model"]:
     """One copy of ``hidden`` per direction with α·direction added at every position."""
@@ -55,10 +59,16 @@ def add_direction(hidden: Float[Tensor, "pos d_model"], directions: Float[Tensor
 
 def logprob_shift(clean: Float[Tensor, "pos vocab"], edited: Float[Tensor, "n pos vocab"]
                   ) -> Float[Tensor, "n vocab"]:
-    """Σ over positions of log softmax(edited) − log softmax(clean), in float64 (one edited
-    copy at a time, so memory holds two [pos, vocab] float64 tensors)."""
-    base = clean.double().log_softmax(-1)  # (pos, V)
-    return torch.stack([(e.double().log_softmax(-1) - base).sum(0) for e in edited])
+    """Σ over positions of log softmax(edited) − log softmax(clean), in float64, a few
+    positions at a time (about :data:`SHIFT_BYTES` of float64 per temporary)."""
+    rows = max(1, SHIFT_BYTES // (8 * clean.shape[-1]))
+    out = torch.zeros(edited.shape[0], clean.shape[-1], dtype=torch.float64,
+                      device=clean.device)  # (n, V)
+    for s in range(0, clean.shape[0], rows):
+        base = clean[s:s + rows].double().log_softmax(-1)  # (rows, V)
+        for i, e in enumerate(edited):
+            out[i] += (e[s:s + rows].double().log_softmax(-1) - base).sum(0)
+    return out
 
 
 def moved_tokens(shift: Float[Tensor, " vocab"], tokenizer, top: int) -> dict[str, list[dict]]:

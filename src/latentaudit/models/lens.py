@@ -24,16 +24,39 @@ class LensTokens(NamedTuple):
     cosines: Float[Tensor, "n k"]
 
 
+CHUNK_BYTES = 1 << 26
+"""Bytes of float32 (directions × vocabulary) scores held at once."""
+
+
+def _rows(vocab: int) -> int:
+    return max(1, CHUNK_BYTES // (4 * vocab))
+
+
+def _float_rows(W: Tensor):
+    """``W`` as float32 in slices of rows (the whole of it when it is float32 already, so
+    neither path holds a float32 copy of a half-precision unembedding)."""
+    step = W.shape[0] if W.dtype == torch.float32 else _rows(W.shape[1])
+    for start in range(0, W.shape[0], step):
+        yield W[start:start + step].float()
+
+
+def _scores(d: Float[Tensor, "n d_model"], W: Float[Tensor, "vocab d_model"]
+            ) -> Float[Tensor, "n vocab"]:
+    """d Wᵀ in float32."""
+    return torch.cat([d @ w.T for w in _float_rows(W)], dim=1)
+
+
 def logit_lens(directions: Float[Tensor, "n d_model"], unembed: Float[Tensor, "vocab d_model"],
-               k: int = 10, chunk: int = 1024) -> LensTokens:
-    """The ``k`` vocabulary rows with the largest cosine with each direction."""
-    W = unembed.detach().float()
-    W = W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)  # (V, D)
+               k: int = 10) -> LensTokens:
+    """The ``k`` vocabulary rows with the largest cosine with each direction: (d/|d|) · W_v
+    divided by |W_v|, in chunks of directions, with no normalised copy of the unembedding."""
+    W = unembed.detach()
+    inv = 1.0 / torch.cat([w.norm(dim=1) for w in _float_rows(W)]).clamp_min(1e-12)  # (V,)
     ids, cos = [], []
-    for start in range(0, directions.shape[0], chunk):
-        d = directions[start:start + chunk].to(W.device, torch.float32)
+    for start in range(0, directions.shape[0], _rows(W.shape[0])):
+        d = directions[start:start + _rows(W.shape[0])].to(W.device, torch.float32)
         d = d / d.norm(dim=1, keepdim=True).clamp_min(1e-12)  # (n, D)
-        top = (d @ W.T).topk(min(k, W.shape[0]), dim=1)  # (n, k)
+        top = (_scores(d, W) * inv).topk(min(k, W.shape[0]), dim=1)  # (n, k)
         ids.append(top.indices.cpu())
         cos.append(top.values.cpu())
     return LensTokens(torch.cat(ids), torch.cat(cos))
@@ -54,13 +77,16 @@ def promoted_suppressed(directions: Float[Tensor, "n d_model"],
                         unembed: Float[Tensor, "vocab d_model"], k: int = 10
                         ) -> PromotedTokens:
     """Top and bottom ``k`` tokens of the logit change W_U d_i of each direction (step 2)."""
-    W = unembed.detach().float()  # (V, D)
-    logits = directions.to(W.device, torch.float32) @ W.T  # (n, V)
+    W = unembed.detach()  # (V, D)
     k = min(k, W.shape[0])
-    top = logits.topk(k, dim=1)
-    bottom = logits.topk(k, dim=1, largest=False)
-    return PromotedTokens(top.indices.cpu(), top.values.cpu(), bottom.indices.cpu(),
-                          bottom.values.cpu())
+    parts: list[tuple] = []
+    for start in range(0, directions.shape[0], _rows(W.shape[0])):
+        d = directions[start:start + _rows(W.shape[0])].to(W.device, torch.float32)
+        logits = _scores(d, W)  # (n, V)
+        top, bottom = logits.topk(k, dim=1), logits.topk(k, dim=1, largest=False)
+        parts.append((top.indices.cpu(), top.values.cpu(), bottom.indices.cpu(),
+                      bottom.values.cpu()))
+    return PromotedTokens(*(torch.cat(col) for col in zip(*parts, strict=True)))
 
 
 def through_norm(directions: Float[Tensor, "n d_model"], norm: torch.nn.Module
