@@ -30,7 +30,7 @@ from latentaudit._progress import progress
 from latentaudit.explain.exact import ablate, full_forward_logits
 from latentaudit.models.forward import keep_logits
 from latentaudit.models.hooks import capture_layer_inputs, capture_resid, layer_list
-from latentaudit.models.upper import replay_matches, upper_logits
+from latentaudit.models.upper import replay_matches, upper_normed
 
 
 class OutputEffect(NamedTuple):
@@ -102,6 +102,7 @@ def output_effects(model, layer: int, seqs: Sequence[tuple[list[int], list[int]]
                                  dtype=torch.float64)}
     sums["ablated"] = sums["added"].clone()
     positions = 0
+    head = model.get_output_embeddings()
     for p, q in progress(seqs, desc=f"output effect L{layer}", unit="completion"):
         ids = torch.tensor([p + q], device=dev)  # (1, T)
         k = len(q)
@@ -119,11 +120,14 @@ def output_effects(model, layer: int, seqs: Sequence[tuple[list[int], list[int]]
             edits = {"added": add_direction(hidden[0], dirs, alpha),
                      "ablated": ablate(hidden[0], a_bar.to(dev), dirs, everywhere)}
             for name, h in edits.items():  # (b, T, D)
-                if route == "upper-layers":
-                    out = upper_logits(model, layer, h, calls, k + 1)[:, :-1]  # (b, k, V)
+                if route == "upper-layers":  # one latent's logits at a time: (k, V)
+                    normed = upper_normed(model, layer, h, calls, k + 1)[:, :-1]  # (b, k, D)
+                    shift = torch.cat([logprob_shift(last[0, :-1], head(row)[None])
+                                       for row in normed])
                 else:
-                    out = full_forward_logits(model, layer, ids, h, k, point)
-                sums[name][s:s + len(h)] += logprob_shift(last[0, :-1], out).cpu()
+                    shift = logprob_shift(last[0, :-1],
+                                          full_forward_logits(model, layer, ids, h, k, point))
+                sums[name][s:s + len(h)] += shift.cpu()
         positions += k
     scale = 1.0 / max(positions, 1)
     return OutputEffect(sums["added"] * scale, sums["ablated"] * scale, float(alpha), positions,

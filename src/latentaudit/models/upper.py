@@ -59,18 +59,23 @@ def _replay(layer: nn.Module, hidden: Tensor, call: tuple[tuple, dict]) -> Tenso
     return out[0] if isinstance(out, tuple) else out
 
 
-def upper_logits(model: nn.Module, layer: int, hidden: Float[Tensor, "batch pos d_model"],
+def upper_normed(model: nn.Module, layer: int, hidden: Float[Tensor, "batch pos d_model"],
                  calls: dict[int, tuple[tuple, dict]], keep: int
-                 ) -> Float[Tensor, "batch keep vocab"]:
-    """Logits at the last ``keep`` positions when resid_post of ``layer`` is ``hidden``.
-
-    ``calls`` are the recorded calls of every layer above ``layer`` (step 1).
-    """
+                 ) -> Float[Tensor, "batch keep d_model"]:
+    """The final norm's output at the last ``keep`` positions when resid_post of ``layer`` is
+    ``hidden``: what the output head reads. ``calls`` are the recorded calls of every layer
+    above ``layer`` (step 1)."""
     layers = layer_list(model)
     for j in range(layer + 1, len(layers)):
         hidden = _replay(layers[j], hidden, calls[j])  # (B, T, D)
-    h = final_norm(model)(hidden[:, -keep:])  # (B, keep, D)
-    return model.get_output_embeddings()(h)
+    return final_norm(model)(hidden[:, -keep:])  # (B, keep, D)
+
+
+def upper_logits(model: nn.Module, layer: int, hidden: Float[Tensor, "batch pos d_model"],
+                 calls: dict[int, tuple[tuple, dict]], keep: int
+                 ) -> Float[Tensor, "batch keep vocab"]:
+    """Logits at the last ``keep`` positions when resid_post of ``layer`` is ``hidden``."""
+    return model.get_output_embeddings()(upper_normed(model, layer, hidden, calls, keep))
 
 
 def replay_matches(model: nn.Module, layer: int, clean_hidden: Float[Tensor, "1 pos d_model"],
