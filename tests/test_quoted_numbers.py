@@ -696,3 +696,31 @@ def test_default_sae_choice_as_quoted():
     m = says(DSAE_README, r"fewer latents that never fire \(([\d.]+)% against ([\d.]+)% held-out\)")
     assert list(m.groups()) == [f"{100 * rec[n]['never_firing_held_out']:.1f}"
                                 for n in ("l12-4k", "l12-8k")]
+
+
+# -- case one: the shared latents steered on false-belief -----------------------------------------
+
+CASE_ONE = ROOT / "evals" / "case-one"
+
+
+def test_case_one_shared_latents_on_false_belief_as_quoted():
+    """The case-one README's table of 564 and 4714 steered on false-belief is the steer stage's
+    own output, and the random band is the false-belief sweep's, on the same prompts."""
+    text = (CASE_ONE / "README.md").read_text(encoding="utf-8")
+    band = {e["direction"]: e["null_band"] for e in json.loads(
+        (SWEEP / "steering_summary.json").read_text(encoding="utf-8"))["summary"]}
+
+    def cell(x: float, ci: list[float], digits: int) -> str:
+        return f"{signed(x, digits)} [{signed(ci[0], digits)}, {signed(ci[1], digits)}]"
+
+    rows = jsonl(CASE_ONE / "shared" / "false-belief" / "steering.jsonl")
+    assert len(rows) == 4
+    for r in rows:
+        b = band[r["direction"]]
+        want = (f"| {r['latents'][0]} | {r['direction']} | {cell(r['diff'], r['diff_ci'], 3)} | "
+                f"{r['n_paired']} | {cell(r['logodds_change'], r['logodds_change_ci'], 2)} | "
+                f"[{signed(b[0], 3)}, {signed(b[1], 3)}] |")
+        assert want.replace("-", "−") in text or want in text, want
+    away = {r["latents"][0]: r for r in rows if r["direction"] == "away"}
+    assert f"by {-100 * away[4714]['diff']:.1f} points" in text
+    assert f"({100 * band['away'][0]:.1f})".replace("-", "−") in text
