@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import gc
 import logging
 import sys
@@ -200,6 +201,18 @@ def resolve_batch_size(value: int, model: nn.Module, device: torch.device | str,
                            what)
 
 
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim`` (looked up once: ``find_library`` runs a subprocess), or None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # musl and other C libraries have no malloc_trim
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
 
 def release_memory() -> bool:
     """Step 4 of the module docstring: collect garbage, empty the CUDA cache and return the
@@ -207,12 +220,5 @@ def release_memory() -> bool:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):  # musl and other C libraries have no malloc_trim
-        return False
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    return bool(trim(0))
+    trim = _malloc_trim()
+    return trim is not None and bool(trim(0))

@@ -52,9 +52,9 @@ def logit_lens(directions: Float[Tensor, "n d_model"], unembed: Float[Tensor, "v
     divided by |W_v|, in chunks of directions, with no normalised copy of the unembedding."""
     W = unembed.detach()
     inv = 1.0 / torch.cat([w.norm(dim=1) for w in _float_rows(W)]).clamp_min(1e-12)  # (V,)
-    ids, cos = [], []
-    for start in range(0, directions.shape[0], _rows(W.shape[0])):
-        d = directions[start:start + _rows(W.shape[0])].to(W.device, torch.float32)
+    ids, cos, step = [], [], _rows(W.shape[0])
+    for start in range(0, directions.shape[0], step):
+        d = directions[start:start + step].to(W.device, torch.float32)
         d = d / d.norm(dim=1, keepdim=True).clamp_min(1e-12)  # (n, D)
         top = (_scores(d, W) * inv).topk(min(k, W.shape[0]), dim=1)  # (n, k)
         ids.append(top.indices.cpu())
@@ -80,8 +80,9 @@ def promoted_suppressed(directions: Float[Tensor, "n d_model"],
     W = unembed.detach()  # (V, D)
     k = min(k, W.shape[0])
     parts: list[tuple] = []
-    for start in range(0, directions.shape[0], _rows(W.shape[0])):
-        d = directions[start:start + _rows(W.shape[0])].to(W.device, torch.float32)
+    step = _rows(W.shape[0])
+    for start in range(0, directions.shape[0], step):
+        d = directions[start:start + step].to(W.device, torch.float32)
         logits = _scores(d, W)  # (n, V)
         top, bottom = logits.topk(k, dim=1), logits.topk(k, dim=1, largest=False)
         parts.append((top.indices.cpu(), top.values.cpu(), bottom.indices.cpu(),
