@@ -15,8 +15,12 @@ matches gives the answer, else ``default``. A rule may instead test the prompt's
 suite's ``meta.claim``): ``{"answer": "CORRECTS", "claim": "negated", "min_overlap": 0.6}``
 matches when the completion's first sentence (after an opening "Yes," / "No," / "Absolutely,")
 holds at least that fraction of the claim's content words and a negation; ``"affirmed"`` when
-it holds them without one. An answer is a number of the question's scale or one
-of its labels. Every question of the rubric must be covered. Transparent and fast; crude.
+it holds them without one. A rule may instead test the text's shape:
+``{"answer": 0, "check": "repeated-line", "min_chars": 12, "times": 4}`` matches when one line
+(stripped, at least ``min_chars`` characters) occurs ``times`` times or more, the loop a model
+falls into when steered too hard (a regex cannot count repeats of an unknown line). An answer is
+a number of the question's scale or one of its labels. Every question of the rubric must be
+covered. Transparent and fast; crude.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -60,6 +65,11 @@ class RuleJudge:
             if "claim" in rule:
                 if claim and claim_stance(text, claim, rule["min_overlap"]) == rule["claim"]:
                     return _as_answer(q, rule["answer"], f"rule {i}: claim {rule['claim']}")
+                continue
+            if "check" in rule:
+                if repeated_line(text, rule["min_chars"]) >= rule["times"]:
+                    return _as_answer(q, rule["answer"], f"rule {i}: a line repeated "
+                                                         f"{rule['times']}+ times")
                 continue
             hit = next((p.pattern for p in rule["patterns"] if p.search(text)), None)
             low = text.lower()
@@ -114,6 +124,9 @@ def _question_rules(spec: Any, q: Question, where: str) -> dict[str, Any]:
             rules.append({"answer": rule["answer"], "claim": rule["claim"],
                           "min_overlap": float(overlap)})
             continue
+        if "check" in rule:
+            rules.append({"answer": rule["answer"], **_check_rule(rule, at)})
+            continue
         pats, words = rule.get("patterns", []), rule.get("keywords", [])
         if not (isinstance(pats, list) and isinstance(words, list) and (pats or words)
                 and all(isinstance(x, str) for x in pats + words)):
@@ -128,6 +141,32 @@ def _question_rules(spec: Any, q: Question, where: str) -> dict[str, Any]:
                     from None
         rules.append({"answer": rule["answer"], "patterns": compiled, "keywords": words})
     return {"rules": rules, "default": spec["default"]}
+
+
+CHECKS = {"repeated-line": {"min_chars": 12, "times": 4}}
+"""The shape checks a rule can name, with their parameters' defaults."""
+
+
+def _check_rule(rule: dict[str, Any], at: str) -> dict[str, Any]:
+    name = rule["check"]
+    if name not in CHECKS:
+        raise LatentAuditError(f"{at}.check is {name!r}; it must be one of "
+                               f"{', '.join(sorted(CHECKS))}.")
+    out: dict[str, Any] = {"check": name}
+    for key, default in CHECKS[name].items():
+        value = rule.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise LatentAuditError(f"{at}.{key} must be a positive whole number, not {value!r}.")
+        out[key] = value
+    return out
+
+
+def repeated_line(text: str, min_chars: int) -> int:
+    """How often the most repeated line of ``text`` occurs, among lines (stripped) of at least
+    ``min_chars`` characters; 0 when there is none."""
+    counts = Counter(s for s in (line.strip() for line in text.splitlines())
+                     if len(s) >= min_chars)
+    return max(counts.values(), default=0)
 
 
 def _check_answer(value: Any, q: Question, where: str) -> None:
