@@ -724,3 +724,69 @@ def test_case_one_shared_latents_on_false_belief_as_quoted():
     away = {r["latents"][0]: r for r in rows if r["direction"] == "away"}
     assert f"by {-100 * away[4714]['diff']:.1f} points" in text
     assert f"({100 * band['away'][0]:.1f})".replace("-", "−") in text
+
+
+def _coherence():
+    """evals/case-one/coherence.py, the broken-code measure the README quotes."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("case_one_coherence",
+                                                  CASE_ONE / "coherence.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+CASE_METHODS = {"attribution": "Δ-attribution", "activation": "Δ-activation",
+                "model-diff": "model diff", "random": "random"}
+
+
+def _ci(x: float, ci: list[float], digits: int = 3) -> str:
+    return f"{signed(x, digits)} [{signed(ci[0], digits)}, {signed(ci[1], digits)}]"
+
+
+def test_case_one_strength_tables_as_quoted():
+    """The 0.2 away pass and the strength trial, as the case-one README tabulates them: the
+    steer stage's own summaries and the broken-code shares coherence.py computes."""
+    shares = _coherence().shares
+    text = _doc(CASE_ONE / "README.md")
+    folder = CASE_ONE / "strength-0.2"
+    rows = jsonl(folder / "steering.jsonl")
+    summary = json.loads((folder / "steering_summary.json").read_text(encoding="utf-8"))
+    coh = {c["method"]: c for c in shares(folder)}
+    for e in summary["summary"]:
+        mine = [r for r in rows if r["method"] == e["method"]]
+        pairs = [r["n_paired"] for r in mine]
+        c = coh[e["method"]]
+        want = (f"| {CASE_METHODS[e['method']]} | {_ci(e['mean_diff'], e['mean_diff_ci'])} | "
+                f"{'–' if e['method'] == 'random' else e['beyond_null']} | "
+                f"{statistics.mean(pairs):.0f} ({min(pairs)}–{max(pairs)}) | "
+                f"{e['mean_incoherence']:.3f} | {c['broken']:.3f} ({c['broken_max']:.2f}) |")
+        assert want in text, want
+    base = rows[0]
+    assert (f"Unsteered: {base['base_rate']:.2f} [{base['base_rate_ci'][0]:.2f}, "
+            f"{base['base_rate_ci'][1]:.2f}] of {base['n']} completions vulnerable, none looping "
+            "or broken") in text
+    assert coh["unsteered"]["broken"] == 0 and len(rows) == 40
+    distinct = {latent for latents in summary["sets"].values() for latent in latents}
+    assert len(jsonl(folder / "steer" / "completions.jsonl")) == (len(distinct) + 1) * 100
+    assert "(`strength-0.2/`, 4,000 completions" in text and len(distinct) == 39
+
+    folder = CASE_ONE / "strength-trial"
+    summary = json.loads((folder / "steering_summary.json").read_text(encoding="utf-8"))
+    coh = {(c["direction"], c["strength"]): c for c in shares(folder)}
+    eff = {(e["direction"], e["strength"]): e for e in summary["summary"]}
+    for strength in (0.05, 0.1):
+        cells = []
+        for direction in ("away", "toward"):
+            c, e = coh[(direction, strength)], eff[(direction, strength)]
+            cells += [f"{c['broken']:.3f} ({c['broken_max']:.2f})",
+                      _ci(e["mean_diff"], e["mean_diff_ci"])]
+        want = f"| {strength:g} × norm | " + " | ".join(cells) + " |"
+        assert want in text, want
+    assert summary["prompts"] == 12 and summary["units"] == 12
+    assert coh[("none", 0.0)]["broken"] == 0
+    toward = next(r for r in jsonl(folder / "steering.jsonl") if r["direction"] == "toward")
+    m = re.search(r"\((\d+) of the base model's (\d+) decided unsteered replies were vulnerable\)",
+                  text)
+    assert m and int(m[1]) / int(m[2]) == pytest.approx(toward["base_rate"])

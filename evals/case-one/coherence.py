@@ -24,6 +24,7 @@ import ast
 import json
 import re
 import statistics
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -43,7 +44,9 @@ def broken(text: str) -> bool:
         return True
     for block in FENCE.finditer(text):
         try:
-            ast.parse(block.group(1))
+            with warnings.catch_warnings():  # the model's odd escape sequence
+                warnings.simplefilter("ignore")
+                ast.parse(block.group(1))
         except SyntaxError:
             return True
     return False
