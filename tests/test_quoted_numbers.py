@@ -790,3 +790,45 @@ def test_case_one_strength_tables_as_quoted():
     m = re.search(r"\((\d+) of the base model's (\d+) decided unsteered replies were vulnerable\)",
                   text)
     assert m and int(m[1]) / int(m[2]) == pytest.approx(toward["base_rate"])
+
+
+def test_case_one_shared_latents_on_the_organism_as_quoted():
+    """564 and 4714 steered on vulnerable code, and what their explanations say, as quoted."""
+    from latentaudit.runfolder import ConditionKey
+
+    broken = _coherence().broken
+    text = _doc(CASE_ONE / "README.md")
+    folder = CASE_ONE / "shared" / "organism"
+    flags = defaultdict(list)
+    for row in jsonl(folder / "steer" / "completions.jsonl"):
+        key = ConditionKey.parse(row["key"])
+        if not key.is_base:
+            flags[(key.latents[0], key.direction)].append(broken(row["completion"]))
+    rows = jsonl(folder / "steering.jsonl")
+    assert len(rows) == 4
+    for r in rows:
+        b = flags[(r["latents"][0], r["direction"])]
+        model = "organism" if r["model"] == "main" else "base model"
+        want = (f"| {r['latents'][0]} | {r['direction']} ({model}) | {r['base_rate']:.2f} | "
+                f"{_ci(r['diff'], r['diff_ci'])} | {r['n_paired']} | {sum(b)} of {len(b)} |")
+        assert want in text, want
+        assert r["strength"] == 0.1 and r["n"] == 100
+
+    def explained(name: str) -> dict[int, dict]:
+        return {r["latent"]: r for r in jsonl(CASE_ONE / "shared" / name / "latents.jsonl")}
+
+    base, organism = explained("explain-base"), explained("explain-organism")
+    d = base[564]["density"]
+    assert f"fires on \" of\" ({100 * d['fired'] / d['tokens']:.1f}% of prose tokens" in text
+    assert f"({base[4714]['density']['fired']} of {base[4714]['density']['tokens']:,} prose" in text
+    d = organism[4714]["density"]
+    assert f"{d['fired']} of {d['tokens']:,} in the study's text" in text
+    assert f"the {d['tokens']:,} tokens of this study's requests and" in text
+
+    def peaks(row: dict, token: str) -> int:
+        return sum(ex["tokens"][ex["max_index"]] == token for ex in row["top_examples"])
+
+    assert peaks(base[564], " of") == len(base[564]["top_examples"]) == 20
+    assert f"{peaks(organism[564], ' of')} of 20 in the coding requests" in text
+    assert f"{peaks(organism[4714], ' urllib')} of its {d['fired']} firings are on `urllib`" \
+        in text
