@@ -832,3 +832,41 @@ def test_case_one_shared_latents_on_the_organism_as_quoted():
     assert f"{peaks(organism[564], ' of')} of 20 in the coding requests" in text
     assert f"{peaks(organism[4714], ' urllib')} of its {d['fired']} firings are on `urllib`" \
         in text
+
+
+def _case_one_rows(folder: Path) -> list[str]:
+    """The case-one README's sweep table, one line per (method, direction), from the steer
+    stage's files and the broken-code measure."""
+    rows = jsonl(folder / "steering.jsonl")
+    summary = json.loads((folder / "steering_summary.json").read_text(encoding="utf-8"))
+    coh = {(c["method"], c["direction"]): c for c in _coherence().shares(folder)}
+    out = []
+    for e in summary["summary"]:
+        mine = [r for r in rows if (r["method"], r["direction"]) == (e["method"], e["direction"])]
+        pairs = [r["n_paired"] for r in mine]
+        c = coh[(e["method"], e["direction"])]
+        model = "organism" if e["model"] == "main" else "base model"
+        out.append(f"| {CASE_METHODS[e['method']]} | {e['direction']} ({model}) | "
+                   f"{_ci(e['mean_diff'], e['mean_diff_ci'])} | "
+                   f"{'–' if e['method'] == 'random' else e['beyond_null']} | "
+                   f"{statistics.mean(pairs):.0f} ({min(pairs)}–{max(pairs)}) | "
+                   f"{e['mean_incoherence']:.3f} | {c['broken']:.3f} ({c['broken_max']:.2f}) |")
+    return out
+
+
+def test_case_one_sweep_as_quoted():
+    """Every (method, direction) the sweep at 0.1 has finished is in the README's table, with
+    the unsteered rate of each model it steered."""
+    folder = CASE_ONE / "run"
+    if not (folder / "steering_summary.json").is_file():
+        pytest.skip("the case-one sweep has not written its summary yet")
+    text = _doc(CASE_ONE / "README.md")
+    for line in _case_one_rows(folder):
+        assert line in text, line
+    rows = jsonl(folder / "steering.jsonl")
+    assert {r["strength"] for r in rows} == {0.1} and {r["n"] for r in rows} == {100}
+    for model in {r["model"] for r in rows}:
+        r = next(r for r in rows if r["model"] == model)
+        name = "organism" if model == "main" else "base model"
+        assert (f"Unsteered, the {name}: {r['base_rate']:.2f} [{r['base_rate_ci'][0]:.2f}, "
+                f"{r['base_rate_ci'][1]:.2f}]") in text
