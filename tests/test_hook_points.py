@@ -123,8 +123,8 @@ def test_the_engine_attributes_at_the_sae_hook_point(lm, point):
     sae = random_sae(32, 20, layer=1).double()
     sae.info.hook = point
     data = make_data()
-    # Padded Gemma-2 batches come out NaN at every hook point, resid_post included (padding,
-    # not the hook point): one completion per batch there.
+    # Padded float64 Gemma-2 batches come out NaN (its softmax runs in float32, where float64's
+    # mask value is -inf; see test_a_nan_loss_stops_attribution_with_its_cause): one per batch.
     batch = 1 if lm.name == "tiny-gemma2" else 3
     result = attribute(lm, sae, data, AttributionConfig(batch_size=batch, abar="sae"))
     dirs = sae.decoder_directions(torch.float64)
@@ -212,3 +212,23 @@ def test_explain_exact_effect_and_maps_at_mlp_out(arch):
     torch.testing.assert_close(maps[0].deltas[1].sum(0).double(),
                                reference_delta(lm, comp, 1, "mlp_out", dirs, a_bar),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_a_nan_loss_stops_attribution_with_its_cause():
+    """Gemma-2's eager attention takes its softmax in float32, where float64's mask value is
+    -inf: a padded row comes out NaN in float64. Attribution says so instead of writing NaN
+    Δs; in float32 the same padded batches match one completion per batch."""
+    lm = model_of("gemma2")
+    sae = random_sae(32, 20, layer=1).double()
+    data = make_data()
+    with pytest.raises(LatentAuditError, match=r"loss of \d+ of \d+ completions is not finite "
+                                               r"\(first: dataset row \d+\).*--dtype float32"):
+        attribute(lm, sae, data, AttributionConfig(batch_size=3, abar="sae"))
+    ok = attribute(lm, sae, data, AttributionConfig(batch_size=1, abar="sae"))
+    assert torch.isfinite(ok.layers[1].delta_attribution).all()
+    lm.model.float()
+    sae = sae.float()
+    one, three = (attribute(lm, sae, data, AttributionConfig(batch_size=b, abar="sae"))
+                  for b in (1, 3))
+    torch.testing.assert_close(three.layers[1].delta_attribution,
+                               one.layers[1].delta_attribution, rtol=1e-4, atol=1e-6)

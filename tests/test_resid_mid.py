@@ -79,7 +79,7 @@ def test_the_engine_attributes_at_resid_mid(lm):
     sae = random_sae(32, 20, layer=1).double()
     sae.info.hook = "resid_mid"
     data = make_data()
-    batch = 1 if lm.name == "tiny-gemma2" else 3  # padded Gemma-2 batches are NaN
+    batch = 1 if lm.name == "tiny-gemma2" else 3  # padded float64 Gemma-2 batches are NaN
     result = attribute(lm, sae, data, AttributionConfig(batch_size=batch, abar="sae"))
     dirs = sae.decoder_directions(torch.float64)
     per = [reference_delta(lm, c, 1, "resid_mid", dirs, sae.mean_activation) for c in data]

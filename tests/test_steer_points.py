@@ -105,8 +105,8 @@ def test_log_odds_replay_equals_full_forwards_at_each_point(lm, point, layer):
     vecs = vectors(4, 3.0, seed=2)
     vecs[0] = 0
     grid = log_odds_grid(lm, layer, ids, vecs, sig, 3, point)  # (C, P)
-    # Padded Gemma-2 batches come out NaN at every hook point (padding, not the hook point):
-    # one row per forward there.
+    # Padded float64 Gemma-2 batches come out NaN (its softmax runs in float32, where float64's
+    # mask value is -inf): one row per forward there.
     batch = 1 if lm.name == "tiny-gemma2" else 5
     rows = log_odds_rows(lm, layer, ids, vecs.repeat(2, 1), torch.arange(2).repeat_interleave(4),
                          sig, batch, point).view(2, 4).T
@@ -171,3 +171,20 @@ def test_a_sweep_steers_an_mlp_out_sae_at_mlp_out(run_dir, capsys):  # noqa: F81
     sae.save(run_dir.parent / "sae")
     with pytest.raises(LatentAuditError, match="made with hook='mlp_out'"):
         plan()
+
+
+def test_generation_stops_on_a_nan_forward_with_its_cause():
+    """A padded float64 Gemma-2 batch comes out NaN (its attention softmax runs in float32):
+    generation says so instead of sampling noise; in float32 the same batch samples what each
+    prompt samples alone."""
+    lm = model_of("gemma2")
+    ids = prompts(lm.tokenizer)
+    cfg = SampleConfig(max_new_tokens=5, temperature=1.0)
+    with pytest.raises(LatentAuditError, match=r"logits are not finite at step 1 of batch row "
+                                               r"\d of 3.*--dtype float32"):
+        generate(lm, ids, [1, 2, 3], cfg)
+    assert len(generate(lm, ids[:1], [1], cfg)[0].token_ids) >= 1  # one prompt: no padding
+    lm.model.float()
+    together = generate(lm, ids, [1, 2, 3], cfg)
+    alone = [generate(lm, [p], [s], cfg)[0] for p, s in zip(ids, [1, 2, 3], strict=True)]
+    assert [g.token_ids for g in together] == [g.token_ids for g in alone]

@@ -20,7 +20,8 @@ Algorithm (one batch of prompts, each with its own seed):
    stops at an EOS id (``finish_reason`` "eos"), when
    its decoded text contains a stop string ("stop") or after ``max_new_tokens`` ("length").
    Finished rows leave the cache. The new ids go to the host once per step (to check EOS and
-   stop strings); masks, positions and the next input stay on the device.
+   stop strings, and a row whose logits are NaN or inf, which stops with an error rather than
+   sample noise); masks, positions and the next input stay on the device.
 4. A batch that runs out of device memory is generated as two halves
    (:class:`~latentaudit.batching.BatchGuard`): rows are independent, so the completions are
    the same.
@@ -45,7 +46,7 @@ from torch import Tensor
 from latentaudit.batching import guard_for
 from latentaudit.data.tokens import left_pad
 from latentaudit.errors import LatentAuditError
-from latentaudit.models.forward import keep_logits, pad_id
+from latentaudit.models.forward import keep_logits, not_finite_why, pad_id
 from latentaudit.models.hooks import RowSteering, layer_device, steer_resid
 from latentaudit.models.load import LoadedModel
 
@@ -242,7 +243,12 @@ def _generate(loaded: LoadedModel, prompts: list[list[int]], seeds: list[int],
         logits = logits.float()  # (A, V), sampled on the model's device
         u = uniforms[:, step]  # (A,) a finished row still cached draws a number it ignores
         nxt = sample_tokens(logits, u, cfg.temperature, cfg.top_p)  # (A,) on the device
+        nxt = torch.where(torch.isfinite(logits).all(dim=-1), nxt, -1)  # -1: NaN or inf
         for r, token in zip(rows, nxt.tolist(), strict=True):  # the step's one wait
+            if token < 0 and done[r] is None:
+                raise LatentAuditError(
+                    f"generation: the model's logits are not finite at step {step + 1} of batch "
+                    f"row {r + 1} of {B}; its text would be noise. {not_finite_why(model)}")
             if done[r] is None:
                 out[r].append(token)
                 done[r] = _finish(tok, out[r], eos, cfg)

@@ -11,6 +11,8 @@ docstring).
    added only once it succeeds, so nothing is lost or counted twice.
 3. Every ``checkpoint_every_batches`` batches or ``checkpoint_every_seconds`` seconds, save the
    sums with the number of batches done; a rerun with the same inputs resumes after them.
+   The losses come to the host first and must be finite: a NaN loss would make every Δ NaN,
+   so it stops the run, with the completion it came from, before any checkpoint holds it.
 
 Accumulators are plain sums, so the order of batches does not change the result. The loop does
 not wait for the device: masks select by weight 0, token indices are computed on the host, and
@@ -39,6 +41,8 @@ from latentaudit.attribution.math import _wide, batch_moments
 from latentaudit.attribution.plan import Plan
 from latentaudit.batching import guard_for
 from latentaudit.data.tokens import Batch, collate
+from latentaudit.errors import LatentAuditError
+from latentaudit.models.forward import not_finite_why
 from latentaudit.models.hooks import capture_resid, layer_device
 from latentaudit.models.load import LoadedModel
 from latentaudit.saes.sae import SAE
@@ -120,6 +124,10 @@ def run_batches(model: LoadedModel, saes: dict[int, SAE], plan: Plan, cfg: Attri
     def slice_sums(rows: list[int]) -> BatchSums:
         return batch_sums(model, saes, plan, rows, cfg, chunks=chunks)
 
+    def flush() -> None:
+        _flush_losses(pending, losses)
+        check_finite(losses, plan, model)
+
     with progress(total=len(plan.batches), desc="attribute", unit="batch", initial=start) as bar:
         for b in range(start, len(plan.batches)):
             for part in guard.run(plan.batches[b], slice_sums):
@@ -129,10 +137,10 @@ def run_batches(model: LoadedModel, saes: dict[int, SAE], plan: Plan, cfg: Attri
             bar.update(1)
             if checkpoint and ((every_n and (b + 1) % every_n == 0)
                                or (every_s and monotonic() - last_save >= every_s)):
-                _flush_losses(pending, losses)
+                flush()
                 _save_checkpoint(checkpoint, key, b + 1, acc, losses)
                 last_save = monotonic()
-    _flush_losses(pending, losses)
+    flush()
     if checkpoint and (every_n or every_s):
         _save_checkpoint(checkpoint, key, len(plan.batches), acc, losses)
     return Sums(acc, losses)
@@ -143,6 +151,17 @@ def _flush_losses(pending: list[BatchSums], losses: Tensor) -> None:
     for part in pending:
         losses[part.rows] = part.losses.double().cpu()
     pending.clear()
+
+
+def check_finite(losses: Tensor, plan: Plan, model: LoadedModel) -> None:
+    """One clear error when a completion's loss is NaN or infinite (0 marks one not yet run)."""
+    bad = (~torch.isfinite(losses)).nonzero().squeeze(1).tolist()
+    if not bad:
+        return
+    raise LatentAuditError(
+        f"attribution: the loss of {len(bad)} of {len(losses)} completions is not finite "
+        f"(first: dataset row {plan.used[bad[0]] + 1}); every Δ would be NaN. "
+        f"{not_finite_why(model.model)}")
 
 
 def batch_sums(model: LoadedModel, saes: dict[int, SAE], plan: Plan, rows: list[int],

@@ -6,11 +6,14 @@
    ``forward`` signature.
 2. :func:`pad_id`: the tokenizer's pad id, or 0 when it has none (padded positions are masked,
    so the id only has to be a valid one).
+3. :func:`not_finite_why`: what to tell a user whose forward returned NaN or inf.
 """
 
 from __future__ import annotations
 
 import inspect
+
+import torch
 
 KEEP_NAMES = ("logits_to_keep", "num_logits_to_keep")
 
@@ -27,3 +30,14 @@ def pad_id(tokenizer) -> int:
     """The pad id of ``tokenizer`` (0 when it has none)."""
     pad = getattr(tokenizer, "pad_token_id", None)
     return 0 if pad is None else int(pad)
+
+
+def not_finite_why(model) -> str:
+    """The likely cause of a NaN or infinite forward, and the fix, for an error message."""
+    dtype = next(model.parameters()).dtype
+    if dtype == torch.float64:
+        return ("In float64, a padded batch of a model that takes its attention softmax in "
+                "float32 (Gemma-2) comes out NaN: run in float32 (--dtype float32) or one "
+                "sequence per batch (--batch-size 1).")
+    return ("Check the model's weights and dtype (float16 overflows in some models; try "
+            "--dtype float32).")
