@@ -834,12 +834,12 @@ def test_case_one_shared_latents_on_the_organism_as_quoted():
         in text
 
 
-def _case_one_rows(folder: Path) -> list[str]:
+def _case_one_rows(folder: Path, completions: Path | None = None) -> list[str]:
     """The case-one README's sweep table, one line per (method, direction), from the steer
     stage's files and the broken-code measure."""
     rows = jsonl(folder / "steering.jsonl")
     summary = json.loads((folder / "steering_summary.json").read_text(encoding="utf-8"))
-    coh = {(c["method"], c["direction"]): c for c in _coherence().shares(folder)}
+    coh = {(c["method"], c["direction"]): c for c in _coherence().shares(folder, completions)}
     out = []
     for e in summary["summary"]:
         mine = [r for r in rows if (r["method"], r["direction"]) == (e["method"], e["direction"])]
@@ -870,3 +870,30 @@ def test_case_one_sweep_as_quoted():
         name = "organism" if model == "main" else "base model"
         assert (f"Unsteered, the {name}: {r['base_rate']:.2f} [{r['base_rate_ci'][0]:.2f}, "
                 f"{r['base_rate_ci'][1]:.2f}]") in text
+
+
+def test_case_one_away_at_0_1_as_quoted():
+    """The away half at 0.1 (summarised from the run's own completions) as the README quotes it."""
+    folder = CASE_ONE / "away-0.1"
+    text = _doc(CASE_ONE / "README.md")
+    for line in _case_one_rows(folder, CASE_ONE / "run" / "steer" / "completions.jsonl"):
+        assert line in text, line
+    rows = jsonl(folder / "steering.jsonl")
+    s = {e["method"]: e for e in json.loads(
+        (folder / "steering_summary.json").read_text(encoding="utf-8"))["summary"]}
+    band = s["random"]["null_band"]
+    assert f"band ({signed(100 * band[0], 1)} to {signed(100 * band[1], 1)} points)" in text
+    beyond = sorted((r["latents"][0], r["method"], r["diff"]) for r in rows if r["beyond_null"])
+    assert [(b[0], b[1]) for b in beyond] == [(7668, "model-diff"), (7857, "attribution")]
+    for latent, _, diff in beyond:
+        assert f"{latent} " in text and f"{signed(100 * diff, 1)})" in text
+    att = [r["diff"] for r in rows if r["method"] == "attribution"]
+    assert f"{sum(d < 0 for d in att)} of its 10 latents below zero" in text
+    assert max(abs(e["mean_diff"]) for e in s.values()) == pytest.approx(0.023, abs=5e-4)
+    assert {r["strength"] for r in rows} == {0.1} and {r["n"] for r in rows} == {100}
+    trial = next(r for r in jsonl(CASE_ONE / "strength-trial" / "steering.jsonl")
+                 if r["direction"] == "away")
+    m = says(CASE_ONE / "README.md", r"\((\d+) of its (\d+) replies vulnerable, against ([\d.]+) "
+                                     r"of these (\d+)\)")
+    assert int(m[1]) / int(m[2]) == trial["base_rate"] and int(m[2]) == trial["n_decided"]
+    assert (m[3], int(m[4])) == (f"{rows[0]['base_rate']:.2f}", rows[0]["n"])

@@ -14,7 +14,7 @@ not parse, against the unsteered replies of the same seeds.
    (mean over the latents, and the highest latent's broken share), and the unsteered rates of
    each model for comparison; ``--json`` writes them.
 
-    python evals/case-one/coherence.py evals/case-one/run [--json out.json]
+    python evals/case-one/coherence.py evals/case-one/run [--completions FILE] [--json out.json]
 """
 
 from __future__ import annotations
@@ -52,7 +52,9 @@ def broken(text: str) -> bool:
     return False
 
 
-def shares(folder: Path) -> list[dict]:
+def shares(folder: Path, completions: Path | None = None) -> list[dict]:
+    """The rows of step 3 for a steering folder; ``completions``: its rows when they live
+    elsewhere (default ``folder/steer/completions.jsonl``)."""
     summary = json.loads((folder / "steering_summary.json").read_text(encoding="utf-8"))
     methods = defaultdict(list)  # latent -> the methods that chose it
     for name, latents in summary["sets"].items():
@@ -60,7 +62,7 @@ def shares(folder: Path) -> list[dict]:
             methods[int(latent)].append(name)
     # (method, direction, strength, model) -> latent -> [(loop, broken)]; unsteered: latent None
     by: dict[tuple, dict] = defaultdict(lambda: defaultdict(list))
-    for line in (folder / "steer" / "completions.jsonl").open(encoding="utf-8"):
+    for line in (completions or folder / "steer" / "completions.jsonl").open(encoding="utf-8"):
         if not line.strip():
             continue
         row = json.loads(line)
@@ -87,9 +89,11 @@ def shares(folder: Path) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("folder", type=Path, help="a steering folder (run folder or --out)")
+    ap.add_argument("--completions", type=Path,
+                    help="its completions, when not in FOLDER/steer/completions.jsonl")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     args = ap.parse_args()
-    rows = shares(args.folder)
+    rows = shares(args.folder, args.completions)
     for r in rows:
         print(f"{r['method']:>12} {r['direction']:>6} {r['strength']:<5g} {r['model']:<7} "
               f"n={r['replies']:>5} "
