@@ -52,12 +52,12 @@ def write_data(path: Path) -> Path:
 
 
 def make_run(root: Path, lm, saes: dict[int, object], run_layers: list[int],
-             positions: str = "all", top_k: int = 3) -> Path:
+             positions: str = "all", top_k: int = 3, batch_size: int = 4) -> Path:
     """SAE folders ``root/sae{L}``, the dataset and an attribution run at ``run_layers``."""
     for L, sae in saes.items():
         sae.save(root / f"sae{L}")
     data = write_data(root / "data.jsonl")
-    cfg = AttributionConfig(batch_size=4, positions=positions, top_k=top_k)
+    cfg = AttributionConfig(batch_size=batch_size, positions=positions, top_k=top_k)
     result = attribute(lm, {L: str(root / f"sae{L}") for L in run_layers}, str(data), cfg)
     write_run(root / "run", result)
     return root / "run"

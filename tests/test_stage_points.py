@@ -89,10 +89,11 @@ def test_circuit_edges_at_hook_points_are_the_derivative_of_the_ablation(tmp_pat
     lm = model_of(arch)
     saes = {0: at(random_sae(32, 5, layer=0, seed=3), points[0]),
             2: at(random_sae(32, 10, layer=2, seed=4), points[1])}
-    run = make_run(tmp_path, lm, saes, [2], positions="completion")
-    kind = "loss" if arch != "gpt2" else "pre-activation"
     # Padded float64 Gemma-2 batches come out NaN (a float32 softmax): one per batch there.
-    cfg = CircuitConfig(top_k=2, measure=kind, batch_size=1 if arch == "gemma2" else 3,
+    batch = 1 if arch == "gemma2" else 3
+    run = make_run(tmp_path, lm, saes, [2], positions="completion", batch_size=batch)
+    kind = "loss" if arch != "gpt2" else "pre-activation"
+    cfg = CircuitConfig(top_k=2, measure=kind, batch_size=batch,
                         fraction=1.0, max_edges=0, route="stacked")
     result = trace_circuit(run, str(tmp_path / "sae0"), cfg, model=lm, out=tmp_path / "c")
     hop = result.hops[0]
