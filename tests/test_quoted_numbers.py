@@ -745,6 +745,17 @@ def _ci(x: float, ci: list[float], digits: int = 3) -> str:
     return f"{signed(x, digits)} [{signed(ci[0], digits)}, {signed(ci[1], digits)}]"
 
 
+def _sweep_cells(e: dict, rows: list[dict], c: dict) -> str:
+    """A case-one sweep table's cells after the method (and direction): the paired change, the
+    latents beyond the random band, decided pairs, looping and broken shares."""
+    pairs = [r["n_paired"] for r in rows
+             if (r["method"], r["direction"]) == (e["method"], e["direction"])]
+    return (f"{_ci(e['mean_diff'], e['mean_diff_ci'])} | "
+            f"{'–' if e['method'] == 'random' else e['beyond_null']} | "
+            f"{statistics.mean(pairs):.0f} ({min(pairs)}–{max(pairs)}) | "
+            f"{e['mean_incoherence']:.3f} | {c['broken']:.3f} ({c['broken_max']:.2f}) |")
+
+
 def test_case_one_strength_tables_as_quoted():
     """The 0.2 away pass and the strength trial, as the case-one README tabulates them: the
     steer stage's own summaries and the broken-code shares coherence.py computes."""
@@ -755,13 +766,8 @@ def test_case_one_strength_tables_as_quoted():
     summary = json.loads((folder / "steering_summary.json").read_text(encoding="utf-8"))
     coh = {c["method"]: c for c in shares(folder)}
     for e in summary["summary"]:
-        mine = [r for r in rows if r["method"] == e["method"]]
-        pairs = [r["n_paired"] for r in mine]
-        c = coh[e["method"]]
-        want = (f"| {CASE_METHODS[e['method']]} | {_ci(e['mean_diff'], e['mean_diff_ci'])} | "
-                f"{'–' if e['method'] == 'random' else e['beyond_null']} | "
-                f"{statistics.mean(pairs):.0f} ({min(pairs)}–{max(pairs)}) | "
-                f"{e['mean_incoherence']:.3f} | {c['broken']:.3f} ({c['broken_max']:.2f}) |")
+        want = (f"| {CASE_METHODS[e['method']]} | "
+                f"{_sweep_cells(e, rows, coh[e['method']])}")
         assert want in text, want
     base = rows[0]
     assert (f"Unsteered: {base['base_rate']:.2f} [{base['base_rate_ci'][0]:.2f}, "
@@ -842,15 +848,9 @@ def _case_one_rows(folder: Path, completions: Path | None = None) -> list[str]:
     coh = {(c["method"], c["direction"]): c for c in _coherence().shares(folder, completions)}
     out = []
     for e in summary["summary"]:
-        mine = [r for r in rows if (r["method"], r["direction"]) == (e["method"], e["direction"])]
-        pairs = [r["n_paired"] for r in mine]
-        c = coh[(e["method"], e["direction"])]
         model = "organism" if e["model"] == "main" else "base model"
         out.append(f"| {CASE_METHODS[e['method']]} | {e['direction']} ({model}) | "
-                   f"{_ci(e['mean_diff'], e['mean_diff_ci'])} | "
-                   f"{'–' if e['method'] == 'random' else e['beyond_null']} | "
-                   f"{statistics.mean(pairs):.0f} ({min(pairs)}–{max(pairs)}) | "
-                   f"{e['mean_incoherence']:.3f} | {c['broken']:.3f} ({c['broken_max']:.2f}) |")
+                   f"{_sweep_cells(e, rows, coh[(e['method'], e['direction'])])}")
     return out
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from latentaudit.judges.rules import repeated_line
 from latentaudit.runfolder import ConditionKey
+from latentaudit.steer.generation import read_rows
 
 FENCE = re.compile(r"```(?:python|py)[ \t]*\n(.*?)\n[ \t]*```", re.S)
 
@@ -38,10 +39,8 @@ def loops(text: str) -> bool:
     return repeated_line(text, 12) >= 4
 
 
-def broken(text: str) -> bool:
-    """A loop, or a closed Python block that does not parse."""
-    if loops(text):
-        return True
+def unparsed(text: str) -> bool:
+    """A closed Python block of ``text`` does not parse."""
     for block in FENCE.finditer(text):
         try:
             with warnings.catch_warnings():  # the model's odd escape sequence
@@ -50,6 +49,11 @@ def broken(text: str) -> bool:
         except SyntaxError:
             return True
     return False
+
+
+def broken(text: str) -> bool:
+    """A loop, or a closed Python block that does not parse."""
+    return loops(text) or unparsed(text)
 
 
 def shares(folder: Path, completions: Path | None = None) -> list[dict]:
@@ -62,12 +66,11 @@ def shares(folder: Path, completions: Path | None = None) -> list[dict]:
             methods[int(latent)].append(name)
     # (method, direction, strength, model) -> latent -> [(loop, broken)]; unsteered: latent None
     by: dict[tuple, dict] = defaultdict(lambda: defaultdict(list))
-    for line in (completions or folder / "steer" / "completions.jsonl").open(encoding="utf-8"):
-        if not line.strip():
-            continue
-        row = json.loads(line)
+    rows = read_rows(completions or folder / "steer" / "completions.jsonl")
+    for row in rows.values():
         key = ConditionKey.parse(row["key"])
-        flags = (loops(row["completion"]), broken(row["completion"]))
+        loop = loops(row["completion"])
+        flags = (loop, loop or unparsed(row["completion"]))
         if key.is_base:
             by[("unsteered", "none", 0.0, key.model)][None].append(flags)
         elif len(key.latents) == 1:

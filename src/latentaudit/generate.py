@@ -245,11 +245,12 @@ def _generate(loaded: LoadedModel, prompts: list[list[int]], seeds: list[int],
         nxt = sample_tokens(logits, u, cfg.temperature, cfg.top_p)  # (A,) on the device
         nxt = torch.where(torch.isfinite(logits).all(dim=-1), nxt, -1)  # -1: NaN or inf
         for r, token in zip(rows, nxt.tolist(), strict=True):  # the step's one wait
-            if token < 0 and done[r] is None:
-                raise LatentAuditError(
-                    f"generation: the model's logits are not finite at step {step + 1} of batch "
-                    f"row {r + 1} of {B}; its text would be noise. {not_finite_why(model)}")
             if done[r] is None:
+                if token < 0:
+                    raise LatentAuditError(
+                        f"generation: the model's logits are not finite at step {step + 1} of "
+                        f"batch row {r + 1} of {B}; its text would be noise. "
+                        f"{not_finite_why(model)}")
                 out[r].append(token)
                 done[r] = _finish(tok, out[r], eos, cfg)
         keep = [j for j, r in enumerate(rows) if done[r] is None]
