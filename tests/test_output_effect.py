@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from latentaudit.attribution.plan import encode_completions
+from latentaudit.errors import LatentAuditError
 from latentaudit.explain.effect import add_direction, logprob_shift, moved_tokens, output_effects
 from latentaudit.models.hooks import layer_list
 from test_attribute import loaded, make_data
@@ -71,6 +72,20 @@ def test_full_forward_route_equals_the_replay():
     assert (up.route, full.route) == ("upper-layers", "full-forward")
     torch.testing.assert_close(up.added, full.added, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(up.ablated, full.ablated, rtol=1e-9, atol=1e-12)
+
+
+def test_a_nan_forward_stops_the_output_effect_with_its_cause():
+    """A model whose weights hold a NaN: the output effect says so instead of writing NaN
+    token shifts to the explain files."""
+    lm = loaded("qwen2", layers=3)
+    sae = random_sae(32, 2, layer=1, seed=5).double()
+    seqs = encode_completions(lm.tokenizer, make_data()[:1], None)
+    with torch.no_grad():
+        layer_list(lm.model)[2].mlp.down_proj.weight[0, 0] = float("nan")
+    with pytest.raises(LatentAuditError, match=r"explain: the output effect of layer 1 \(added "
+                                               r"latents\): \d+ of \d+ values are not finite"):
+        output_effects(lm.model, 1, seqs, sae.decoder_directions(torch.float64),
+                       sae.mean_activation, 1.0)
 
 
 def test_pieces_by_hand():

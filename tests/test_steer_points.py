@@ -176,6 +176,19 @@ def test_a_sweep_steers_an_mlp_out_sae_at_mlp_out(run_dir, capsys):  # noqa: F81
         plan()
 
 
+def test_the_log_odds_check_stops_on_a_nan_forward_with_its_cause():
+    """The same padded float64 Gemma-2 batch in the log-odds check's full-forward route: an
+    error naming the rows and the fix, not NaN log-odds; one prompt per forward is finite."""
+    lm = model_of("gemma2")
+    ids = prompts(lm.tokenizer)
+    sig = Signature((10, 20, 30), (40, 50), ())
+    vecs = vectors(3, 1.0)
+    with pytest.raises(LatentAuditError, match=r"log-odds check: the next-token logits of rows "
+                                               r"1–3: \d+ of \d+ values are not finite.*--dtype"):
+        log_odds_rows(lm, LAYER, ids, vecs, torch.arange(3), sig, 3)
+    assert torch.isfinite(log_odds_rows(lm, LAYER, ids, vecs, torch.arange(3), sig, 1)).all()
+
+
 def test_generation_stops_on_a_nan_forward_with_its_cause():
     """A padded float64 Gemma-2 batch comes out NaN (its attention softmax runs in float32):
     generation says so instead of sampling noise; in float32 the same batch samples what each

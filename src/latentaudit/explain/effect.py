@@ -28,7 +28,7 @@ from torch import Tensor
 
 from latentaudit._progress import progress
 from latentaudit.explain.exact import ablate, full_forward_logits
-from latentaudit.models.forward import keep_logits
+from latentaudit.models.forward import keep_logits, require_finite
 from latentaudit.models.hooks import capture_layer_inputs, capture_resid, layer_list
 from latentaudit.models.upper import replay_matches, upper_normed
 
@@ -129,6 +129,9 @@ def output_effects(model, layer: int, seqs: Sequence[tuple[list[int], list[int]]
                                           full_forward_logits(model, layer, ids, h, k, point))
                 sums[name][s:s + len(h)] += shift.cpu()
         positions += k
+    for name, total in sums.items():
+        require_finite(total, f"explain: the output effect of layer {layer} ({name} latents)",
+                       model)
     scale = 1.0 / max(positions, 1)
     return OutputEffect(sums["added"] * scale, sums["ablated"] * scale, float(alpha), positions,
                         route or "upper-layers")

@@ -6,7 +6,8 @@
    ``forward`` signature.
 2. :func:`pad_id`: the tokenizer's pad id, or 0 when it has none (padded positions are masked,
    so the id only has to be a valid one).
-3. :func:`not_finite_why`: what to tell a user whose forward returned NaN or inf.
+3. :func:`not_finite_why`: what to tell a user whose forward returned NaN or inf;
+   :func:`require_finite` raises it for a stage's output.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ from __future__ import annotations
 import inspect
 
 import torch
+from torch import Tensor
+
+from latentaudit.errors import LatentAuditError
 
 KEEP_NAMES = ("logits_to_keep", "num_logits_to_keep")
 
@@ -41,3 +45,12 @@ def not_finite_why(model) -> str:
                 "sequence per batch (--batch-size 1).")
     return ("Check the model's weights and dtype (float16 overflows in some models; try "
             "--dtype float32).")
+
+
+def require_finite(values: Tensor, what: str, model) -> None:
+    """One clear error when ``values`` (what a stage computed from ``model``'s forwards, named
+    by ``what``) hold NaN or inf, instead of writing them to the run."""
+    bad = int((~torch.isfinite(values)).sum())
+    if bad:
+        raise LatentAuditError(f"{what}: {bad} of {values.numel()} values are not finite. "
+                               f"{not_finite_why(model)}")

@@ -33,7 +33,7 @@ from latentaudit._progress import progress
 from latentaudit.data.tokens import left_pad
 from latentaudit.errors import LatentAuditError
 from latentaudit.generate import last_logits_only
-from latentaudit.models.forward import pad_id
+from latentaudit.models.forward import pad_id, require_finite
 from latentaudit.models.hooks import (
     RowSteering,
     capture_layer_inputs,
@@ -123,6 +123,7 @@ def prompt_log_odds(loaded: LoadedModel, layer: int, prompt: Sequence[int],
         v = vectors[start:start + batch_size].to(h.device, h.dtype)  # (c, D)
         with steer_resid(model, RowSteering(layer, v, point)):
             logits = upper_logits(model, layer - 1, h.expand(len(v), -1, -1), calls, 1)[:, -1]
+        require_finite(logits, "log-odds check: the steered next-token logits of a prompt", model)
         out.append(log_odds(logits.float().cpu(), sig.positive, sig.negative))
     return torch.cat(out)
 
@@ -160,6 +161,8 @@ def log_odds_rows(loaded: LoadedModel, layer: int, prompts: Sequence[Sequence[in
             idx = prompt_index[start:start + batch_size]
             steering = RowSteering(layer, vectors[start:start + batch_size], point)
             logits = next_token_logits(loaded, [prompts[int(i)] for i in idx], steering)
+            require_finite(logits, f"log-odds check: the next-token logits of rows {start + 1}"
+                           f"–{start + len(idx)}", loaded.model)
             out.append(log_odds(logits, sig.positive, sig.negative))
             bar.update(len(idx))
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
