@@ -74,6 +74,27 @@ def test_contradicted_when_steering_moves_the_behaviour_the_other_way():
                                   "opposes the behaviour"]
 
 
+def test_moving_the_other_way_within_the_random_band_is_not_a_contradiction():
+    """Random latents can move the behaviour the wrong way too (every nudge lowered the base
+    model's rate toward): an interval below 0 toward that stays inside a band below 0 is
+    inconclusive; past the band's lower end it contradicts."""
+    band = [-0.13, -0.01]
+    inside = row(1, "toward", -0.09, [-0.2, -0.01], beyond=False, null_band=band)
+    f = one(F.Inputs(steer_layer=L, steering=[inside]), 1)
+    assert f["verdict"] == "inconclusive"
+    assert f["reason"] == ("steering toward at 0.5: -9.0 pp [-20.0, -1.0] the other way, as "
+                           "random latents move it too, is within the random latents' band "
+                           "[-13.0, -1.0]; the smallest change it could detect is about 16 pp")
+    # 16 = the floor 2.8² / (40 + 2.8²) above 2.8 × (0.19 / 3.92) = 14
+    past = row(1, "toward", -0.14, [-0.26, -0.02], beyond=False, null_band=band)
+    assert one(F.Inputs(steer_layer=L, steering=[past]), 1)["verdict"] == "contradicted"
+    away = row(1, "away", 0.04, [0.01, 0.08], beyond=False, null_band=[-0.1, 0.05])
+    assert one(F.Inputs(steer_layer=L, steering=[away]), 1)["verdict"] == "inconclusive"
+    away["diff"] = 0.06
+    assert one(F.Inputs(steer_layer=L, steering=[away]), 1)["verdict"] == "contradicted"
+    assert F.past_band_against({"direction": "away", "diff": 0.3})  # no band: the interval rules
+
+
 def test_directions_that_disagree_are_inconclusive():
     inp = F.Inputs(steer_layer=L, steering=[row(1, "away", -0.3, [-0.4, -0.2]),
                                             row(1, "toward", -0.2, [-0.3, -0.1])])
@@ -208,6 +229,7 @@ def hostile_run(tmp_path_factory):
         if r["method"] == "attribution":
             r["method"] = f"attribution {R.SCRIPT}"
             r["diff_ci"] = [-0.4, -0.1] if r["direction"] == "away" else [-0.3, -0.1]
+            r["diff"] = -0.25 if r["direction"] == "away" else -0.2  # toward: past the band
     R.write_jsonl(run / "steering.jsonl", rows)
     summary = json.loads((run / "steering_summary.json").read_text())
     summary["sets"] = {f"attribution {R.SCRIPT}": [R.RANKED[0]], "random": [R.RANDOM]}

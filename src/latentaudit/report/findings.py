@@ -20,11 +20,12 @@ Rules (constants below):
    - *supported*: some condition's paired-change interval excludes 0 in the intended direction
      and the change is beyond the random latents' band; no condition points the other way; the
      first-token log-odds and the exact Δ, where measured, do not point the other way.
-   - *contradicted*: some condition's interval excludes 0 against the intended direction and
-     none supports it.
+   - *contradicted*: some condition's interval excludes 0 against the intended direction, its
+     change lies past the random latents' band on that side too (random latents can move the
+     behaviour the other way as well: a band below 0 toward), and none supports it.
    - *inconclusive* otherwise, with the reason: the directions disagree, a check points the
-     other way, the change stays within the random band, or the interval includes 0 (with
-     "too few decided pairs" below :data:`MIN_PAIRS`).
+     other way, the change stays within the random band (either way), or the interval
+     includes 0 (with "too few decided pairs" below :data:`MIN_PAIRS`).
 
 2. Power of one condition: the smallest paired change it could detect (two-sided 5%, 80%
    power) is max(:data:`Z_POWER` × SE, z²/(n + z²)) with SE = (hi − lo) / 3.92 from its
@@ -217,7 +218,7 @@ def verdict(ev: list[dict[str, Any]], method: str) -> tuple[str, str]:
     if not steer:
         return "inconclusive", "not steered with sampling"
     support = [e for e in steer if e["sign"] > 0 and e["row"].get("beyond_null")]
-    against = [e for e in steer if e["sign"] < 0]
+    against = [e for e in steer if e["sign"] < 0 and past_band_against(e["row"])]
     if support and against:
         return "inconclusive", (f"the conditions disagree: {support[0]['text']} but "
                                 f"{against[0]['text']}")
@@ -236,6 +237,15 @@ def verdict(ev: list[dict[str, Any]], method: str) -> tuple[str, str]:
     return "inconclusive", _weak(steer)
 
 
+def past_band_against(r: dict[str, Any]) -> bool:
+    """Whether a steering row's change lies past the random band's end against its intended
+    direction (above the band away, below it toward); True when there is no band."""
+    band = r.get("null_band")
+    if not band or not _finite(r.get("diff")):
+        return True
+    return r["diff"] > band[1] if r["direction"] == "away" else r["diff"] < band[0]
+
+
 def _weak(steer: list[dict[str, Any]]) -> str:
     """Why no condition decides: within the band, or an interval that includes 0."""
     e = max(steer, key=lambda e: e["sign"])
@@ -244,8 +254,9 @@ def _weak(steer: list[dict[str, Any]]) -> str:
     least = detectable(r.get("diff_ci"), n)
     power = f"; the smallest change it could detect is about {100 * least:.0f} pp" \
         if least is not None else ""
-    if e["sign"] > 0:
-        return (f"{e['text']} is within the random latents' band "
+    if e["sign"] != 0:
+        other = "" if e["sign"] > 0 else " the other way, as random latents move it too,"
+        return (f"{e['text']}{other} is within the random latents' band "
                 f"{_ci_pp(r.get('null_band'))}{power}")
     if _finite(n) and n < MIN_PAIRS:
         return f"too few decided pairs ({n}): {e['text']} includes 0{power}"
@@ -417,8 +428,9 @@ RULES = [
     "supported: a steering condition's 95% interval excludes 0 in the intended direction and "
     "the change is beyond the random latents' band, and no steering, first-token or exact-Δ "
     "evidence points the other way",
-    "contradicted: a steering condition's interval excludes 0 against the intended direction, "
-    "and none supports the latent",
+    "contradicted: a steering condition's interval excludes 0 against the intended direction "
+    "and its change lies past the random latents' band on that side, and none supports the "
+    "latent",
     "inconclusive: anything else, with the reason",
     f"power: the smallest detectable change is {Z_POWER} standard errors (5% two-sided, 80% "
     "power)",
