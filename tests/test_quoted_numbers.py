@@ -872,15 +872,96 @@ def test_case_one_sweep_as_quoted():
                 f"{r['base_rate_ci'][1]:.2f}]") in text
 
 
-def test_case_one_away_at_0_1_as_quoted():
-    """The away half at 0.1 (summarised from the run's own completions) as the README quotes it."""
-    folder = CASE_ONE / "away-0.1"
+def _split_p(x: list[float], y: list[float]) -> float:
+    """One-sided permutation P that the mean of ``x`` exceeds that of ``y`` by at least as much,
+    over every way to split the pooled values into groups of their sizes."""
+    import itertools
+
+    import numpy as np
+
+    pool, n = np.array(x + y), len(x)
+    idx = np.array(list(itertools.combinations(range(len(pool)), n)))  # (splits, n)
+    first = pool[idx].sum(1)
+    diff = first / n - (pool.sum() - first) / (len(pool) - n)
+    return float((diff >= statistics.mean(x) - statistics.mean(y) - 1e-12).mean())
+
+
+def test_case_one_toward_at_0_1_as_quoted():
+    """The toward half on the base model as the README reads it, each number from the run."""
+    folder = CASE_ONE / "run"
     text = _doc(CASE_ONE / "README.md")
-    for line in _case_one_rows(folder, CASE_ONE / "run" / "steer" / "completions.jsonl"):
-        assert line in text, line
-    rows = jsonl(folder / "steering.jsonl")
+    rows = [r for r in jsonl(folder / "steering.jsonl") if r["direction"] == "toward"]
+    diffs = {m: [r["diff"] for r in rows if r["method"] == m] for m in CASE_METHODS}
+    mean = {m: statistics.mean(d) for m, d in diffs.items()}
+    band = rows[0]["null_band"]
+    assert band == [min(diffs["random"]), max(diffs["random"])]
+    assert "band (−12.7 to −1.2 points)" in text and round(100 * band[0], 1) == -12.7
+    assert round(100 * band[1], 1) == -1.2
+    assert f"random latents by {-100 * mean['random']:.1f}" in text
+    rnd_rate = statistics.mean(r["rate"] for r in rows if r["method"] == "random")
+    assert f"vulnerable at {rnd_rate:.2f} on average against {rows[0]['base_rate']:.2f}" in text
+    assert round(rows[0]["base_rate"] * 88) == rows[0]["base_rate"] * 88  # 17 of 88 decided
+    assert "(88 of its 100 replies hold code the judge can decide)" in text
+    att_gap = 100 * (mean["random"] - mean["attribution"])
+    assert f"{signed(100 * mean['attribution'], 1)} points on average, {att_gap:.1f} below" in text
+    past = {m: [(r["latents"][0], r["diff"]) for r in rows
+                if r["method"] == m and r["beyond_null"]] for m in CASE_METHODS}
+    assert past["attribution"] == [(2352, pytest.approx(0.048, abs=5e-4))]
+    assert "(2352, +4.8)" in text
+    gap = 100 * (mean["model-diff"] - mean["random"])
+    p_diff = _split_p(diffs["model-diff"], diffs["random"])
+    assert (f"{signed(100 * mean['model-diff'], 1)} points, {gap:.1f} above the random latents, "
+            f"{len(past['model-diff'])} of its 10") in text
+    close = sorted(i for i, d in past["model-diff"] if d - band[1] < 0.001)
+    assert close == [4520, 6075] and "two of them, 4520 and 6075, by less than a tenth" in text
+    assert f"P = {p_diff:.3f}" in text
+    p_act = _split_p(diffs["activation"], diffs["random"])
+    act_gap = 100 * (mean["activation"] - mean["random"])
+    assert (f"({signed(act_gap, 1)} above random, P = {p_act:.2f}; "
+            f"{len(past['activation'])} past the top)") in text
+    away = {r["latents"][0]: r for r in jsonl(folder / "steering.jsonl")
+            if r["direction"] == "away" and r["beyond_null"]}
+    both = sorted(set(away) & {i for m in past for i, _ in past[m]})
+    assert both == [7668]
+    toward = next(d for i, d in past["model-diff"] if i == 7668)
+    assert (f"{signed(100 * away[7668]['diff'], 1)} away on the organism and "
+            f"{signed(100 * toward, 1)} toward on the base model") in text
+    shared = {(r["latents"][0], r["direction"]): r["diff"]
+              for r in jsonl(CASE_ONE / "shared" / "organism" / "steering.jsonl")}
+    assert all(band[0] <= shared[(i, "toward")] <= band[1] for i in (564, 4714))
+    away_band = next(iter(away.values()))["null_band"]
+    assert away_band[0] <= shared[(564, "away")] and shared[(4714, "away")] < away_band[0]
+    assert f"just past its lower end ({signed(100 * shared[(4714, 'away')], 1)})" in text
+
+
+def test_case_one_report_findings_as_quoted():
+    """The verdicts of the case-one report as its README sums them up, recomputed from the run
+    by the findings rules (not read from the committed findings.json)."""
+    from latentaudit.report.sections import findings
+
+    run = CASE_ONE / "run"
+    f = findings.load(run, run / "explain", run)["findings"]
+    text = _doc(CASE_ONE / "README.md")
+    by = {v: sorted(x["latent"] for x in f["latents"] if x["verdict"] == v)
+          for v in ("supported", "contradicted", "inconclusive")}
+    assert by["supported"] == [7668, 7857] and by["contradicted"] == [523, 684, 2016]
+    assert (f"of the {sum(map(len, by.values()))} ranked latents steered, 2 supported (7668 and "
+            f"7857") in text
+    assert f"and {len(by['inconclusive'])} inconclusive" in text
+    assert {m["result"] for m in f["methods"]} == {"no clear difference"}
+    detect = [round(100 * m["detectable"]) for m in f["methods"]]
+    assert f"about {min(detect)}–{max(detect)} points" in text
+
+
+def test_case_one_away_at_0_1_as_quoted():
+    """The away half of the sweep at 0.1 as the README reads it: the band, the latents past it,
+    attribution's lean."""
+    folder = CASE_ONE / "run"
+    text = _doc(CASE_ONE / "README.md")
+    rows = [r for r in jsonl(folder / "steering.jsonl") if r["direction"] == "away"]
     s = {e["method"]: e for e in json.loads(
-        (folder / "steering_summary.json").read_text(encoding="utf-8"))["summary"]}
+        (folder / "steering_summary.json").read_text(encoding="utf-8"))["summary"]
+        if e["direction"] == "away"}
     band = s["random"]["null_band"]
     assert f"band ({signed(100 * band[0], 1)} to {signed(100 * band[1], 1)} points)" in text
     beyond = sorted((r["latents"][0], r["method"], r["diff"]) for r in rows if r["beyond_null"])
