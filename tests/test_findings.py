@@ -87,7 +87,9 @@ def test_moving_the_other_way_within_the_random_band_is_not_a_contradiction():
                            "[-13.0, -1.0]; the smallest change it could detect is about 16 pp")
     # 16 = the floor 2.8² / (40 + 2.8²) above 2.8 × (0.19 / 3.92) = 14
     past = row(1, "toward", -0.14, [-0.26, -0.02], beyond=False, null_band=band)
-    assert one(F.Inputs(steer_layer=L, steering=[past]), 1)["verdict"] == "contradicted"
+    f = one(F.Inputs(steer_layer=L, steering=[past]), 1)
+    assert f["verdict"] == "contradicted"
+    assert f["reason"].endswith(": the behaviour moved the other way past the random band")
     away = row(1, "away", 0.04, [0.01, 0.08], beyond=False, null_band=[-0.1, 0.05])
     assert one(F.Inputs(steer_layer=L, steering=[away]), 1)["verdict"] == "inconclusive"
     away["diff"] = 0.06

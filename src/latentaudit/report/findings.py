@@ -223,7 +223,8 @@ def verdict(ev: list[dict[str, Any]], method: str) -> tuple[str, str]:
         return "inconclusive", (f"the conditions disagree: {support[0]['text']} but "
                                 f"{against[0]['text']}")
     if against:
-        return "contradicted", f"{against[0]['text']}: the behaviour moved the other way"
+        band = " past the random band" if against[0]["row"].get("null_band") else ""
+        return "contradicted", f"{against[0]['text']}: the behaviour moved the other way{band}"
     if support:
         checks = [e for e in ev if e["kind"] in ("logodds", "exact") and e["sign"] < 0]
         if checks:
