@@ -932,6 +932,14 @@ def test_case_one_toward_at_0_1_as_quoted():
     away_band = next(iter(away.values()))["null_band"]
     assert away_band[0] <= shared[(564, "away")] and shared[(4714, "away")] < away_band[0]
     assert f"just past its lower end ({signed(100 * shared[(4714, 'away')], 1)})" in text
+    record = json.loads((folder / "pipeline.json").read_text(encoding="utf-8"))["stages"]["steer"]
+    made = jsonl(folder / "steer" / "completions.jsonl")
+    latents = {r["latents"][0] for r in jsonl(folder / "steering.jsonl")}
+    assert len(latents) == 39 and len(made) == 8000 == 39 * 2 * 100 + 2 * 100
+    assert "(8,000 completions: 39 latents × 2 directions × 100 steered" in text
+    done = len(made) - 4448  # the rows committed before this stretch
+    assert f"the {done:,} toward completions of the last stretch took " \
+           f"{record['seconds'] / 3600:.1f} hours" in text
 
 
 def test_case_one_report_findings_as_quoted():
