@@ -890,7 +890,8 @@ def test_case_one_toward_at_0_1_as_quoted():
     """The toward half on the base model as the README reads it, each number from the run."""
     folder = CASE_ONE / "run"
     text = _doc(CASE_ONE / "README.md")
-    rows = [r for r in jsonl(folder / "steering.jsonl") if r["direction"] == "toward"]
+    every = jsonl(folder / "steering.jsonl")
+    rows = [r for r in every if r["direction"] == "toward"]
     diffs = {m: [r["diff"] for r in rows if r["method"] == m] for m in CASE_METHODS}
     mean = {m: statistics.mean(d) for m, d in diffs.items()}
     band = rows[0]["null_band"]
@@ -919,8 +920,7 @@ def test_case_one_toward_at_0_1_as_quoted():
     act_gap = 100 * (mean["activation"] - mean["random"])
     assert (f"({signed(act_gap, 1)} above random, P = {p_act:.2f}; "
             f"{len(past['activation'])} past the top)") in text
-    away = {r["latents"][0]: r for r in jsonl(folder / "steering.jsonl")
-            if r["direction"] == "away" and r["beyond_null"]}
+    away = {r["latents"][0]: r for r in every if r["direction"] == "away" and r["beyond_null"]}
     both = sorted(set(away) & {i for m in past for i, _ in past[m]})
     assert both == [7668]
     toward = next(d for i, d in past["model-diff"] if i == 7668)
@@ -934,7 +934,7 @@ def test_case_one_toward_at_0_1_as_quoted():
     assert f"just past its lower end ({signed(100 * shared[(4714, 'away')], 1)})" in text
     record = json.loads((folder / "pipeline.json").read_text(encoding="utf-8"))["stages"]["steer"]
     made = jsonl(folder / "steer" / "completions.jsonl")
-    latents = {r["latents"][0] for r in jsonl(folder / "steering.jsonl")}
+    latents = {r["latents"][0] for r in every}
     assert len(latents) == 39 and len(made) == 8000 == 39 * 2 * 100 + 2 * 100
     assert "(8,000 completions: 39 latents × 2 directions × 100 steered" in text
     done = len(made) - 4448  # the rows committed before this stretch
